@@ -1,0 +1,110 @@
+//! The command line: argument definitions (`args`), one function per command, and the printer.
+
+pub mod args;
+pub mod printer;
+pub mod size;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::data::{parse_floats, Preprocess};
+use crate::pipeline::{eval, inspect};
+use args::{Cli, Command, Engine, EvalArgs, InspectArgs, PreprocessArgs};
+use printer::Printer;
+
+/// Exit code when a requested goal was not met (quality gate, infeasible budget).
+pub const EXIT_GOAL_NOT_MET: u8 = 1;
+/// Exit code for bad input and errors.
+pub const EXIT_ERROR: u8 = 2;
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let p = Printer::new(cli.json, cli.quiet);
+    match cli.command {
+        Command::Inspect(a) => cmd_inspect(&p, a),
+        Command::Eval(a) => cmd_eval(&p, a),
+    }
+}
+
+pub fn preprocess(a: &PreprocessArgs) -> anyhow::Result<Preprocess> {
+    let mean = parse_floats(&a.mean).map_err(|e| anyhow::anyhow!("--mean: {e}"))?;
+    let std = parse_floats(&a.std).map_err(|e| anyhow::anyhow!("--std: {e}"))?;
+    Ok(Preprocess { mean, std })
+}
+
+fn cmd_inspect(p: &Printer, a: InspectArgs) -> anyhow::Result<ExitCode> {
+    let r = inspect::inspect(&a.model)?;
+    if p.json {
+        p.json(&r)?;
+    } else {
+        printer::print_inspect(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open(engine: Engine, path: &std::path::Path, lib: Option<&std::path::Path>) -> anyhow::Result<Box<dyn eval::Classifier>> {
+    Ok(match engine {
+        Engine::Zq => Box::new(eval::ZqClassifier::open(path)?),
+        Engine::Ort => Box::new(eval::OrtClassifier::open(path, lib)?),
+    })
+}
+
+fn cmd_eval(p: &Printer, a: EvalArgs) -> anyhow::Result<ExitCode> {
+    let pre = preprocess(&a.pre)?;
+    let lib = a.ort_lib.as_deref();
+    let mut model = open(a.engine, &a.model, lib)?;
+    let mut reference = match &a.compare {
+        Some(r) => Some(open(a.engine, r, lib).with_context(|| "--compare")?),
+        None => None,
+    };
+    if let Some(0) = a.limit {
+        anyhow::bail!("--limit must be at least 1");
+    }
+    let opts = eval::EvalOptions { data: a.data.clone(), pre: pre.clone(), limit: a.limit, batch: a.batch as usize };
+    let bar = std::cell::RefCell::new(None);
+    let t = std::time::Instant::now();
+    let counts = eval::eval(
+        model.as_mut(),
+        reference.as_mut().map(|r| r.as_mut() as &mut dyn eval::Classifier),
+        &opts,
+        &mut |total| *bar.borrow_mut() = Some(p.progress(total as u64, "images")),
+        &mut |k| {
+            if let Some(b) = bar.borrow().as_ref() {
+                b.inc(k as u64)
+            }
+        },
+    )?;
+    if let Some(b) = bar.borrow_mut().take() {
+        b.finish_and_clear();
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    let ratio = |k: usize| if counts.n == 0 { 0.0 } else { k as f64 / counts.n as f64 };
+    let c = model.input_chw()[0];
+    let pc = pre.per_channel(c)?;
+    let r = eval::EvalReport {
+        model: a.model.display().to_string(),
+        data: a.data.display().to_string(),
+        engine: format!("{:?}", a.engine).to_lowercase(),
+        n: counts.n,
+        correct: counts.correct,
+        top1: ratio(counts.correct),
+        classes: counts.classes,
+        ms_per_image: 1000.0 * counts.model_seconds / counts.n.max(1) as f64,
+        seconds,
+        reference: a.compare.as_ref().map(|r| r.display().to_string()),
+        reference_top1: counts.reference.map(|(_, rc)| ratio(rc)),
+        agreement: counts.reference.map(|(ag, _)| ratio(ag)),
+        mean: pc.iter().map(|x| x.0).collect(),
+        std: pc.iter().map(|x| x.1).collect(),
+    };
+    if p.json {
+        p.json(&r)?;
+    } else {
+        println!("{}: top-1 {:.2}% ({} / {} images, {} classes), {:.3} ms/image ({})", r.model, 100.0 * r.top1, r.correct, r.n, r.classes, r.ms_per_image, r.engine);
+        if let (Some(rf), Some(rt), Some(ag)) = (&r.reference, r.reference_top1, r.agreement) {
+            println!("{rf}: top-1 {:.2}%; agreement with the model {:.2}%", 100.0 * rt, 100.0 * ag);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

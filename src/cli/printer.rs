@@ -1,0 +1,88 @@
+//! Output: human text or JSON on stdout, progress bars on stderr only when it is a terminal.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::size::human_bytes;
+use crate::pipeline::inspect::InspectReport;
+
+pub struct Printer {
+    pub json: bool,
+    pub quiet: bool,
+    tty: bool,
+}
+
+impl Printer {
+    pub fn new(json: bool, quiet: bool) -> Printer {
+        Printer { json, quiet, tty: std::io::stderr().is_terminal() }
+    }
+
+    /// A progress bar on a terminal; hidden otherwise (pipes, CI logs, --quiet).
+    pub fn progress(&self, total: u64, unit: &str) -> ProgressBar {
+        if self.quiet || !self.tty {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::new(total);
+        let style = ProgressStyle::with_template(&format!(
+            "{{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} (ETA {{eta}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        pb.set_style(style);
+        pb
+    }
+
+    /// An informational line on stderr (suppressed by --quiet and --json).
+    pub fn info(&self, msg: &str) {
+        if !self.quiet && !self.json {
+            eprintln!("{msg}");
+        }
+    }
+
+    pub fn json<T: serde::Serialize>(&self, v: &T) -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        Ok(())
+    }
+}
+
+fn shape(s: &[serde_json::Value]) -> String {
+    let v: Vec<String> = s.iter().map(|d| d.to_string().trim_matches('"').to_string()).collect();
+    format!("[{}]", v.join(", "))
+}
+
+pub fn print_inspect(r: &InspectReport) {
+    println!("model     {}", r.model);
+    println!("file      {} (ONNX IR {}, opset {}, producer '{}')", human_bytes(r.file_bytes), r.ir_version, r.opset, r.producer);
+    for i in &r.inputs {
+        println!("input     {} {}", i.name, shape(&i.shape));
+    }
+    for o in &r.outputs {
+        println!("output    {} {}", o.name, shape(&o.shape));
+    }
+    let hist = |h: &std::collections::BTreeMap<String, usize>| {
+        h.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+    };
+    println!("ops       {}", hist(&r.ops));
+    println!("executed  {}", hist(&r.ops_executed));
+    println!("params    {}", r.params);
+    println!();
+    println!("quantizable layers ({}):", r.quantizable_layers.len());
+    for l in &r.quantizable_layers {
+        println!("  {:<28} {:<7} {:>9} params  weight {:?}{}", l.name, l.op, l.params, l.weight_shape, if l.has_bias { " + bias" } else { "" });
+    }
+    println!();
+    println!("BatchNormalization layers ({}):", r.bn_layers.len());
+    for b in &r.bn_layers {
+        println!("  {:<28} {:>5} channels  {}{}", b.node, b.channels, if b.foldable { "foldable: " } else { "not foldable: " }, b.reason);
+    }
+    println!();
+    println!(
+        "size      fp32 {}   int8 {}   int4 {}  (weights per-channel, BN folded)",
+        human_bytes(r.size.fp32_bytes),
+        human_bytes(r.size.int8_bytes),
+        human_bytes(r.size.int4_bytes)
+    );
+    for w in &r.warnings {
+        println!("warning: {w}");
+    }
+}

@@ -1,0 +1,41 @@
+//! Typed errors of the zq library. Every message is one line naming the file, node or flag at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The file is not a readable ONNX model (bad protobuf, truncated, missing graph...).
+    #[error("{}: {msg}", path.display())]
+    Model { path: PathBuf, msg: String },
+    /// A node is malformed or inconsistent.
+    #[error("node '{node}' ({op}): {msg}")]
+    Node { node: String, op: String, msg: String },
+    #[error("node '{node}': unsupported {what} (op {op}, opset {opset}); zq supports CNN classifier ops at opsets 11-21")]
+    Unsupported { node: String, op: String, opset: i64, what: String },
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// Bad user input that is not a file (flags, mismatched tensors).
+    #[error("{0}")]
+    Usage(String),
+    /// A numeric backend failure.
+    #[error("execution failed: {0}")]
+    Exec(String),
+}
+
+impl Error {
+    pub fn node(node: &str, op: &str, msg: impl Into<String>) -> Error {
+        Error::Node { node: node.to_string(), op: op.to_string(), msg: msg.into() }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        // candle errors can carry multi-line backtraces; keep the first line.
+        let s = e.to_string();
+        Error::Exec(s.lines().next().unwrap_or("").to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

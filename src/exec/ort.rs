@@ -1,0 +1,69 @@
+//! ONNX Runtime as an oracle (and optional engine), loaded at run time from a shared library.
+//!
+//! The library path comes from `--ort-lib` or `ZQ_ORT_LIB`; nothing is downloaded. ort's own
+//! `ORT_DYLIB_PATH` route panics when the library is missing, so zq always goes through
+//! `ort::init_from`, which returns an error instead.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use crate::error::{Error, Result};
+
+static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Environment variable naming the ONNX Runtime shared library.
+pub const ORT_LIB_ENV: &str = "ZQ_ORT_LIB";
+
+/// Where the ONNX Runtime library is: the explicit path, else `$ZQ_ORT_LIB`.
+pub fn library_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(ORT_LIB_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
+}
+
+/// Load ONNX Runtime once per process.
+pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Environment> {
+    let env = ENV.get_or_init(|| {
+        let path = library_path(explicit).ok_or_else(|| {
+            format!("ONNX Runtime is not configured: pass --ort-lib PATH or set {ORT_LIB_ENV} to libonnxruntime.so (pip install onnxruntime ships it in onnxruntime/capi/)")
+        })?;
+        if !path.is_file() {
+            return Err(format!("{}: ONNX Runtime library not found", path.display()));
+        }
+        let b = ort::init_from(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        b.with_name("zq").with_telemetry(false).build().map_err(|e| format!("ONNX Runtime: {e}"))
+    });
+    env.as_ref().map_err(|e| Error::Usage(e.clone()))
+}
+
+/// One ONNX Runtime session on a model file.
+pub struct OrtModel {
+    session: Mutex<ort::session::Session>,
+    pub input_name: String,
+}
+
+impl OrtModel {
+    pub fn open(path: &Path, lib: Option<&Path>, threads: usize) -> Result<OrtModel> {
+        let env = init(lib)?;
+        let e = |m: String| Error::Model { path: path.to_path_buf(), msg: format!("ONNX Runtime: {m}") };
+        let mut b = ort::session::Session::builder(env).map_err(|x| e(x.to_string()))?;
+        b = b.with_intra_threads(threads.max(1)).map_err(|x| e(x.to_string()))?;
+        let session = b.commit_from_file(path).map_err(|x| e(x.to_string()))?;
+        let input_name = session
+            .inputs()
+            .first()
+            .map(|i| i.name().to_string())
+            .ok_or_else(|| e("model has no inputs".into()))?;
+        Ok(OrtModel { session: Mutex::new(session), input_name })
+    }
+
+    /// Run on one float input; returns the first output's shape and data.
+    pub fn run(&self, data: Vec<f32>, shape: &[usize]) -> Result<(Vec<usize>, Vec<f32>)> {
+        let e = |m: String| Error::Exec(format!("ONNX Runtime: {m}"));
+        let t = ort::value::Tensor::from_array((shape.to_vec(), data)).map_err(|x| e(x.to_string()))?;
+        let mut s = self.session.lock().map_err(|_| e("session poisoned".into()))?;
+        let outs = s.run(ort::inputs![self.input_name.as_str() => t]).map_err(|x| e(x.to_string()))?;
+        let (shape, v) = outs[0].try_extract_tensor::<f32>().map_err(|x| e(x.to_string()))?;
+        Ok((shape.iter().map(|&d| d as usize).collect(), v.to_vec()))
+    }
+}

@@ -1,0 +1,139 @@
+//! Graph passes. Each returns a graph that satisfies `Graph::check`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::infer::{self, R};
+use super::{Dim, Graph, Node, Op, Tensor, ValueId};
+use crate::error::{Error, Result};
+
+/// Folds nodes whose inputs are all constant with a numeric backend (the host evaluator only
+/// handles shape arithmetic). Returns `None` to leave the node in the graph.
+pub type FloatFolder<'a> = &'a dyn Fn(&Graph, &Node, &[Vec<usize>]) -> R<Option<Vec<Tensor>>>;
+
+fn node_err(n: &Node, msg: String) -> Error {
+    Error::node(&n.name, n.op.name(), msg)
+}
+
+/// Fix the batch size, infer every shape, fold shape arithmetic and constant subgraphs, and drop
+/// dead nodes. Symbolic input dims other than the leading (batch) one are an error.
+pub fn specialize(g: &Graph, batch: usize, fold_float: FloatFolder) -> Result<Graph> {
+    let mut g = g.clone();
+    for inp in &g.inputs {
+        let mut shape = Vec::with_capacity(inp.dims.len());
+        for (i, d) in inp.dims.iter().enumerate() {
+            match d {
+                Dim::Fixed(n) if i > 0 || *n != 0 => shape.push(*n),
+                _ if i == 0 => shape.push(batch),
+                Dim::Sym(s) => {
+                    return Err(Error::Usage(format!(
+                        "input '{}' has a symbolic dimension '{s}' at position {i}; zq needs fixed sizes except the batch",
+                        g.values[inp.value].name
+                    )))
+                }
+                Dim::Fixed(_) => unreachable!(),
+            }
+        }
+        g.values[inp.value].shape = Some(shape);
+    }
+    let mut keep = Vec::with_capacity(g.nodes.len());
+    let nodes = std::mem::take(&mut g.nodes);
+    for n in nodes {
+        let shapes = infer::infer(&g, &n).map_err(|m| node_err(&n, m))?;
+        if shapes.len() < n.outputs.len() {
+            return Err(node_err(&n, format!("has {} outputs, expected at most {}", n.outputs.len(), shapes.len())));
+        }
+        for (&o, s) in n.outputs.iter().zip(&shapes) {
+            g.values[o].shape = Some(s.clone());
+        }
+        let folded = match infer::fold_host(&g, &n, &shapes).map_err(|m| node_err(&n, m))? {
+            Some(t) => Some(t),
+            None if n.inputs.iter().flatten().all(|&v| g.values[v].konst.is_some()) => {
+                fold_float(&g, &n, &shapes).map_err(|m| node_err(&n, m))?
+            }
+            None => None,
+        };
+        match folded {
+            Some(ts) => {
+                for (&o, t) in n.outputs.iter().zip(ts) {
+                    g.values[o].dtype = t.dtype;
+                    g.values[o].konst = Some(Arc::new(t));
+                }
+            }
+            None => keep.push(n),
+        }
+    }
+    g.nodes = keep;
+    dce(&mut g);
+    g.check().map_err(Error::Usage)?;
+    Ok(g)
+}
+
+/// Remove nodes none of whose outputs reach a graph output.
+pub fn dce(g: &mut Graph) {
+    let mut live: HashSet<ValueId> = g.outputs.iter().copied().collect();
+    let mut keep = vec![false; g.nodes.len()];
+    for (i, n) in g.nodes.iter().enumerate().rev() {
+        if n.outputs.iter().any(|o| live.contains(o)) {
+            keep[i] = true;
+            live.extend(n.inputs.iter().flatten());
+        }
+    }
+    let mut it = keep.iter();
+    g.nodes.retain(|_| *it.next().unwrap());
+}
+
+/// Why a BatchNormalization can or cannot be folded into the layer producing its input.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BnInfo {
+    pub node: String,
+    pub channels: usize,
+    pub producer: Option<String>,
+    pub producer_op: Option<String>,
+    pub foldable: bool,
+    pub reason: String,
+}
+
+/// Analyse every BatchNormalization of a specialised graph.
+pub fn bn_layers(g: &Graph) -> Vec<BnInfo> {
+    let prod = g.producers();
+    let cons = g.consumers();
+    let outputs: HashSet<ValueId> = g.outputs.iter().copied().collect();
+    let mut out = Vec::new();
+    for n in &g.nodes {
+        if !matches!(n.op, Op::BatchNorm { .. }) {
+            continue;
+        }
+        let x = n.input(0).unwrap();
+        let channels = g.values[x].shape.as_ref().and_then(|s| s.get(1).copied()).unwrap_or(0);
+        let params_const = (1..5).all(|i| n.input(i).is_some_and(|v| g.konst(v).is_some()));
+        let p = prod.get(&x).map(|&i| &g.nodes[i]);
+        let (foldable, reason) = match p {
+            None => (false, "its input is a graph input".to_string()),
+            Some(_) if !params_const => (false, "its parameters are not constant".to_string()),
+            Some(p) => {
+                let single = cons.get(&x).map(|c| c.len()) == Some(1) && !outputs.contains(&x);
+                let weight_const = p.input(1).is_some_and(|w| g.konst(w).is_some());
+                match &p.op {
+                    Op::Conv(_) | Op::Gemm { .. } if !weight_const => {
+                        (false, format!("its producer {} has a non-constant weight", p.name))
+                    }
+                    Op::Conv(_) | Op::Gemm { .. } if !single => {
+                        (false, format!("the output of {} is also used elsewhere", p.name))
+                    }
+                    Op::Conv(_) | Op::Gemm { .. } => (true, format!("fold into {}", p.name)),
+                    other => (false, format!("its producer is {}, not Conv/Gemm", other.name())),
+                }
+            }
+        };
+        out.push(BnInfo {
+            node: n.name.clone(),
+            channels,
+            producer: p.map(|p| p.name.clone()),
+            producer_op: p.map(|p| p.op.name().to_string()),
+            foldable,
+            reason,
+        });
+    }
+    out
+}

@@ -1,0 +1,214 @@
+//! `zq eval`: top-1 accuracy on an image folder, optionally against a reference model.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::data::{load_batch, ImageFolder, Preprocess};
+use crate::error::{Error, Result};
+use crate::exec::ort::OrtModel;
+use crate::exec::{argmax_rows, Plan};
+use crate::onnx::read_model;
+
+/// Something that maps a batch of NCHW inputs to [N, K] scores.
+pub trait Classifier {
+    /// Input [C, H, W] the model expects.
+    fn input_chw(&self) -> [usize; 3];
+    /// Run a batch; returns the predicted class of each input.
+    fn predict(&mut self, data: Vec<f32>, n: usize) -> Result<Vec<usize>>;
+}
+
+/// zq's own executor, with one specialised plan per batch size.
+pub struct ZqClassifier {
+    graph: crate::ir::Graph,
+    plans: HashMap<usize, Plan>,
+    chw: [usize; 3],
+}
+
+fn chw_of(g: &crate::ir::Graph, path: &Path) -> Result<[usize; 3]> {
+    use crate::ir::Dim;
+    let inp = g.inputs.first().ok_or_else(|| Error::Model { path: path.into(), msg: "no inputs".into() })?;
+    let fixed: Vec<usize> = inp.dims[1..]
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => Ok(*n),
+            Dim::Sym(s) => Err(Error::Model {
+                path: path.into(),
+                msg: format!("input dimension '{s}' is symbolic; zq eval needs a fixed C x H x W image input"),
+            }),
+        })
+        .collect::<Result<_>>()?;
+    if g.inputs.len() != 1 || fixed.len() != 3 {
+        return Err(Error::Model {
+            path: path.into(),
+            msg: format!("zq eval needs one N x C x H x W image input, the model has {} input(s) of rank {}", g.inputs.len(), inp.dims.len()),
+        });
+    }
+    Ok([fixed[0], fixed[1], fixed[2]])
+}
+
+impl ZqClassifier {
+    pub fn open(path: &Path) -> Result<Self> {
+        let graph = read_model(path)?.graph;
+        let chw = chw_of(&graph, path)?;
+        // Specialise once now so a broken model fails before any image is read.
+        let plan = Plan::new(&graph, 1)?;
+        let mut plans = HashMap::new();
+        plans.insert(1, plan);
+        Ok(ZqClassifier { graph, plans, chw })
+    }
+}
+
+impl Classifier for ZqClassifier {
+    fn input_chw(&self) -> [usize; 3] {
+        self.chw
+    }
+    fn predict(&mut self, data: Vec<f32>, n: usize) -> Result<Vec<usize>> {
+        if !self.plans.contains_key(&n) {
+            self.plans.insert(n, Plan::new(&self.graph, n)?);
+        }
+        let plan = &self.plans[&n];
+        let [c, h, w] = self.chw;
+        let x = Tensor::from_vec(data, (n, c, h, w), plan.device())?;
+        let y = plan.run(&[x])?;
+        Ok(argmax_rows(&y[0])?)
+    }
+}
+
+/// ONNX Runtime as the engine.
+pub struct OrtClassifier {
+    model: OrtModel,
+    chw: [usize; 3],
+}
+
+impl OrtClassifier {
+    pub fn open(path: &Path, lib: Option<&Path>) -> Result<Self> {
+        let graph = read_model(path)?.graph;
+        let chw = chw_of(&graph, path)?;
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Ok(OrtClassifier { model: OrtModel::open(path, lib, threads)?, chw })
+    }
+}
+
+impl Classifier for OrtClassifier {
+    fn input_chw(&self) -> [usize; 3] {
+        self.chw
+    }
+    fn predict(&mut self, data: Vec<f32>, n: usize) -> Result<Vec<usize>> {
+        let [c, h, w] = self.chw;
+        let (shape, y) = self.model.run(data, &[n, c, h, w])?;
+        let k: usize = shape[1..].iter().product();
+        if shape.first() != Some(&n) || k == 0 {
+            return Err(Error::Exec(format!("ONNX Runtime returned shape {shape:?} for a batch of {n}")));
+        }
+        Ok(y.chunks(k)
+            .map(|r| r.iter().enumerate().fold(0, |b, (i, &v)| if v > r[b] { i } else { b }))
+            .collect())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub data: PathBuf,
+    pub pre: Preprocess,
+    pub limit: Option<usize>,
+    pub batch: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub data: String,
+    pub engine: String,
+    pub n: usize,
+    pub correct: usize,
+    pub top1: f64,
+    pub classes: usize,
+    pub ms_per_image: f64,
+    pub seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_top1: Option<f64>,
+    /// Fraction of images where model and reference predict the same class.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// Evenly spread subset of `len` items of size `limit` (all when limit >= len).
+pub fn spread(len: usize, limit: Option<usize>) -> Vec<usize> {
+    match limit {
+        Some(k) if k < len => (0..k).map(|i| i * len / k).collect(),
+        _ => (0..len).collect(),
+    }
+}
+
+/// Raw counts of one evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalCounts {
+    pub n: usize,
+    pub correct: usize,
+    pub classes: usize,
+    /// (agreeing predictions, reference correct) when a reference ran.
+    pub reference: Option<(usize, usize)>,
+    /// Time spent in the model itself (not decoding images).
+    pub model_seconds: f64,
+}
+
+/// Evaluate `model` (and optionally `reference`) on an image folder. `start(total)` is called once
+/// the folder is listed, `progress(k)` after each batch of k images.
+pub fn eval(
+    model: &mut dyn Classifier,
+    mut reference: Option<&mut dyn Classifier>,
+    opts: &EvalOptions,
+    start: &mut dyn FnMut(usize),
+    progress: &mut dyn FnMut(usize),
+) -> Result<EvalCounts> {
+    let folder = ImageFolder::open(&opts.data)?;
+    let [c, h, w] = model.input_chw();
+    if let Some(r) = reference.as_deref() {
+        if r.input_chw() != [c, h, w] {
+            return Err(Error::Usage(format!(
+                "--compare: the reference model takes {:?} inputs but the model takes {:?}",
+                r.input_chw(),
+                [c, h, w]
+            )));
+        }
+    }
+    opts.pre.per_channel(c)?;
+    let pick = spread(folder.items.len(), opts.limit);
+    let total = pick.len();
+    start(total);
+    let (mut correct, mut agree, mut ref_correct) = (0, 0, 0);
+    let mut model_secs = 0.0;
+    for chunk in pick.chunks(opts.batch) {
+        let items: Vec<(PathBuf, usize)> = chunk.iter().map(|&i| folder.items[i].clone()).collect();
+        let data = load_batch(&items, c, h, w, &opts.pre)?;
+        let t = Instant::now();
+        let pred = model.predict(data.clone(), items.len())?;
+        model_secs += t.elapsed().as_secs_f64();
+        for (p, (_, label)) in pred.iter().zip(&items) {
+            correct += usize::from(p == label);
+        }
+        if let Some(r) = reference.as_deref_mut() {
+            let rp = r.predict(data, items.len())?;
+            for ((a, b), (_, label)) in pred.iter().zip(&rp).zip(&items) {
+                agree += usize::from(a == b);
+                ref_correct += usize::from(b == label);
+            }
+        }
+        progress(items.len());
+    }
+    Ok(EvalCounts {
+        n: total,
+        correct,
+        classes: folder.classes.len(),
+        reference: reference.map(|_| (agree, ref_correct)),
+        model_seconds: model_secs,
+    })
+}

@@ -1,0 +1,4 @@
+//! Pipelines shared by the CLI and the tests.
+
+pub mod eval;
+pub mod inspect;
