@@ -5,15 +5,27 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The file is not a readable ONNX model (bad protobuf, truncated, missing graph...).
     #[error("{}: {msg}", path.display())]
     Model { path: PathBuf, msg: String },
     /// A node is malformed or inconsistent.
     #[error("node '{node}' ({op}): {msg}")]
-    Node { node: String, op: String, msg: String },
+    Node {
+        node: String,
+        op: String,
+        msg: String,
+    },
     #[error("node '{node}': unsupported {what} (op {op}, opset {opset}); zq supports CNN classifier ops at opsets 11-21")]
-    Unsupported { node: String, op: String, opset: i64, what: String },
+    Unsupported {
+        node: String,
+        op: String,
+        opset: i64,
+        what: String,
+    },
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
     /// Bad user input that is not a file (flags, mismatched tensors).
@@ -26,7 +38,11 @@ pub enum Error {
 
 impl Error {
     pub fn node(node: &str, op: &str, msg: impl Into<String>) -> Error {
-        Error::Node { node: node.to_string(), op: op.to_string(), msg: msg.into() }
+        Error::Node {
+            node: node.to_string(),
+            op: op.to_string(),
+            msg: msg.into(),
+        }
     }
 }
 

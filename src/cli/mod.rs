@@ -1,6 +1,7 @@
 //! The command line: argument definitions (`args`), one function per command, and the printer.
 
 pub mod args;
+pub mod man;
 pub mod printer;
 pub mod size;
 
@@ -43,7 +44,11 @@ fn cmd_inspect(p: &Printer, a: InspectArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open(engine: Engine, path: &std::path::Path, lib: Option<&std::path::Path>) -> anyhow::Result<Box<dyn eval::Classifier>> {
+fn open(
+    engine: Engine,
+    path: &std::path::Path,
+    lib: Option<&std::path::Path>,
+) -> anyhow::Result<Box<dyn eval::Classifier>> {
     Ok(match engine {
         Engine::Zq => Box::new(eval::ZqClassifier::open(path)?),
         Engine::Ort => Box::new(eval::OrtClassifier::open(path, lib)?),
@@ -61,12 +66,19 @@ fn cmd_eval(p: &Printer, a: EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(0) = a.limit {
         anyhow::bail!("--limit must be at least 1");
     }
-    let opts = eval::EvalOptions { data: a.data.clone(), pre: pre.clone(), limit: a.limit, batch: a.batch as usize };
+    let opts = eval::EvalOptions {
+        data: a.data.clone(),
+        pre: pre.clone(),
+        limit: a.limit,
+        batch: a.batch as usize,
+    };
     let bar = std::cell::RefCell::new(None);
     let t = std::time::Instant::now();
     let counts = eval::eval(
         model.as_mut(),
-        reference.as_mut().map(|r| r.as_mut() as &mut dyn eval::Classifier),
+        reference
+            .as_mut()
+            .map(|r| r.as_mut() as &mut dyn eval::Classifier),
         &opts,
         &mut |total| *bar.borrow_mut() = Some(p.progress(total as u64, "images")),
         &mut |k| {
@@ -79,7 +91,13 @@ fn cmd_eval(p: &Printer, a: EvalArgs) -> anyhow::Result<ExitCode> {
         b.finish_and_clear();
     }
     let seconds = t.elapsed().as_secs_f64();
-    let ratio = |k: usize| if counts.n == 0 { 0.0 } else { k as f64 / counts.n as f64 };
+    let ratio = |k: usize| {
+        if counts.n == 0 {
+            0.0
+        } else {
+            k as f64 / counts.n as f64
+        }
+    };
     let c = model.input_chw()[0];
     let pc = pre.per_channel(c)?;
     let r = eval::EvalReport {
@@ -101,9 +119,22 @@ fn cmd_eval(p: &Printer, a: EvalArgs) -> anyhow::Result<ExitCode> {
     if p.json {
         p.json(&r)?;
     } else {
-        println!("{}: top-1 {:.2}% ({} / {} images, {} classes), {:.3} ms/image ({})", r.model, 100.0 * r.top1, r.correct, r.n, r.classes, r.ms_per_image, r.engine);
+        println!(
+            "{}: top-1 {:.2}% ({} / {} images, {} classes), {:.3} ms/image ({})",
+            r.model,
+            100.0 * r.top1,
+            r.correct,
+            r.n,
+            r.classes,
+            r.ms_per_image,
+            r.engine
+        );
         if let (Some(rf), Some(rt), Some(ag)) = (&r.reference, r.reference_top1, r.agreement) {
-            println!("{rf}: top-1 {:.2}%; agreement with the model {:.2}%", 100.0 * rt, 100.0 * ag);
+            println!(
+                "{rf}: top-1 {:.2}%; agreement with the model {:.2}%",
+                100.0 * rt,
+                100.0 * ag
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

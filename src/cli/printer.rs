@@ -15,7 +15,11 @@ pub struct Printer {
 
 impl Printer {
     pub fn new(json: bool, quiet: bool) -> Printer {
-        Printer { json, quiet, tty: std::io::stderr().is_terminal() }
+        Printer {
+            json,
+            quiet,
+            tty: std::io::stderr().is_terminal(),
+        }
     }
 
     /// A progress bar on a terminal; hidden otherwise (pipes, CI logs, --quiet).
@@ -46,13 +50,22 @@ impl Printer {
 }
 
 fn shape(s: &[serde_json::Value]) -> String {
-    let v: Vec<String> = s.iter().map(|d| d.to_string().trim_matches('"').to_string()).collect();
+    let v: Vec<String> = s
+        .iter()
+        .map(|d| d.to_string().trim_matches('"').to_string())
+        .collect();
     format!("[{}]", v.join(", "))
 }
 
 pub fn print_inspect(r: &InspectReport) {
     println!("model     {}", r.model);
-    println!("file      {} (ONNX IR {}, opset {}, producer '{}')", human_bytes(r.file_bytes), r.ir_version, r.opset, r.producer);
+    println!(
+        "file      {} (ONNX IR {}, opset {}, producer '{}')",
+        human_bytes(r.file_bytes),
+        r.ir_version,
+        r.opset,
+        r.producer
+    );
     for i in &r.inputs {
         println!("input     {} {}", i.name, shape(&i.shape));
     }
@@ -60,7 +73,10 @@ pub fn print_inspect(r: &InspectReport) {
         println!("output    {} {}", o.name, shape(&o.shape));
     }
     let hist = |h: &std::collections::BTreeMap<String, usize>| {
-        h.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        h.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     println!("ops       {}", hist(&r.ops));
     println!("executed  {}", hist(&r.ops_executed));
@@ -68,12 +84,29 @@ pub fn print_inspect(r: &InspectReport) {
     println!();
     println!("quantizable layers ({}):", r.quantizable_layers.len());
     for l in &r.quantizable_layers {
-        println!("  {:<28} {:<7} {:>9} params  weight {:?}{}", l.name, l.op, l.params, l.weight_shape, if l.has_bias { " + bias" } else { "" });
+        println!(
+            "  {:<28} {:<7} {:>9} params  weight {:?}{}",
+            l.name,
+            l.op,
+            l.params,
+            l.weight_shape,
+            if l.has_bias { " + bias" } else { "" }
+        );
     }
     println!();
     println!("BatchNormalization layers ({}):", r.bn_layers.len());
     for b in &r.bn_layers {
-        println!("  {:<28} {:>5} channels  {}{}", b.node, b.channels, if b.foldable { "foldable: " } else { "not foldable: " }, b.reason);
+        println!(
+            "  {:<28} {:>5} channels  {}{}",
+            b.node,
+            b.channels,
+            if b.foldable {
+                "foldable: "
+            } else {
+                "not foldable: "
+            },
+            b.reason
+        );
     }
     println!();
     println!(

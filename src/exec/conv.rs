@@ -96,7 +96,11 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: &ConvGeom) 
         let sym = w.pad_begin[0] == w.pad_end[0]
             && w.pad_begin[1] == w.pad_end[1]
             && w.pad_begin[0] == w.pad_begin[1];
-        let (xp, p) = if sym { (x.clone(), w.pad_begin[0]) } else { (pad_spatial(x, w, 0.0)?, 0) };
+        let (xp, p) = if sym {
+            (x.clone(), w.pad_begin[0])
+        } else {
+            (pad_spatial(x, w, 0.0)?, 0)
+        };
         xp.conv2d(&weight.contiguous()?, p, w.strides[0], w.dilations[0], 1)?
     } else {
         conv2d_im2col(x, weight, g)?
@@ -120,7 +124,9 @@ pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, g: &ConvGeom) -> Result<Tensor
     let k = kh * kw;
     let cols = Tensor::stack(&views, 2)?.reshape((n, groups, cg * k, oh * ow))?;
     debug_assert_eq!(c, cg * groups);
-    let wm = weight.reshape((1, groups, m / groups, cg * k))?.broadcast_as((n, groups, m / groups, cg * k))?;
+    let wm = weight
+        .reshape((1, groups, m / groups, cg * k))?
+        .broadcast_as((n, groups, m / groups, cg * k))?;
     let y = wm.contiguous()?.matmul(&cols.contiguous()?)?; // [N, G, Mg, L]
     y.reshape((n, m, oh, ow))
 }
@@ -142,13 +148,67 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 7), &dev)?;
         let wt = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &dev)?;
         for (stride, pad) in [(1, 1), (2, 1), (2, 0), (1, 2)] {
-            let win = conv_geometry(&[9, 7], &[3, 3], &[stride, stride], &[], &[pad; 4], AutoPad::NotSet, false)
-                .unwrap();
+            let win = conv_geometry(
+                &[9, 7],
+                &[3, 3],
+                &[stride, stride],
+                &[],
+                &[pad; 4],
+                AutoPad::NotSet,
+                false,
+            )
+            .unwrap();
             let g = ConvGeom { win, group: 1 };
             let a = conv2d(&x, &wt, None, &g)?;
             let b = conv2d_im2col(&x, &wt, &g)?;
             let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(d < 1e-4, "stride {stride} pad {pad}: {d}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod grad_tests {
+    use super::*;
+    use crate::ir::infer::conv_geometry;
+    use crate::ir::AutoPad;
+
+    #[test]
+    fn conv_grads_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev)?;
+        let wt = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &dev)?;
+        for (stride, pad) in [(1, 1), (2, 1)] {
+            let win = conv_geometry(
+                &[8, 8],
+                &[3, 3],
+                &[stride, stride],
+                &[],
+                &[pad; 4],
+                AutoPad::NotSet,
+                false,
+            )
+            .unwrap();
+            let g = ConvGeom { win, group: 1 };
+            let x = candle_core::Var::from_tensor(&x0)?;
+            let a = conv2d(x.as_tensor(), &wt, None, &g)?;
+            let r = Tensor::randn(0f32, 1.0, a.dims(), &dev)?;
+            let ga = (a * &r)?
+                .sum_all()?
+                .backward()?
+                .get(x.as_tensor())
+                .unwrap()
+                .clone();
+            let b = conv2d_im2col(x.as_tensor(), &wt, &g)?;
+            let gb = (b * &r)?
+                .sum_all()?
+                .backward()?
+                .get(x.as_tensor())
+                .unwrap()
+                .clone();
+            let d = (ga - gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-3, "stride {stride} pad {pad}: {d}");
         }
         Ok(())
     }

@@ -65,9 +65,17 @@ fn to_candle(t: &crate::ir::Tensor, dev: &Device) -> candle_core::Result<Tensor>
 }
 
 /// Evaluate a node whose inputs are all constant with candle (constant folding of float ops).
-pub fn fold_with_candle(g: &Graph, n: &Node, _shapes: &[Vec<usize>]) -> Result<Option<Vec<crate::ir::Tensor>>, String> {
+pub fn fold_with_candle(
+    g: &Graph,
+    n: &Node,
+    _shapes: &[Vec<usize>],
+) -> Result<Option<Vec<crate::ir::Tensor>>, String> {
     // Only float-valued ops; integer tensors are folded by the host evaluator.
-    if n.inputs.iter().flatten().any(|&v| !g.konst(v).unwrap().is_float()) {
+    if n.inputs
+        .iter()
+        .flatten()
+        .any(|&v| !g.konst(v).unwrap().is_float())
+    {
         return Ok(None);
     }
     let dev = Device::Cpu;
@@ -79,12 +87,14 @@ pub fn fold_with_candle(g: &Graph, n: &Node, _shapes: &[Vec<usize>]) -> Result<O
         .collect::<candle_core::Result<_>>()
         .map_err(|e| e.to_string())?;
     let out = eval(n, &kind, &ins).map_err(|e| e.to_string())?;
-    let v = out.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
-    let mut outs = vec![crate::ir::Tensor::f32(out.dims().to_vec(), v)];
+    let v = out
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| e.to_string())?;
     if n.outputs.len() > 1 {
-        return Ok(None.or(Some(std::mem::take(&mut outs))).filter(|_| false));
+        return Ok(None);
     }
-    Ok(Some(outs))
+    Ok(Some(vec![crate::ir::Tensor::f32(out.dims().to_vec(), v)]))
 }
 
 impl Plan {
@@ -97,7 +107,8 @@ impl Plan {
         let mut consts = HashMap::new();
         let mut last_use = HashMap::new();
         for (i, n) in graph.nodes.iter().enumerate() {
-            let kind = lower(&graph, n, &dev).map_err(|e| Error::node(&n.name, n.op.name(), e.to_string()))?;
+            let kind = lower(&graph, n, &dev)
+                .map_err(|e| Error::node(&n.name, n.op.name(), e.to_string()))?;
             for v in n.inputs.iter().flatten() {
                 if let Some(t) = graph.konst(*v) {
                     if !consts.contains_key(v) {
@@ -107,7 +118,10 @@ impl Plan {
                     return Err(Error::node(
                         &n.name,
                         n.op.name(),
-                        format!("integer tensor '{}' is computed at run time; zq runs float graphs", graph.values[*v].name),
+                        format!(
+                            "integer tensor '{}' is computed at run time; zq runs float graphs",
+                            graph.values[*v].name
+                        ),
                     ));
                 }
                 last_use.insert(*v, i);
@@ -119,7 +133,14 @@ impl Plan {
                 consts.insert(o, to_candle(t, &dev)?);
             }
         }
-        Ok(Plan { graph, batch, steps, consts, last_use, device: dev })
+        Ok(Plan {
+            graph,
+            batch,
+            steps,
+            consts,
+            last_use,
+            device: dev,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -128,7 +149,10 @@ impl Plan {
 
     /// Shape of the i-th graph input for this batch size.
     pub fn input_shape(&self, i: usize) -> &[usize] {
-        self.graph.values[self.graph.inputs[i].value].shape.as_deref().unwrap()
+        self.graph.values[self.graph.inputs[i].value]
+            .shape
+            .as_deref()
+            .unwrap()
     }
 
     /// Constant value as a candle tensor (weights, BN statistics).
@@ -142,10 +166,18 @@ impl Plan {
     }
 
     /// Run the graph; returns the outputs and the tapped values, in the order asked.
-    pub fn run_with(&self, inputs: &[Tensor], opts: &RunOptions) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    pub fn run_with(
+        &self,
+        inputs: &[Tensor],
+        opts: &RunOptions,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         let g = &self.graph;
         if inputs.len() != g.inputs.len() {
-            return Err(Error::Usage(format!("model takes {} inputs, got {}", g.inputs.len(), inputs.len())));
+            return Err(Error::Usage(format!(
+                "model takes {} inputs, got {}",
+                g.inputs.len(),
+                inputs.len()
+            )));
         }
         let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
         for (gi, x) in g.inputs.iter().zip(inputs) {
@@ -169,8 +201,13 @@ impl Plan {
         };
         for (si, s) in self.steps.iter().enumerate() {
             let n = &g.nodes[s.node];
-            let ins: Vec<Option<Tensor>> = n.inputs.iter().map(|i| i.and_then(|v| get(&env, v))).collect();
-            let y = eval(n, &s.kind, &ins).map_err(|e| Error::node(&n.name, n.op.name(), e.to_string()))?;
+            let ins: Vec<Option<Tensor>> = n
+                .inputs
+                .iter()
+                .map(|i| i.and_then(|v| get(&env, v)))
+                .collect();
+            let y = eval(n, &s.kind, &ins)
+                .map_err(|e| Error::node(&n.name, n.op.name(), e.to_string()))?;
             for (k, &o) in n.outputs.iter().enumerate() {
                 env[o] = Some(if k == 0 { y.clone() } else { y.ones_like()? });
             }
@@ -181,7 +218,9 @@ impl Plan {
             }
         }
         let fetch = |v: &ValueId| {
-            get(&env, *v).ok_or_else(|| Error::Usage(format!("value '{}' was not computed", g.values[*v].name)))
+            get(&env, *v).ok_or_else(|| {
+                Error::Usage(format!("value '{}' was not computed", g.values[*v].name))
+            })
         };
         let outs = g.outputs.iter().map(fetch).collect::<Result<Vec<_>>>()?;
         let taps = opts.taps.iter().map(fetch).collect::<Result<Vec<_>>>()?;
@@ -190,7 +229,9 @@ impl Plan {
 }
 
 fn shape_of<'a>(g: &'a Graph, n: &Node, i: usize) -> &'a [usize] {
-    n.input(i).and_then(|v| g.values[v].shape.as_deref()).unwrap_or(&[])
+    n.input(i)
+        .and_then(|v| g.values[v].shape.as_deref())
+        .unwrap_or(&[])
 }
 
 /// Lift 1-D windows to 2-D (H = 1).
@@ -216,15 +257,25 @@ fn lower(g: &Graph, n: &Node, dev: &Device) -> std::result::Result<Kind, String>
         Op::Conv(a) => {
             let x = shape_of(g, n, 0);
             if !(3..=4).contains(&x.len()) {
-                return Err(format!("only 1-D and 2-D convolutions are supported, input is {x:?}"));
+                return Err(format!(
+                    "only 1-D and 2-D convolutions are supported, input is {x:?}"
+                ));
             }
             let (win, one_d) = lift(infer::window_of(g, n)?);
-            Kind::Conv(ConvGeom { win, group: a.group.max(1) }, one_d)
+            Kind::Conv(
+                ConvGeom {
+                    win,
+                    group: a.group.max(1),
+                },
+                one_d,
+            )
         }
         Op::MaxPool(_) | Op::AveragePool(_) => {
             let x = shape_of(g, n, 0);
             if !(3..=4).contains(&x.len()) {
-                return Err(format!("only 1-D and 2-D pooling is supported, input is {x:?}"));
+                return Err(format!(
+                    "only 1-D and 2-D pooling is supported, input is {x:?}"
+                ));
             }
             let (win, one_d) = lift(infer::window_of(g, n)?);
             match &n.op {
@@ -232,21 +283,30 @@ fn lower(g: &Graph, n: &Node, dev: &Device) -> std::result::Result<Kind, String>
                 Op::AveragePool(p) => {
                     let (h, w) = if one_d { (1, x[2]) } else { (x[2], x[3]) };
                     let div = avg_divisor(&win, h, w, p.count_include_pad);
-                    let t = Tensor::from_vec(div, (1, 1, win.out[0], win.out[1]), dev).map_err(|e| e.to_string())?;
+                    let t = Tensor::from_vec(div, (1, 1, win.out[0], win.out[1]), dev)
+                        .map_err(|e| e.to_string())?;
                     Kind::AvgPool(win, one_d, t)
                 }
                 _ => unreachable!(),
             }
         }
-        Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze => Kind::Reshape(out_shape()),
+        Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze => {
+            Kind::Reshape(out_shape())
+        }
         Op::Slice => Kind::Slice(infer::slice_of(g, n)?),
         Op::Pad { mode } => {
             let (b, e, v) = infer::pad_of(g, n)?;
             Kind::Pad(b, e, v, *mode)
         }
-        Op::Transpose { perm } => Kind::Transpose(infer::transpose_perm(shape_of(g, n, 0).len(), perm.as_deref())?),
+        Op::Transpose { perm } => Kind::Transpose(infer::transpose_perm(
+            shape_of(g, n, 0).len(),
+            perm.as_deref(),
+        )?),
         Op::Concat { axis } => Kind::Concat(infer::norm_axis(*axis, shape_of(g, n, 0).len())?),
-        Op::Softmax { axis, coerce_2d } => Kind::Softmax(infer::norm_axis(*axis, shape_of(g, n, 0).len())?, *coerce_2d),
+        Op::Softmax { axis, coerce_2d } => Kind::Softmax(
+            infer::norm_axis(*axis, shape_of(g, n, 0).len())?,
+            *coerce_2d,
+        ),
         Op::Clip => {
             let (lo, hi) = infer::clip_of(g, n)?;
             Kind::Clip(lo, hi)
@@ -269,10 +329,16 @@ fn lower(g: &Graph, n: &Node, dev: &Device) -> std::result::Result<Kind, String>
                 flat.push(j as u32);
             }
             let len = flat.len();
-            Kind::Gather(a, Tensor::from_vec(flat, len, dev).map_err(|e| e.to_string())?, out_shape())
+            Kind::Gather(
+                a,
+                Tensor::from_vec(flat, len, dev).map_err(|e| e.to_string())?,
+                out_shape(),
+            )
         }
         Op::Cast { to } if !to.is_float() => {
-            return Err(format!("Cast of a run-time tensor to {to} is not supported"));
+            return Err(format!(
+                "Cast of a run-time tensor to {to} is not supported"
+            ));
         }
         Op::Shape { .. } | Op::ConstantOfShape { .. } => {
             return Err("shape arithmetic was not folded".into());
@@ -283,17 +349,16 @@ fn lower(g: &Graph, n: &Node, dev: &Device) -> std::result::Result<Kind, String>
 
 /// Average-pool divisor per output position (ONNX Runtime semantics).
 fn avg_divisor(w: &Window, h: usize, wd: usize, include_pad: bool) -> Vec<f32> {
-    let dims = [h, wd];
     let mut per_axis: Vec<Vec<usize>> = Vec::new();
-    for a in 0..2 {
+    for (a, &len) in [h, wd].iter().enumerate() {
         let mut v = Vec::new();
         for o in 0..w.out[a] {
             let start = (o * w.strides[a]) as i64 - w.pad_begin[a] as i64;
             let mut count = 0;
             for k in 0..w.kernel[a] {
                 let p = start + (k * w.dilations[a]) as i64;
-                let inside = p >= 0 && p < dims[a] as i64;
-                let in_pad = p >= -(w.pad_begin[a] as i64) && p < (dims[a] + w.pad_end[a]) as i64;
+                let inside = p >= 0 && p < len as i64;
+                let in_pad = p >= -(w.pad_begin[a] as i64) && p < (len + w.pad_end[a]) as i64;
                 if inside || (include_pad && in_pad) {
                     count += 1;
                 }
@@ -312,7 +377,9 @@ fn avg_divisor(w: &Window, h: usize, wd: usize, include_pad: bool) -> Vec<f32> {
 }
 
 fn req(ins: &[Option<Tensor>], i: usize) -> candle_core::Result<&Tensor> {
-    ins.get(i).and_then(|t| t.as_ref()).ok_or_else(|| candle_core::Error::Msg(format!("missing input {i}")))
+    ins.get(i)
+        .and_then(|t| t.as_ref())
+        .ok_or_else(|| candle_core::Error::Msg(format!("missing input {i}")))
 }
 
 fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -354,7 +421,12 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
     Ok(match (&n.op, kind) {
         (Op::Conv(_), Kind::Conv(geom, one_d)) => {
             let w = to4(req(ins, 1)?, *one_d)?;
-            let y = conv::conv2d(&to4(x, *one_d)?, &w, ins.get(2).and_then(|b| b.as_ref()), geom)?;
+            let y = conv::conv2d(
+                &to4(x, *one_d)?,
+                &w,
+                ins.get(2).and_then(|b| b.as_ref()),
+                geom,
+            )?;
             from4(y, *one_d)?
         }
         (Op::MaxPool(_), Kind::MaxPool(win, one_d)) => {
@@ -396,7 +468,8 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
             let (scale, bias, mean, var) = (req(ins, 1)?, req(ins, 2)?, req(ins, 3)?, req(ins, 4)?);
             let inv = ((var + f64::from(*epsilon))?.sqrt()?.recip()? * scale)?;
             let shift = (bias - (mean * &inv)?)?;
-            x.broadcast_mul(&chan(&inv, r)?)?.broadcast_add(&chan(&shift, r)?)?
+            x.broadcast_mul(&chan(&inv, r)?)?
+                .broadcast_add(&chan(&shift, r)?)?
         }
         (Op::Relu, _) => x.relu()?,
         (Op::Clip, Kind::Clip(lo, hi)) => {
@@ -412,10 +485,13 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
         (Op::LeakyRelu { alpha }, _) => (x.relu()? - (x.neg()?.relu()? * f64::from(*alpha))?)?,
         (Op::PRelu, _) => {
             let slope = req(ins, 1)?;
-            x.relu()?.broadcast_sub(&x.neg()?.relu()?.broadcast_mul(slope)?)?
+            x.relu()?
+                .broadcast_sub(&x.neg()?.relu()?.broadcast_mul(slope)?)?
         }
         (Op::Sigmoid, _) => sigmoid(x)?,
-        (Op::HardSigmoid { alpha, beta }, _) => x.affine(f64::from(*alpha), f64::from(*beta))?.clamp(0f32, 1f32)?,
+        (Op::HardSigmoid { alpha, beta }, _) => x
+            .affine(f64::from(*alpha), f64::from(*beta))?
+            .clamp(0f32, 1f32)?,
         (Op::HardSwish, _) => (x * x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?,
         (Op::Tanh, _) => x.tanh()?,
         (Op::Erf, _) => x.erf()?,
@@ -425,7 +501,15 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
         (Op::Div, _) => x.broadcast_div(req(ins, 1)?)?,
         (_, Kind::Reshape(s)) => x.reshape(s.clone())?,
         (Op::Identity | Op::Dropout | Op::Cast { .. }, _) => x.clone(),
-        (Op::Gemm { alpha, beta, trans_a, trans_b }, _) => {
+        (
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            },
+            _,
+        ) => {
             let a = if *trans_a { x.t()? } else { x.clone() };
             let b = req(ins, 1)?;
             let b = if *trans_b { b.t()? } else { b.clone() };
@@ -434,7 +518,11 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
                 y = (y * f64::from(*alpha))?;
             }
             if let Some(c) = ins.get(2).and_then(|c| c.as_ref()) {
-                let c = if *beta != 1.0 { (c * f64::from(*beta))? } else { c.clone() };
+                let c = if *beta != 1.0 {
+                    (c * f64::from(*beta))?
+                } else {
+                    c.clone()
+                };
                 y = y.broadcast_add(&c)?;
             }
             y
@@ -519,8 +607,15 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
             y
         }
         (Op::Transpose { .. }, Kind::Transpose(p)) => x.permute(p.clone())?.contiguous()?,
-        (Op::Gather { .. }, Kind::Gather(a, idx, out)) => x.index_select(idx, *a)?.reshape(out.clone())?,
-        (op, _) => return Err(candle_core::Error::Msg(format!("no lowering for {}", op.name()))),
+        (Op::Gather { .. }, Kind::Gather(a, idx, out)) => {
+            x.index_select(idx, *a)?.reshape(out.clone())?
+        }
+        (op, _) => {
+            return Err(candle_core::Error::Msg(format!(
+                "no lowering for {}",
+                op.name()
+            )))
+        }
     })
 }
 

@@ -16,9 +16,11 @@ pub const ORT_LIB_ENV: &str = "ZQ_ORT_LIB";
 
 /// Where the ONNX Runtime library is: the explicit path, else `$ZQ_ORT_LIB`.
 pub fn library_path(explicit: Option<&Path>) -> Option<PathBuf> {
-    explicit
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os(ORT_LIB_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
+    explicit.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os(ORT_LIB_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
 }
 
 /// Load ONNX Runtime once per process.
@@ -45,25 +47,41 @@ pub struct OrtModel {
 impl OrtModel {
     pub fn open(path: &Path, lib: Option<&Path>, threads: usize) -> Result<OrtModel> {
         let env = init(lib)?;
-        let e = |m: String| Error::Model { path: path.to_path_buf(), msg: format!("ONNX Runtime: {m}") };
+        let e = |m: String| Error::Model {
+            path: path.to_path_buf(),
+            msg: format!("ONNX Runtime: {m}"),
+        };
         let mut b = ort::session::Session::builder(env).map_err(|x| e(x.to_string()))?;
-        b = b.with_intra_threads(threads.max(1)).map_err(|x| e(x.to_string()))?;
+        b = b
+            .with_intra_threads(threads.max(1))
+            .map_err(|x| e(x.to_string()))?;
         let session = b.commit_from_file(path).map_err(|x| e(x.to_string()))?;
         let input_name = session
             .inputs()
             .first()
             .map(|i| i.name().to_string())
             .ok_or_else(|| e("model has no inputs".into()))?;
-        Ok(OrtModel { session: Mutex::new(session), input_name })
+        Ok(OrtModel {
+            session: Mutex::new(session),
+            input_name,
+        })
     }
 
     /// Run on one float input; returns the first output's shape and data.
     pub fn run(&self, data: Vec<f32>, shape: &[usize]) -> Result<(Vec<usize>, Vec<f32>)> {
         let e = |m: String| Error::Exec(format!("ONNX Runtime: {m}"));
-        let t = ort::value::Tensor::from_array((shape.to_vec(), data)).map_err(|x| e(x.to_string()))?;
-        let mut s = self.session.lock().map_err(|_| e("session poisoned".into()))?;
-        let outs = s.run(ort::inputs![self.input_name.as_str() => t]).map_err(|x| e(x.to_string()))?;
-        let (shape, v) = outs[0].try_extract_tensor::<f32>().map_err(|x| e(x.to_string()))?;
+        let t =
+            ort::value::Tensor::from_array((shape.to_vec(), data)).map_err(|x| e(x.to_string()))?;
+        let mut s = self
+            .session
+            .lock()
+            .map_err(|_| e("session poisoned".into()))?;
+        let outs = s
+            .run(ort::inputs![self.input_name.as_str() => t])
+            .map_err(|x| e(x.to_string()))?;
+        let (shape, v) = outs[0]
+            .try_extract_tensor::<f32>()
+            .map_err(|x| e(x.to_string()))?;
         Ok((shape.iter().map(|&d| d as usize).collect(), v.to_vec()))
     }
 }

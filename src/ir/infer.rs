@@ -42,7 +42,10 @@ pub fn conv_geometry(
 ) -> R<Window> {
     let n = input.len();
     if kernel.len() != n {
-        return Err(format!("kernel has {} spatial dims but the input has {n}", kernel.len()));
+        return Err(format!(
+            "kernel has {} spatial dims but the input has {n}",
+            kernel.len()
+        ));
     }
     let pick = |v: &[usize], what: &str| -> R<Vec<usize>> {
         if v.is_empty() {
@@ -65,7 +68,11 @@ pub fn conv_geometry(
         AutoPad::NotSet => {
             if !pads.is_empty() {
                 if pads.len() != 2 * n {
-                    return Err(format!("pads has {} values, expected {}", pads.len(), 2 * n));
+                    return Err(format!(
+                        "pads has {} values, expected {}",
+                        pads.len(),
+                        2 * n
+                    ));
                 }
                 pb.copy_from_slice(&pads[..n]);
                 pe.copy_from_slice(&pads[n..]);
@@ -101,13 +108,24 @@ pub fn conv_geometry(
             ));
         }
         let span = padded - eff;
-        let mut o = if ceil_mode { span.div_ceil(strides[i]) + 1 } else { span / strides[i] + 1 };
+        let mut o = if ceil_mode {
+            span.div_ceil(strides[i]) + 1
+        } else {
+            span / strides[i] + 1
+        };
         if ceil_mode && (o - 1) * strides[i] >= input[i] + pb[i] {
             o -= 1;
         }
         out[i] = o;
     }
-    Ok(Window { kernel: kernel.to_vec(), strides, dilations, pad_begin: pb, pad_end: pe, out })
+    Ok(Window {
+        kernel: kernel.to_vec(),
+        strides,
+        dilations,
+        pad_begin: pb,
+        pad_end: pe,
+        out,
+    })
 }
 
 /// One sliced axis: element `i` of the output is element `start + i*step` of the input.
@@ -121,7 +139,9 @@ pub struct SliceAxis {
 
 impl SliceAxis {
     pub fn indices(&self) -> Vec<usize> {
-        (0..self.len as i64).map(|i| (self.start + i * self.step) as usize).collect()
+        (0..self.len as i64)
+            .map(|i| (self.start + i * self.step) as usize)
+            .collect()
     }
 }
 
@@ -134,7 +154,11 @@ pub fn slice_spec(
     steps: Option<&[i64]>,
 ) -> R<Vec<SliceAxis>> {
     if starts.len() != ends.len() {
-        return Err(format!("starts has {} values but ends has {}", starts.len(), ends.len()));
+        return Err(format!(
+            "starts has {} values but ends has {}",
+            starts.len(),
+            ends.len()
+        ));
     }
     let rank = shape.len();
     let axes: Vec<usize> = match axes {
@@ -180,7 +204,12 @@ pub fn slice_spec(
         } else {
             0
         };
-        out.push(SliceAxis { axis, start: s, step, len: len as usize });
+        out.push(SliceAxis {
+            axis,
+            start: s,
+            step,
+            len: len as usize,
+        });
     }
     Ok(out)
 }
@@ -200,7 +229,10 @@ pub fn reshape_target(shape: &[usize], target: &[i64], allowzero: bool) -> R<Vec
             }
             0 if !allowzero => {
                 out.push(*shape.get(i).ok_or_else(|| {
-                    format!("reshape target {target:?} copies dim {i} of a rank-{} input", shape.len())
+                    format!(
+                        "reshape target {target:?} copies dim {i} of a rank-{} input",
+                        shape.len()
+                    )
                 })?);
             }
             t if t < 0 => return Err(format!("reshape target has negative dim {t}")),
@@ -209,12 +241,14 @@ pub fn reshape_target(shape: &[usize], target: &[i64], allowzero: bool) -> R<Vec
     }
     let known: usize = out.iter().product();
     if let Some(h) = hole {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {shape:?} to {target:?}"));
         }
         out[h] = total / known;
     } else if known != total {
-        return Err(format!("cannot reshape {shape:?} ({total} elements) to {out:?}"));
+        return Err(format!(
+            "cannot reshape {shape:?} ({total} elements) to {out:?}"
+        ));
     }
     Ok(out)
 }
@@ -226,14 +260,20 @@ pub fn pad_spec(rank: usize, pads: &[i64], axes: Option<&[i64]>) -> R<(Vec<usize
         None => (0..rank).collect(),
     };
     if pads.len() != 2 * axes.len() {
-        return Err(format!("pads has {} values, expected {}", pads.len(), 2 * axes.len()));
+        return Err(format!(
+            "pads has {} values, expected {}",
+            pads.len(),
+            2 * axes.len()
+        ));
     }
     let mut b = vec![0; rank];
     let mut e = vec![0; rank];
     for (k, &a) in axes.iter().enumerate() {
         let (pb, pe) = (pads[k], pads[k + axes.len()]);
         if pb < 0 || pe < 0 {
-            return Err(format!("negative pads {pads:?} (cropping) are not supported"));
+            return Err(format!(
+                "negative pads {pads:?} (cropping) are not supported"
+            ));
         }
         b[a] = pb as usize;
         e[a] = pe as usize;
@@ -265,7 +305,10 @@ pub fn squeeze_axes(shape: &[usize], axes: Option<&[i64]>) -> R<Vec<usize>> {
     match axes {
         None => Ok((0..shape.len()).filter(|&i| shape[i] == 1).collect()),
         Some(a) => {
-            let mut v = a.iter().map(|&x| norm_axis(x, shape.len())).collect::<R<Vec<_>>>()?;
+            let mut v = a
+                .iter()
+                .map(|&x| norm_axis(x, shape.len()))
+                .collect::<R<Vec<_>>>()?;
             v.sort_unstable();
             v.dedup();
             for &i in &v {
@@ -279,12 +322,20 @@ pub fn squeeze_axes(shape: &[usize], axes: Option<&[i64]>) -> R<Vec<usize>> {
 }
 
 pub fn squeezed(shape: &[usize], axes: &[usize]) -> Vec<usize> {
-    shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
+    shape
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !axes.contains(i))
+        .map(|(_, &d)| d)
+        .collect()
 }
 
 pub fn unsqueezed(shape: &[usize], axes: &[i64]) -> R<Vec<usize>> {
     let r = shape.len() + axes.len();
-    let mut ax = axes.iter().map(|&a| norm_axis(a, r)).collect::<R<Vec<_>>>()?;
+    let mut ax = axes
+        .iter()
+        .map(|&a| norm_axis(a, r))
+        .collect::<R<Vec<_>>>()?;
     ax.sort_unstable();
     let n = ax.len();
     ax.dedup();
@@ -322,8 +373,16 @@ pub fn matmul_shape(a: &[usize], b: &[usize]) -> R<Vec<usize>> {
     if a.is_empty() || b.is_empty() {
         return Err("MatMul of a scalar".into());
     }
-    let a2 = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
-    let b2 = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+    let a2 = if a.len() == 1 {
+        vec![1, a[0]]
+    } else {
+        a.to_vec()
+    };
+    let b2 = if b.len() == 1 {
+        vec![b[0], 1]
+    } else {
+        b.to_vec()
+    };
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {
@@ -343,7 +402,10 @@ pub fn matmul_shape(a: &[usize], b: &[usize]) -> R<Vec<usize>> {
 
 fn need<'a>(g: &'a Graph, n: &Node, i: usize) -> R<&'a [usize]> {
     let v = n.input(i).ok_or_else(|| format!("missing input {i}"))?;
-    g.values[v].shape.as_deref().ok_or_else(|| format!("shape of input '{}' unknown", g.values[v].name))
+    g.values[v]
+        .shape
+        .as_deref()
+        .ok_or_else(|| format!("shape of input '{}' unknown", g.values[v].name))
 }
 
 fn konst<'a>(g: &'a Graph, n: &Node, i: usize, what: &str) -> R<Option<&'a Tensor>> {
@@ -376,7 +438,9 @@ pub fn slice_of(g: &Graph, n: &Node) -> R<Vec<SliceAxis>> {
 pub fn pad_of(g: &Graph, n: &Node) -> R<(Vec<usize>, Vec<usize>, f32)> {
     let x = need(g, n, 0)?;
     let pads = konst_i64(g, n, 1, "pads")?.ok_or("Pad needs pads")?;
-    let value = konst(g, n, 2, "constant_value")?.map(|t| t.to_f32_vec()).unwrap_or_default();
+    let value = konst(g, n, 2, "constant_value")?
+        .map(|t| t.to_f32_vec())
+        .unwrap_or_default();
     let axes = konst_i64(g, n, 3, "axes")?;
     let (b, e) = pad_spec(x.len(), &pads, axes.as_deref())?;
     Ok((b, e, value.first().copied().unwrap_or(0.0)))
@@ -403,7 +467,9 @@ pub fn reshape_of(g: &Graph, n: &Node, allowzero: bool) -> R<Vec<usize>> {
 pub fn clip_of(g: &Graph, n: &Node) -> R<(f32, f32)> {
     let lo = konst(g, n, 1, "min")?.map(|t| t.to_f32_vec());
     let hi = konst(g, n, 2, "max")?.map(|t| t.to_f32_vec());
-    let lo = lo.and_then(|v| v.first().copied()).unwrap_or(f32::NEG_INFINITY);
+    let lo = lo
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f32::NEG_INFINITY);
     let hi = hi.and_then(|v| v.first().copied()).unwrap_or(f32::INFINITY);
     Ok((lo, hi))
 }
@@ -411,13 +477,23 @@ pub fn clip_of(g: &Graph, n: &Node) -> R<(f32, f32)> {
 pub fn window_of(g: &Graph, n: &Node) -> R<Window> {
     let x = need(g, n, 0)?;
     if x.len() < 3 {
-        return Err(format!("expected an N x C x spatial input, got shape {x:?}"));
+        return Err(format!(
+            "expected an N x C x spatial input, got shape {x:?}"
+        ));
     }
     match &n.op {
         Op::Conv(a) => {
             let w = need(g, n, 1)?;
             let k = a.kernel_shape.clone().unwrap_or_else(|| w[2..].to_vec());
-            conv_geometry(&x[2..], &k, &a.strides, &a.dilations, &a.pads, a.auto_pad, false)
+            conv_geometry(
+                &x[2..],
+                &k,
+                &a.strides,
+                &a.dilations,
+                &a.pads,
+                a.auto_pad,
+                false,
+            )
         }
         Op::MaxPool(a) | Op::AveragePool(a) => conv_geometry(
             &x[2..],
@@ -468,7 +544,8 @@ pub fn infer(g: &Graph, n: &Node) -> R<Vec<Vec<usize>>> {
         }
         Op::Add | Op::Sub | Op::Mul | Op::Div => {
             let (a, b) = (need(g, n, 0)?, need(g, n, 1)?);
-            one(broadcast_shapes(a, b).ok_or_else(|| format!("cannot broadcast {a:?} with {b:?}"))?)
+            one(broadcast_shapes(a, b)
+                .ok_or_else(|| format!("cannot broadcast {a:?} with {b:?}"))?)
         }
         Op::BatchNorm { .. } => {
             let s = x()?;
@@ -478,7 +555,10 @@ pub fn infer(g: &Graph, n: &Node) -> R<Vec<Vec<usize>>> {
             for i in 1..5 {
                 let p = need(g, n, i)?;
                 if p != [s[1]] {
-                    return Err(format!("parameter {i} has shape {p:?}, expected [{}]", s[1]));
+                    return Err(format!(
+                        "parameter {i} has shape {p:?}, expected [{}]",
+                        s[1]
+                    ));
                 }
             }
             one(s.to_vec())
@@ -487,7 +567,11 @@ pub fn infer(g: &Graph, n: &Node) -> R<Vec<Vec<usize>>> {
             let s = x()?;
             let w = need(g, n, 1)?;
             if w.len() != s.len() {
-                return Err(format!("weight rank {} differs from input rank {}", w.len(), s.len()));
+                return Err(format!(
+                    "weight rank {} differs from input rank {}",
+                    w.len(),
+                    s.len()
+                ));
             }
             let group = a.group.max(1);
             if s[1] != w[1] * group || w[0] % group != 0 {
@@ -518,7 +602,9 @@ pub fn infer(g: &Graph, n: &Node) -> R<Vec<Vec<usize>>> {
         Op::GlobalAveragePool | Op::GlobalMaxPool => {
             let s = x()?;
             if s.len() < 3 {
-                return Err(format!("expected an N x C x spatial input, got shape {s:?}"));
+                return Err(format!(
+                    "expected an N x C x spatial input, got shape {s:?}"
+                ));
             }
             let mut out = s[..2].to_vec();
             out.extend(std::iter::repeat_n(1, s.len() - 2));
@@ -535,7 +621,9 @@ pub fn infer(g: &Graph, n: &Node) -> R<Vec<Vec<usize>>> {
             one(vec![s[..a].iter().product(), s[a..].iter().product()])
         }
         Op::Reshape { allowzero } => one(reshape_of(g, n, *allowzero)?),
-        Op::Gemm { trans_a, trans_b, .. } => {
+        Op::Gemm {
+            trans_a, trans_b, ..
+        } => {
             let (a, b) = (need(g, n, 0)?, need(g, n, 1)?);
             if a.len() != 2 || b.len() != 2 {
                 return Err(format!("Gemm needs 2-D inputs, got {a:?} and {b:?}"));
@@ -561,9 +649,14 @@ pub fn infer(g: &Graph, n: &Node) -> R<Vec<Vec<usize>>> {
             for i in 1..n.inputs.len() {
                 let s = need(g, n, i)?;
                 if s.len() != first.len()
-                    || s.iter().zip(first).enumerate().any(|(d, (p, q))| d != a && p != q)
+                    || s.iter()
+                        .zip(first)
+                        .enumerate()
+                        .any(|(d, (p, q))| d != a && p != q)
                 {
-                    return Err(format!("cannot concatenate {first:?} with {s:?} on axis {a}"));
+                    return Err(format!(
+                        "cannot concatenate {first:?} with {s:?} on axis {a}"
+                    ));
                 }
                 out[a] += s[a];
             }
@@ -616,21 +709,34 @@ pub fn infer(g: &Graph, n: &Node) -> R<Vec<Vec<usize>>> {
 }
 
 fn shape_range(r: i64, start: i64, end: Option<i64>) -> (i64, i64) {
-    let fix = |v: i64| if v < 0 { (v + r).clamp(0, r) } else { v.clamp(0, r) };
+    let fix = |v: i64| {
+        if v < 0 {
+            (v + r).clamp(0, r)
+        } else {
+            v.clamp(0, r)
+        }
+    };
     (fix(start), fix(end.unwrap_or(r)))
 }
 
 /// Evaluate shape-arithmetic ops on host constants. Returns `None` for ops that are not
 /// shape arithmetic (the caller folds those with the numeric executor, or keeps them).
 pub fn fold_host(g: &Graph, n: &Node, out_shapes: &[Vec<usize>]) -> R<Option<Vec<Tensor>>> {
-    let all_const = n.inputs.iter().flatten().all(|&v| g.values[v].konst.is_some());
+    let all_const = n
+        .inputs
+        .iter()
+        .flatten()
+        .all(|&v| g.values[v].konst.is_some());
     let c = |i: usize| -> &Tensor { g.values[n.input(i).unwrap()].konst.as_deref().unwrap() };
     let shape0 = out_shapes.first().cloned().unwrap_or_default();
     // Shape only needs the input's shape, not its contents.
     if let Op::Shape { start, end } = &n.op {
         let s = need(g, n, 0)?;
         let (a, b) = shape_range(s.len() as i64, *start, *end);
-        let v: Vec<i64> = s[a as usize..b.max(a) as usize].iter().map(|&d| d as i64).collect();
+        let v: Vec<i64> = s[a as usize..b.max(a) as usize]
+            .iter()
+            .map(|&d| d as i64)
+            .collect();
         return Ok(Some(vec![Tensor::i64(vec![v.len()], v)]));
     }
     if !all_const {
@@ -639,14 +745,20 @@ pub fn fold_host(g: &Graph, n: &Node, out_shapes: &[Vec<usize>]) -> R<Option<Vec
     let t = match &n.op {
         Op::Identity | Op::Dropout => c(0).clone(),
         Op::Cast { to } => c(0).cast(*to),
-        Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze => c(0).reshape(shape0),
+        Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze => {
+            c(0).reshape(shape0)
+        }
         Op::ConstantOfShape { value } => {
             let n_el: usize = shape0.iter().product();
             let data = match &value.data {
                 Data::F32(v) => Data::F32(vec![v[0]; n_el]),
                 Data::I64(v) => Data::I64(vec![v[0]; n_el]),
             };
-            Tensor { dtype: value.dtype, shape: shape0, data }
+            Tensor {
+                dtype: value.dtype,
+                shape: shape0,
+                data,
+            }
         }
         Op::Gather { axis } => {
             let x = c(0);
@@ -669,7 +781,12 @@ pub fn fold_host(g: &Graph, n: &Node, out_shapes: &[Vec<usize>]) -> R<Option<Vec
             x.take(shape0, &flat)
         }
         Op::Concat { axis } => {
-            let parts: Vec<&Tensor> = n.inputs.iter().flatten().map(|&v| g.konst(v).unwrap()).collect();
+            let parts: Vec<&Tensor> = n
+                .inputs
+                .iter()
+                .flatten()
+                .map(|&v| g.konst(v).unwrap())
+                .collect();
             let a = norm_axis(*axis, parts[0].shape.len())?;
             let outer: usize = shape0[..a].iter().product();
             let float = parts.iter().any(|p| p.is_float());
@@ -688,7 +805,11 @@ pub fn fold_host(g: &Graph, n: &Node, out_shapes: &[Vec<usize>]) -> R<Option<Vec
             if float {
                 Tensor::f32(shape0, f)
             } else {
-                Tensor { dtype: parts[0].dtype, shape: shape0, data: Data::I64(i) }
+                Tensor {
+                    dtype: parts[0].dtype,
+                    shape: shape0,
+                    data: Data::I64(i),
+                }
             }
         }
         Op::Slice => {
@@ -739,7 +860,11 @@ pub fn fold_host(g: &Graph, n: &Node, out_shapes: &[Vec<usize>]) -> R<Option<Vec
                     }
                 });
             }
-            Tensor { dtype: a.dtype, shape: shape0, data: Data::I64(v) }
+            Tensor {
+                dtype: a.dtype,
+                shape: shape0,
+                data: Data::I64(v),
+            }
         }
         _ => return Ok(None),
     };
@@ -748,7 +873,11 @@ pub fn fold_host(g: &Graph, n: &Node, out_shapes: &[Vec<usize>]) -> R<Option<Vec
     if let Op::Dropout = n.op {
         if n.outputs.len() > 1 {
             let len = outs[0].len();
-            outs.push(Tensor { dtype: DType::Bool, shape: outs[0].shape.clone(), data: Data::I64(vec![1; len]) });
+            outs.push(Tensor {
+                dtype: DType::Bool,
+                shape: outs[0].shape.clone(),
+                data: Data::I64(vec![1; len]),
+            });
         }
     }
     Ok(Some(outs))
@@ -796,7 +925,10 @@ mod tests {
 
     #[test]
     fn reshape_and_pad() {
-        assert_eq!(reshape_target(&[2, 3, 4], &[0, -1], false).unwrap(), vec![2, 12]);
+        assert_eq!(
+            reshape_target(&[2, 3, 4], &[0, -1], false).unwrap(),
+            vec![2, 12]
+        );
         assert!(reshape_target(&[2, 3, 4], &[5, -1], false).is_err());
         assert_eq!(pad_source(-1, 4, PadMode::Reflect), 1);
         assert_eq!(pad_source(4, 4, PadMode::Reflect), 2);

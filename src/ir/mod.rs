@@ -91,13 +91,23 @@ impl Graph {
     }
 
     pub fn add_value(&mut self, name: String, dtype: DType) -> ValueId {
-        self.values.push(Value { name, dtype, shape: None, konst: None });
+        self.values.push(Value {
+            name,
+            dtype,
+            shape: None,
+            konst: None,
+        });
         self.values.len() - 1
     }
 
     pub fn add_const(&mut self, name: String, t: Tensor) -> ValueId {
         let shape = Some(t.shape.clone());
-        self.values.push(Value { name, dtype: t.dtype, shape, konst: Some(Arc::new(t)) });
+        self.values.push(Value {
+            name,
+            dtype: t.dtype,
+            shape,
+            konst: Some(Arc::new(t)),
+        });
         self.values.len() - 1
     }
 
@@ -169,7 +179,10 @@ impl Graph {
         }
         for &o in &self.outputs {
             if !defined[o] {
-                return Err(format!("graph output '{}' is never produced", self.values[o].name));
+                return Err(format!(
+                    "graph output '{}' is never produced",
+                    self.values[o].name
+                ));
             }
         }
         Ok(())

@@ -46,19 +46,31 @@ pub enum Op {
     /// inputs: X, W, B?
     Conv(ConvAttrs),
     /// inputs: A, B, C?
-    Gemm { alpha: f32, beta: f32, trans_a: bool, trans_b: bool },
+    Gemm {
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        trans_b: bool,
+    },
     MatMul,
     /// inputs: X, scale, B, mean, var
-    BatchNorm { epsilon: f32 },
+    BatchNorm {
+        epsilon: f32,
+    },
     // --- activations
     Relu,
     /// inputs: X, min?, max?
     Clip,
-    LeakyRelu { alpha: f32 },
+    LeakyRelu {
+        alpha: f32,
+    },
     /// inputs: X, slope
     PRelu,
     Sigmoid,
-    HardSigmoid { alpha: f32, beta: f32 },
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
     HardSwish,
     Tanh,
     Erf,
@@ -73,17 +85,30 @@ pub enum Op {
     GlobalAveragePool,
     GlobalMaxPool,
     // --- layout
-    Flatten { axis: i64 },
+    Flatten {
+        axis: i64,
+    },
     /// inputs: data, shape
-    Reshape { allowzero: bool },
-    Concat { axis: i64 },
+    Reshape {
+        allowzero: bool,
+    },
+    Concat {
+        axis: i64,
+    },
     /// `coerce_2d`: opset < 13 semantics (flatten to 2-D around `axis`).
-    Softmax { axis: i64, coerce_2d: bool },
+    Softmax {
+        axis: i64,
+        coerce_2d: bool,
+    },
     /// inputs: data, pads, constant_value?, axes?
-    Pad { mode: PadMode },
+    Pad {
+        mode: PadMode,
+    },
     /// inputs: data, starts, ends, axes?, steps?
     Slice,
-    Transpose { perm: Option<Vec<usize>> },
+    Transpose {
+        perm: Option<Vec<usize>>,
+    },
     /// inputs: data, axes?
     Squeeze,
     /// inputs: data, axes
@@ -91,11 +116,20 @@ pub enum Op {
     Identity,
     Dropout,
     // --- shape arithmetic (folded away for a concrete batch size)
-    Shape { start: i64, end: Option<i64> },
-    Gather { axis: i64 },
+    Shape {
+        start: i64,
+        end: Option<i64>,
+    },
+    Gather {
+        axis: i64,
+    },
     /// input: shape
-    ConstantOfShape { value: Tensor },
-    Cast { to: DType },
+    ConstantOfShape {
+        value: Tensor,
+    },
+    Cast {
+        to: DType,
+    },
 }
 
 impl Op {

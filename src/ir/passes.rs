@@ -41,14 +41,26 @@ pub fn specialize(g: &Graph, batch: usize, fold_float: FloatFolder) -> Result<Gr
     for n in nodes {
         let shapes = infer::infer(&g, &n).map_err(|m| node_err(&n, m))?;
         if shapes.len() < n.outputs.len() {
-            return Err(node_err(&n, format!("has {} outputs, expected at most {}", n.outputs.len(), shapes.len())));
+            return Err(node_err(
+                &n,
+                format!(
+                    "has {} outputs, expected at most {}",
+                    n.outputs.len(),
+                    shapes.len()
+                ),
+            ));
         }
         for (&o, s) in n.outputs.iter().zip(&shapes) {
             g.values[o].shape = Some(s.clone());
         }
         let folded = match infer::fold_host(&g, &n, &shapes).map_err(|m| node_err(&n, m))? {
             Some(t) => Some(t),
-            None if n.inputs.iter().flatten().all(|&v| g.values[v].konst.is_some()) => {
+            None if n
+                .inputs
+                .iter()
+                .flatten()
+                .all(|&v| g.values[v].konst.is_some()) =>
+            {
                 fold_float(&g, &n, &shapes).map_err(|m| node_err(&n, m))?
             }
             None => None,
@@ -105,7 +117,11 @@ pub fn bn_layers(g: &Graph) -> Vec<BnInfo> {
             continue;
         }
         let x = n.input(0).unwrap();
-        let channels = g.values[x].shape.as_ref().and_then(|s| s.get(1).copied()).unwrap_or(0);
+        let channels = g.values[x]
+            .shape
+            .as_ref()
+            .and_then(|s| s.get(1).copied())
+            .unwrap_or(0);
         let params_const = (1..5).all(|i| n.input(i).is_some_and(|v| g.konst(v).is_some()));
         let p = prod.get(&x).map(|&i| &g.nodes[i]);
         let (foldable, reason) = match p {
@@ -115,14 +131,19 @@ pub fn bn_layers(g: &Graph) -> Vec<BnInfo> {
                 let single = cons.get(&x).map(|c| c.len()) == Some(1) && !outputs.contains(&x);
                 let weight_const = p.input(1).is_some_and(|w| g.konst(w).is_some());
                 match &p.op {
-                    Op::Conv(_) | Op::Gemm { .. } if !weight_const => {
-                        (false, format!("its producer {} has a non-constant weight", p.name))
-                    }
-                    Op::Conv(_) | Op::Gemm { .. } if !single => {
-                        (false, format!("the output of {} is also used elsewhere", p.name))
-                    }
+                    Op::Conv(_) | Op::Gemm { .. } if !weight_const => (
+                        false,
+                        format!("its producer {} has a non-constant weight", p.name),
+                    ),
+                    Op::Conv(_) | Op::Gemm { .. } if !single => (
+                        false,
+                        format!("the output of {} is also used elsewhere", p.name),
+                    ),
                     Op::Conv(_) | Op::Gemm { .. } => (true, format!("fold into {}", p.name)),
-                    other => (false, format!("its producer is {}, not Conv/Gemm", other.name())),
+                    other => (
+                        false,
+                        format!("its producer is {}, not Conv/Gemm", other.name()),
+                    ),
                 }
             }
         };

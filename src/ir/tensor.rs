@@ -111,12 +111,20 @@ pub struct Tensor {
 impl Tensor {
     pub fn f32(shape: Vec<usize>, v: Vec<f32>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), v.len());
-        Tensor { dtype: DType::F32, shape, data: Data::F32(v) }
+        Tensor {
+            dtype: DType::F32,
+            shape,
+            data: Data::F32(v),
+        }
     }
 
     pub fn i64(shape: Vec<usize>, v: Vec<i64>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), v.len());
-        Tensor { dtype: DType::I64, shape, data: Data::I64(v) }
+        Tensor {
+            dtype: DType::I64,
+            shape,
+            data: Data::I64(v),
+        }
     }
 
     pub fn scalar_f32(v: f32) -> Tensor {
@@ -172,16 +180,29 @@ impl Tensor {
             }
             Data::F32(v)
         } else if to == DType::Bool {
-            Data::I64(self.to_f32_vec().iter().map(|&x| i64::from(x != 0.0)).collect())
+            Data::I64(
+                self.to_f32_vec()
+                    .iter()
+                    .map(|&x| i64::from(x != 0.0))
+                    .collect(),
+            )
         } else {
             Data::I64(self.to_i64_vec())
         };
-        Tensor { dtype: to, shape: self.shape.clone(), data }
+        Tensor {
+            dtype: to,
+            shape: self.shape.clone(),
+            data,
+        }
     }
 
     pub fn reshape(&self, shape: Vec<usize>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), self.len());
-        Tensor { dtype: self.dtype, shape, data: self.data.clone() }
+        Tensor {
+            dtype: self.dtype,
+            shape,
+            data: self.data.clone(),
+        }
     }
 
     /// Gather elements by flat indices (used by slice/transpose/gather).
@@ -190,7 +211,11 @@ impl Tensor {
             Data::F32(v) => Data::F32(idx.iter().map(|&i| v[i]).collect()),
             Data::I64(v) => Data::I64(idx.iter().map(|&i| v[i]).collect()),
         };
-        Tensor { dtype: self.dtype, shape, data }
+        Tensor {
+            dtype: self.dtype,
+            shape,
+            data,
+        }
     }
 
     /// Number of bytes this tensor occupies at its declared dtype.
@@ -213,8 +238,16 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
         out[i] = if da == db {
             da
         } else if da == 1 {
@@ -237,11 +270,11 @@ pub fn broadcast_index(from: &[usize], to: &[usize]) -> Vec<usize> {
     let mut idx = vec![0usize; n];
     for _ in 0..total {
         let mut off = 0;
-        for d in 0..n {
+        for (d, &i) in idx.iter().enumerate() {
             if d + from.len() >= n {
                 let fd = d + from.len() - n;
                 if from[fd] != 1 {
-                    off += idx[d] * fs[fd];
+                    off += i * fs[fd];
                 }
             }
         }

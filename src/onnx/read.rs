@@ -35,21 +35,39 @@ pub struct Model {
 
 /// Read and import an ONNX file.
 pub fn read_model(path: &Path) -> Result<Model> {
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(io)?;
     if meta.is_dir() {
-        return Err(Error::Model { path: path.into(), msg: "is a directory, not an ONNX file".into() });
+        return Err(Error::Model {
+            path: path.into(),
+            msg: "is a directory, not an ONNX file".into(),
+        });
     }
     if meta.len() > MAX_FILE_BYTES {
         return Err(Error::Model {
             path: path.into(),
-            msg: format!("file is {} bytes; protobuf models are limited to 2 GiB", meta.len()),
+            msg: format!(
+                "file is {} bytes; protobuf models are limited to 2 GiB",
+                meta.len()
+            ),
         });
     }
     let bytes = std::fs::read(path).map_err(io)?;
-    let dir = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    let dir = path.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    });
     let to_model = |e| match e {
-        Error::Usage(msg) => Error::Model { path: path.into(), msg },
+        Error::Usage(msg) => Error::Model {
+            path: path.into(),
+            msg,
+        },
         e => e,
     };
     let m = decode(&bytes).map_err(to_model)?;
@@ -58,7 +76,13 @@ pub fn read_model(path: &Path) -> Result<Model> {
     for n in m.graph.iter().flat_map(|g| &g.node) {
         *op_counts.entry(n.op_type().to_string()).or_insert(0) += 1;
     }
-    Ok(Model { path: path.into(), graph, file_bytes: meta.len(), ir_version: m.ir_version(), op_counts })
+    Ok(Model {
+        path: path.into(),
+        graph,
+        file_bytes: meta.len(),
+        ir_version: m.ir_version(),
+        op_counts,
+    })
 }
 
 /// Decode and import a model from memory. `dir` is where external data may live (None: refused).
@@ -70,8 +94,11 @@ pub fn import_bytes(bytes: &[u8], dir: Option<&Path>) -> Result<(Graph, i64)> {
 }
 
 fn decode(bytes: &[u8]) -> Result<proto::ModelProto> {
-    proto::ModelProto::decode(bytes)
-        .map_err(|e| bad(format!("not a valid ONNX model (protobuf decoding failed: {e})")))
+    proto::ModelProto::decode(bytes).map_err(|e| {
+        bad(format!(
+            "not a valid ONNX model (protobuf decoding failed: {e})"
+        ))
+    })
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -80,7 +107,10 @@ fn bad(msg: impl Into<String>) -> Error {
 
 /// Import a decoded ModelProto.
 pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
-    let gp = m.graph.as_ref().ok_or_else(|| bad("not an ONNX model: it has no graph"))?;
+    let gp = m
+        .graph
+        .as_ref()
+        .ok_or_else(|| bad("not an ONNX model: it has no graph"))?;
     if m.ir_version.unwrap_or(0) <= 0 {
         return Err(bad("not an ONNX model: ir_version is missing"));
     }
@@ -96,7 +126,10 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
         )));
     }
     if gp.node.len() > MAX_NODES {
-        return Err(bad(format!("graph has {} nodes, more than the limit {MAX_NODES}", gp.node.len())));
+        return Err(bad(format!(
+            "graph has {} nodes, more than the limit {MAX_NODES}",
+            gp.node.len()
+        )));
     }
     if !gp.sparse_initializer.is_empty() {
         return Err(bad("sparse initializers are not supported"));
@@ -115,7 +148,8 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
 
     for t in &gp.initializer {
         let name = t.name().to_string();
-        let tensor = tensor_from_proto(t, dir).map_err(|e| bad(format!("initializer '{name}': {e}")))?;
+        let tensor =
+            tensor_from_proto(t, dir).map_err(|e| bad(format!("initializer '{name}': {e}")))?;
         if by_name.contains_key(&name) {
             return Err(bad(format!("initializer '{name}' is defined twice")));
         }
@@ -129,7 +163,9 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
         }
         let (dtype, dims) = value_info_type(vi).map_err(|e| bad(format!("input '{name}': {e}")))?;
         if !dtype.is_float() {
-            return Err(bad(format!("input '{name}' has element type {dtype}; zq models take float inputs")));
+            return Err(bad(format!(
+                "input '{name}' has element type {dtype}; zq models take float inputs"
+            )));
         }
         let id = g.add_value(name.clone(), DType::F32);
         g.values[id].dtype = dtype;
@@ -148,7 +184,10 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
                 continue;
             }
             if by_name.contains_key(o.as_str()) || producer_of.insert(o.as_str(), i).is_some() {
-                return Err(bad(format!("value '{o}' is produced twice (by node '{}')", node_name(n, i))));
+                return Err(bad(format!(
+                    "value '{o}' is produced twice (by node '{}')",
+                    node_name(n, i)
+                )));
             }
         }
     }
@@ -201,8 +240,17 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
                 what: "operator domain".into(),
             });
         }
-        let inputs: Vec<Option<ValueId>> =
-            np.input.iter().map(|s| if s.is_empty() { None } else { Some(by_name[s.as_str()]) }).collect();
+        let inputs: Vec<Option<ValueId>> = np
+            .input
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    None
+                } else {
+                    Some(by_name[s.as_str()])
+                }
+            })
+            .collect();
         let mut outputs = Vec::new();
         for o in &np.output {
             let id = g.add_value(o.clone(), DType::F32);
@@ -213,7 +261,9 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
         }
         if op_type == "Constant" {
             let t = constant_value(np, dir).map_err(|e| Error::node(&name, op_type, e))?;
-            let o = *outputs.first().ok_or_else(|| Error::node(&name, op_type, "has no output"))?;
+            let o = *outputs
+                .first()
+                .ok_or_else(|| Error::node(&name, op_type, "has no output"))?;
             g.values[o].dtype = t.dtype;
             g.values[o].shape = Some(t.shape.clone());
             g.values[o].konst = Some(Arc::new(t));
@@ -230,7 +280,12 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
             inputs[slot] = Some(id);
         }
         check_arity(&op, &inputs, &outputs).map_err(|e| Error::node(&name, op_type, e))?;
-        g.nodes.push(Node { name, op, inputs, outputs });
+        g.nodes.push(Node {
+            name,
+            op,
+            inputs,
+            outputs,
+        });
     }
 
     for vi in &gp.output {
@@ -294,7 +349,9 @@ fn check_arity(op: &Op, inputs: &[Option<ValueId>], outputs: &[ValueId]) -> Resu
         Op::Gemm { .. } => (2, 3),
         Op::BatchNorm { .. } => (5, 5),
         Op::Clip => (1, 3),
-        Op::PRelu | Op::Add | Op::Sub | Op::Mul | Op::Div | Op::MatMul | Op::Reshape { .. } => (2, 2),
+        Op::PRelu | Op::Add | Op::Sub | Op::Mul | Op::Div | Op::MatMul | Op::Reshape { .. } => {
+            (2, 2)
+        }
         Op::Gather { .. } => (2, 2),
         Op::Pad { .. } => (2, 4),
         Op::Slice => (3, 5),
@@ -304,9 +361,16 @@ fn check_arity(op: &Op, inputs: &[Option<ValueId>], outputs: &[ValueId]) -> Resu
         Op::Concat { .. } => (1, usize::MAX),
         _ => (1, 1),
     };
-    let present = inputs.iter().rposition(|i| i.is_some()).map_or(0, |p| p + 1);
+    let present = inputs
+        .iter()
+        .rposition(|i| i.is_some())
+        .map_or(0, |p| p + 1);
     if present < min || inputs.len() > max {
-        return Err(format!("has {} inputs, expected {min}..={}", inputs.len(), max.min(99)));
+        return Err(format!(
+            "has {} inputs, expected {min}..={}",
+            inputs.len(),
+            max.min(99)
+        ));
     }
     for (i, inp) in inputs.iter().enumerate().take(min) {
         if inp.is_none() {
@@ -326,7 +390,10 @@ fn check_arity(op: &Op, inputs: &[Option<ValueId>], outputs: &[ValueId]) -> Resu
         _ => 1,
     };
     if outputs.len() > max_out {
-        return Err(format!("has {} outputs, zq supports {max_out}", outputs.len()));
+        return Err(format!(
+            "has {} outputs, zq supports {max_out}",
+            outputs.len()
+        ));
     }
     Ok(())
 }
@@ -342,7 +409,12 @@ type Extra = Vec<(usize, Tensor)>;
 
 impl<'a> Attrs<'a> {
     fn unsupported(&self, what: String) -> Error {
-        Error::Unsupported { node: self.node.into(), op: self.np.op_type().into(), opset: self.opset, what }
+        Error::Unsupported {
+            node: self.node.into(),
+            op: self.np.op_type().into(),
+            opset: self.opset,
+            what,
+        }
     }
     fn err(&self, msg: String) -> Error {
         Error::node(self.node, self.np.op_type(), msg)
@@ -375,7 +447,9 @@ impl<'a> Attrs<'a> {
     fn ints(&self, name: &str) -> Result<Option<Vec<i64>>> {
         match self.get(name) {
             None => Ok(None),
-            Some(a) if a.r#type() == AttributeType::Ints || !a.ints.is_empty() => Ok(Some(a.ints.clone())),
+            Some(a) if a.r#type() == AttributeType::Ints || !a.ints.is_empty() => {
+                Ok(Some(a.ints.clone()))
+            }
             Some(_) => Err(self.err(format!("attribute '{name}' must be a list of ints"))),
         }
     }
@@ -427,7 +501,12 @@ impl<'a> Attrs<'a> {
     }
 }
 
-fn parse_op(np: &proto::NodeProto, opset: i64, node: &str, dir: Option<&Path>) -> Result<(Op, Extra)> {
+fn parse_op(
+    np: &proto::NodeProto,
+    opset: i64,
+    node: &str,
+    dir: Option<&Path>,
+) -> Result<(Op, Extra)> {
     let a = Attrs { np, node, opset };
     let mut extra: Extra = Vec::new();
     let axes_attr = |a: &Attrs, slot: usize, extra: &mut Extra| -> Result<()> {
@@ -441,7 +520,14 @@ fn parse_op(np: &proto::NodeProto, opset: i64, node: &str, dir: Option<&Path>) -
     };
     let op = match np.op_type() {
         "Conv" => {
-            a.only(&["kernel_shape", "strides", "pads", "dilations", "group", "auto_pad"])?;
+            a.only(&[
+                "kernel_shape",
+                "strides",
+                "pads",
+                "dilations",
+                "group",
+                "auto_pad",
+            ])?;
             let group = a.int("group", 1)?;
             if group < 1 {
                 return Err(a.err(format!("group {group} must be positive")));
@@ -477,10 +563,12 @@ fn parse_op(np: &proto::NodeProto, opset: i64, node: &str, dir: Option<&Path>) -
             if np.output.len() > 1 {
                 return Err(a.unsupported("training outputs (running mean/var)".into()));
             }
-            Op::BatchNorm { epsilon: a.float("epsilon", 1e-5)? }
+            Op::BatchNorm {
+                epsilon: a.float("epsilon", 1e-5)?,
+            }
         }
-        "Relu" | "Sigmoid" | "Tanh" | "Erf" | "Identity" | "PRelu" | "GlobalAveragePool" | "GlobalMaxPool"
-        | "Add" | "Sub" | "Mul" | "Div" | "Slice" | "HardSwish" => {
+        "Relu" | "Sigmoid" | "Tanh" | "Erf" | "Identity" | "PRelu" | "GlobalAveragePool"
+        | "GlobalMaxPool" | "Add" | "Sub" | "Mul" | "Div" | "Slice" | "HardSwish" => {
             a.only(&[])?;
             match np.op_type() {
                 "Relu" => Op::Relu,
@@ -510,41 +598,75 @@ fn parse_op(np: &proto::NodeProto, opset: i64, node: &str, dir: Option<&Path>) -
         }
         "LeakyRelu" => {
             a.only(&["alpha"])?;
-            Op::LeakyRelu { alpha: a.float("alpha", 0.01)? }
+            Op::LeakyRelu {
+                alpha: a.float("alpha", 0.01)?,
+            }
         }
         "HardSigmoid" => {
             a.only(&["alpha", "beta"])?;
-            Op::HardSigmoid { alpha: a.float("alpha", 0.2)?, beta: a.float("beta", 0.5)? }
+            Op::HardSigmoid {
+                alpha: a.float("alpha", 0.2)?,
+                beta: a.float("beta", 0.5)?,
+            }
         }
         "MaxPool" => {
-            a.only(&["kernel_shape", "strides", "pads", "dilations", "auto_pad", "ceil_mode", "storage_order"])?;
+            a.only(&[
+                "kernel_shape",
+                "strides",
+                "pads",
+                "dilations",
+                "auto_pad",
+                "ceil_mode",
+                "storage_order",
+            ])?;
             if np.output.len() > 1 {
                 return Err(a.unsupported("the Indices output".into()));
             }
             Op::MaxPool(a.pool(true)?)
         }
         "AveragePool" => {
-            a.only(&["kernel_shape", "strides", "pads", "dilations", "auto_pad", "ceil_mode", "count_include_pad"])?;
+            a.only(&[
+                "kernel_shape",
+                "strides",
+                "pads",
+                "dilations",
+                "auto_pad",
+                "ceil_mode",
+                "count_include_pad",
+            ])?;
             Op::AveragePool(a.pool(false)?)
         }
         "Flatten" => {
             a.only(&["axis"])?;
-            Op::Flatten { axis: a.int("axis", 1)? }
+            Op::Flatten {
+                axis: a.int("axis", 1)?,
+            }
         }
         "Reshape" => {
             a.only(&["allowzero"])?;
-            Op::Reshape { allowzero: a.int("allowzero", 0)? != 0 }
+            Op::Reshape {
+                allowzero: a.int("allowzero", 0)? != 0,
+            }
         }
         "Concat" => {
             a.only(&["axis"])?;
-            Op::Concat { axis: a.int("axis", i64::MIN).and_then(|v| {
-                if v == i64::MIN { Err(a.err("attribute 'axis' is required".into())) } else { Ok(v) }
-            })? }
+            Op::Concat {
+                axis: a.int("axis", i64::MIN).and_then(|v| {
+                    if v == i64::MIN {
+                        Err(a.err("attribute 'axis' is required".into()))
+                    } else {
+                        Ok(v)
+                    }
+                })?,
+            }
         }
         "Softmax" => {
             a.only(&["axis"])?;
             let coerce_2d = opset < 13;
-            Op::Softmax { axis: a.int("axis", if coerce_2d { 1 } else { -1 })?, coerce_2d }
+            Op::Softmax {
+                axis: a.int("axis", if coerce_2d { 1 } else { -1 })?,
+                coerce_2d,
+            }
         }
         "Pad" => {
             a.only(&["mode"])?;
@@ -558,7 +680,11 @@ fn parse_op(np: &proto::NodeProto, opset: i64, node: &str, dir: Option<&Path>) -
         }
         "Transpose" => {
             a.only(&["perm"])?;
-            let perm = if a.get("perm").is_some() { Some(a.usizes("perm")?) } else { None };
+            let perm = if a.get("perm").is_some() {
+                Some(a.usizes("perm")?)
+            } else {
+                None
+            };
             Op::Transpose { perm }
         }
         "Squeeze" => {
@@ -577,11 +703,16 @@ fn parse_op(np: &proto::NodeProto, opset: i64, node: &str, dir: Option<&Path>) -
         }
         "Shape" => {
             a.only(&["start", "end"])?;
-            Op::Shape { start: a.int("start", 0)?, end: a.get("end").map(|e| e.i()) }
+            Op::Shape {
+                start: a.int("start", 0)?,
+                end: a.get("end").map(|e| e.i()),
+            }
         }
         "Gather" => {
             a.only(&["axis"])?;
-            Op::Gather { axis: a.int("axis", 0)? }
+            Op::Gather {
+                axis: a.int("axis", 0)?,
+            }
         }
         "ConstantOfShape" => {
             a.only(&["value"])?;
@@ -626,7 +757,10 @@ fn parse_op(np: &proto::NodeProto, opset: i64, node: &str, dir: Option<&Path>) -
 }
 
 fn constant_value(np: &proto::NodeProto, dir: Option<&Path>) -> Result<Tensor, String> {
-    let a = np.attribute.first().ok_or("Constant has no value attribute")?;
+    let a = np
+        .attribute
+        .first()
+        .ok_or("Constant has no value attribute")?;
     if np.attribute.len() != 1 {
         return Err("Constant must have exactly one attribute".into());
     }
@@ -651,9 +785,15 @@ pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<T
             return Err(format!("negative dimension {d}"));
         }
         let d = usize::try_from(d).map_err(|_| "dimension too large".to_string())?;
-        n = n.checked_mul(d).filter(|&n| n <= MAX_TENSOR_ELEMS).ok_or_else(|| {
-            format!("declared shape {:?} exceeds the limit of {MAX_TENSOR_ELEMS} elements", t.dims)
-        })?;
+        n = n
+            .checked_mul(d)
+            .filter(|&n| n <= MAX_TENSOR_ELEMS)
+            .ok_or_else(|| {
+                format!(
+                    "declared shape {:?} exceeds the limit of {MAX_TENSOR_ELEMS} elements",
+                    t.dims
+                )
+            })?;
         shape.push(d);
     }
     if t.segment.is_some() {
@@ -683,7 +823,10 @@ pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<T
         None => {
             let check = |len: usize, field: &str| -> Result<(), String> {
                 if len != n {
-                    Err(format!("declared shape {:?} has {n} elements but {field} holds {len}", t.dims))
+                    Err(format!(
+                        "declared shape {:?} has {n} elements but {field} holds {len}",
+                        t.dims
+                    ))
                 } else {
                     Ok(())
                 }
@@ -699,7 +842,12 @@ pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<T
                 }
                 DType::F16 => {
                     check(t.int32_data.len(), "int32_data")?;
-                    Data::F32(t.int32_data.iter().map(|&x| half::f16::from_bits(x as u16).to_f32()).collect())
+                    Data::F32(
+                        t.int32_data
+                            .iter()
+                            .map(|&x| half::f16::from_bits(x as u16).to_f32())
+                            .collect(),
+                    )
                 }
                 DType::I64 => {
                     check(t.int64_data.len(), "int64_data")?;
@@ -730,13 +878,18 @@ fn no_typed_data(t: &proto::TensorProto) -> bool {
 fn decode_raw(b: &[u8], dtype: DType) -> Data {
     macro_rules! le {
         ($t:ty, $n:expr) => {
-            b.chunks_exact($n).map(|c| <$t>::from_le_bytes(c.try_into().unwrap()))
+            b.chunks_exact($n)
+                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap()))
         };
     }
     match dtype {
         DType::F32 => Data::F32(le!(f32, 4).collect()),
         DType::F64 => Data::F32(le!(f64, 8).map(|x| x as f32).collect()),
-        DType::F16 => Data::F32(le!(u16, 2).map(|x| half::f16::from_bits(x).to_f32()).collect()),
+        DType::F16 => Data::F32(
+            le!(u16, 2)
+                .map(|x| half::f16::from_bits(x).to_f32())
+                .collect(),
+        ),
         DType::I64 => Data::I64(le!(i64, 8).collect()),
         DType::U64 => Data::I64(le!(u64, 8).map(|x| x as i64).collect()),
         DType::I32 => Data::I64(le!(i32, 4).map(i64::from).collect()),
@@ -765,20 +918,30 @@ pub fn confine(dir: &Path, location: &str) -> Result<PathBuf, String> {
         }
     }
     if location.contains('\\') || location.contains(':') {
-        return Err(format!("external data location '{location}' must be a plain relative path"));
+        return Err(format!(
+            "external data location '{location}' must be a plain relative path"
+        ));
     }
     let full = dir.join(p);
     let canon = full
         .canonicalize()
         .map_err(|e| format!("external data file '{}': {e}", full.display()))?;
-    let root = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     if !canon.starts_with(&root) {
-        return Err(format!("external data location '{location}' escapes the model's directory"));
+        return Err(format!(
+            "external data location '{location}' escapes the model's directory"
+        ));
     }
     Ok(canon)
 }
 
-fn read_external(t: &proto::TensorProto, dir: Option<&Path>, nbytes: usize) -> Result<Vec<u8>, String> {
+fn read_external(
+    t: &proto::TensorProto,
+    dir: Option<&Path>,
+    nbytes: usize,
+) -> Result<Vec<u8>, String> {
     let dir = dir.ok_or("external data needs the model's directory")?;
     let mut location = None;
     let mut offset: u64 = 0;
@@ -787,22 +950,36 @@ fn read_external(t: &proto::TensorProto, dir: Option<&Path>, nbytes: usize) -> R
         let v = kv.value();
         match kv.key() {
             "location" => location = Some(v.to_string()),
-            "offset" => offset = v.parse().map_err(|_| format!("bad external data offset '{v}'"))?,
-            "length" => length = Some(v.parse().map_err(|_| format!("bad external data length '{v}'"))?),
+            "offset" => {
+                offset = v
+                    .parse()
+                    .map_err(|_| format!("bad external data offset '{v}'"))?
+            }
+            "length" => {
+                length = Some(
+                    v.parse()
+                        .map_err(|_| format!("bad external data length '{v}'"))?,
+                )
+            }
             _ => {}
         }
     }
     let location = location.ok_or("external data has no location")?;
     let path = confine(dir, &location)?;
     let mut f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let size = f.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+    let size = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
     if !f.metadata().map(|m| m.is_file()).unwrap_or(false) {
         return Err(format!("external data '{location}' is not a regular file"));
     }
     let want = nbytes as u64;
     if let Some(l) = length {
         if l != want {
-            return Err(format!("external data length {l} differs from the {want} bytes the shape needs"));
+            return Err(format!(
+                "external data length {l} differs from the {want} bytes the shape needs"
+            ));
         }
     }
     if offset.checked_add(want).is_none_or(|end| end > size) {
@@ -810,8 +987,10 @@ fn read_external(t: &proto::TensorProto, dir: Option<&Path>, nbytes: usize) -> R
             "external data '{location}' holds {size} bytes, fewer than offset {offset} + {want} declared"
         ));
     }
-    f.seek(SeekFrom::Start(offset)).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut buf = vec![0u8; nbytes];
-    f.read_exact(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.read_exact(&mut buf)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(buf)
 }

@@ -19,11 +19,15 @@ pub fn tensor_to_proto(name: &str, t: &Tensor) -> proto::TensorProto {
     use crate::ir::DType::*;
     let mut raw = Vec::with_capacity(t.nbytes());
     match (&t.data, t.dtype) {
-        (Data::F32(v), F32) => v.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
-        (Data::F32(v), F16) => {
-            v.iter().for_each(|x| raw.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes()))
-        }
-        (Data::F32(v), _) => v.iter().for_each(|x| raw.extend_from_slice(&f64::from(*x).to_le_bytes())),
+        (Data::F32(v), F32) => v
+            .iter()
+            .for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
+        (Data::F32(v), F16) => v
+            .iter()
+            .for_each(|x| raw.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes())),
+        (Data::F32(v), _) => v
+            .iter()
+            .for_each(|x| raw.extend_from_slice(&f64::from(*x).to_le_bytes())),
         (Data::I64(v), dt) => {
             for &x in v {
                 match dt {
@@ -126,7 +130,12 @@ fn attributes(op: &Op) -> Vec<proto::AttributeProto> {
                 a.push(attr_int("count_include_pad", p.count_include_pad as i64));
             }
         }
-        Op::Gemm { alpha, beta, trans_a, trans_b } => {
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => {
             a.push(attr_float("alpha", *alpha));
             a.push(attr_float("beta", *beta));
             a.push(attr_int("transA", *trans_a as i64));
@@ -138,13 +147,11 @@ fn attributes(op: &Op) -> Vec<proto::AttributeProto> {
             a.push(attr_float("alpha", *alpha));
             a.push(attr_float("beta", *beta));
         }
-        Op::Flatten { axis } | Op::Concat { axis } | Op::Gather { axis } => a.push(attr_int("axis", *axis)),
-        Op::Softmax { axis, .. } => a.push(attr_int("axis", *axis)),
-        Op::Reshape { allowzero } => {
-            if *allowzero {
-                a.push(attr_int("allowzero", 1));
-            }
+        Op::Flatten { axis } | Op::Concat { axis } | Op::Gather { axis } => {
+            a.push(attr_int("axis", *axis))
         }
+        Op::Softmax { axis, .. } => a.push(attr_int("axis", *axis)),
+        Op::Reshape { allowzero: true } => a.push(attr_int("allowzero", 1)),
         Op::Pad { mode } => a.push(attr_str(
             "mode",
             match mode {
@@ -178,23 +185,32 @@ fn value_info(g: &Graph, id: usize, dims: Option<&[Dim]>) -> proto::ValueInfoPro
                 .map(|d| Dimension {
                     value: Some(match d {
                         Dim::Fixed(n) => DV::DimValue(*n as i64),
-                        Dim::Sym(s) => DV::DimParam(if s.is_empty() { "N".into() } else { s.clone() }),
+                        Dim::Sym(s) => {
+                            DV::DimParam(if s.is_empty() { "N".into() } else { s.clone() })
+                        }
                     }),
                     ..Default::default()
                 })
                 .collect(),
         ),
         None => v.shape.as_ref().map(|s| {
-            s.iter().map(|&n| Dimension { value: Some(DV::DimValue(n as i64)), ..Default::default() }).collect()
+            s.iter()
+                .map(|&n| Dimension {
+                    value: Some(DV::DimValue(n as i64)),
+                    ..Default::default()
+                })
+                .collect()
         }),
     };
     proto::ValueInfoProto {
         name: Some(v.name.clone()),
         r#type: Some(proto::TypeProto {
-            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                elem_type: Some(v.dtype.onnx_code()),
-                shape: dim.map(|dim| proto::TensorShapeProto { dim }),
-            })),
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: Some(v.dtype.onnx_code()),
+                    shape: dim.map(|dim| proto::TensorShapeProto { dim }),
+                },
+            )),
             ..Default::default()
         }),
         ..Default::default()
@@ -203,7 +219,10 @@ fn value_info(g: &Graph, id: usize, dims: Option<&[Dim]>) -> proto::ValueInfoPro
 
 /// Build a ModelProto for a graph, at the graph's opset.
 pub fn to_model(g: &Graph) -> proto::ModelProto {
-    let mut gp = proto::GraphProto { name: Some(g.name.clone()), ..Default::default() };
+    let mut gp = proto::GraphProto {
+        name: Some(g.name.clone()),
+        ..Default::default()
+    };
     let mut emitted = std::collections::HashSet::new();
     let mut add_init = |gp: &mut proto::GraphProto, id: usize| {
         if let Some(t) = g.konst(id) {
@@ -244,7 +263,11 @@ pub fn to_model(g: &Graph) -> proto::ModelProto {
             name: Some(n.name.clone()),
             op_type: Some(n.op.name().to_string()),
             input: inputs,
-            output: n.outputs.iter().map(|&o| g.values[o].name.clone()).collect(),
+            output: n
+                .outputs
+                .iter()
+                .map(|&o| g.values[o].name.clone())
+                .collect(),
             attribute: attrs,
             ..Default::default()
         });
@@ -254,7 +277,11 @@ pub fn to_model(g: &Graph) -> proto::ModelProto {
     }
     for &o in &g.outputs {
         add_init(&mut gp, o);
-        let batch_sym = g.inputs.first().and_then(|i| i.dims.first()).filter(|d| matches!(d, Dim::Sym(_)));
+        let batch_sym = g
+            .inputs
+            .first()
+            .and_then(|i| i.dims.first())
+            .filter(|d| matches!(d, Dim::Sym(_)));
         let dims: Option<Vec<Dim>> = match (batch_sym, &g.values[o].shape) {
             (Some(b), Some(s)) if !s.is_empty() => {
                 let mut d: Vec<Dim> = s.iter().map(|&n| Dim::Fixed(n)).collect();
@@ -266,10 +293,19 @@ pub fn to_model(g: &Graph) -> proto::ModelProto {
         gp.output.push(value_info(g, o, dims.as_deref()));
     }
     proto::ModelProto {
-        ir_version: Some(if g.opset >= 21 { 10 } else if g.opset >= 19 { 9 } else { 8 }),
+        ir_version: Some(if g.opset >= 21 {
+            10
+        } else if g.opset >= 19 {
+            9
+        } else {
+            8
+        }),
         producer_name: Some("zq".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
-        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(g.opset) }],
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(g.opset),
+        }],
         graph: Some(gp),
         ..Default::default()
     }
@@ -278,7 +314,10 @@ pub fn to_model(g: &Graph) -> proto::ModelProto {
 /// Write bytes to `path` atomically: a temporary file in the same directory, then a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -286,7 +325,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let mut tmp = tempfile::Builder::new().prefix(".zq-").suffix(".tmp").tempfile_in(dir).map_err(io)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".zq-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;

@@ -30,7 +30,10 @@ pub struct ZqClassifier {
 
 fn chw_of(g: &crate::ir::Graph, path: &Path) -> Result<[usize; 3]> {
     use crate::ir::Dim;
-    let inp = g.inputs.first().ok_or_else(|| Error::Model { path: path.into(), msg: "no inputs".into() })?;
+    let inp = g.inputs.first().ok_or_else(|| Error::Model {
+        path: path.into(),
+        msg: "no inputs".into(),
+    })?;
     let fixed: Vec<usize> = inp.dims[1..]
         .iter()
         .map(|d| match d {
@@ -44,7 +47,11 @@ fn chw_of(g: &crate::ir::Graph, path: &Path) -> Result<[usize; 3]> {
     if g.inputs.len() != 1 || fixed.len() != 3 {
         return Err(Error::Model {
             path: path.into(),
-            msg: format!("zq eval needs one N x C x H x W image input, the model has {} input(s) of rank {}", g.inputs.len(), inp.dims.len()),
+            msg: format!(
+                "zq eval needs one N x C x H x W image input, the model has {} input(s) of rank {}",
+                g.inputs.len(),
+                inp.dims.len()
+            ),
         });
     }
     Ok([fixed[0], fixed[1], fixed[2]])
@@ -88,8 +95,13 @@ impl OrtClassifier {
     pub fn open(path: &Path, lib: Option<&Path>) -> Result<Self> {
         let graph = read_model(path)?.graph;
         let chw = chw_of(&graph, path)?;
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        Ok(OrtClassifier { model: OrtModel::open(path, lib, threads)?, chw })
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        Ok(OrtClassifier {
+            model: OrtModel::open(path, lib, threads)?,
+            chw,
+        })
     }
 }
 
@@ -102,10 +114,16 @@ impl Classifier for OrtClassifier {
         let (shape, y) = self.model.run(data, &[n, c, h, w])?;
         let k: usize = shape[1..].iter().product();
         if shape.first() != Some(&n) || k == 0 {
-            return Err(Error::Exec(format!("ONNX Runtime returned shape {shape:?} for a batch of {n}")));
+            return Err(Error::Exec(format!(
+                "ONNX Runtime returned shape {shape:?} for a batch of {n}"
+            )));
         }
         Ok(y.chunks(k)
-            .map(|r| r.iter().enumerate().fold(0, |b, (i, &v)| if v > r[b] { i } else { b }))
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .fold(0, |b, (i, &v)| if v > r[b] { i } else { b })
+            })
             .collect())
     }
 }

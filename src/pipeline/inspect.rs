@@ -76,14 +76,21 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
     let plan = Plan::new(g0, 1)?;
     let g = &plan.graph;
 
-    let batch_name = g0.inputs.first().and_then(|i| i.dims.first()).map(|d| match d {
-        Dim::Sym(s) if !s.is_empty() => s.clone(),
-        _ => "N".to_string(),
-    });
+    let batch_name = g0
+        .inputs
+        .first()
+        .and_then(|i| i.dims.first())
+        .map(|d| match d {
+            Dim::Sym(s) if !s.is_empty() => s.clone(),
+            _ => "N".to_string(),
+        });
     let inputs = g0
         .inputs
         .iter()
-        .map(|i| TensorInfo { name: g0.values[i.value].name.clone(), shape: dims_json(&i.dims) })
+        .map(|i| TensorInfo {
+            name: g0.values[i.value].name.clone(),
+            shape: dims_json(&i.dims),
+        })
         .collect();
     let outputs = g
         .outputs
@@ -94,12 +101,19 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
             if let (Some(first), Some(b)) = (shape.first_mut(), &batch_name) {
                 *first = b.as_str().into();
             }
-            TensorInfo { name: g.values[o].name.clone(), shape }
+            TensorInfo {
+                name: g.values[o].name.clone(),
+                shape,
+            }
         })
         .collect();
 
     let bn_layers = passes::bn_layers(g);
-    let folded_bn: HashSet<&str> = bn_layers.iter().filter(|b| b.foldable).map(|b| b.node.as_str()).collect();
+    let folded_bn: HashSet<&str> = bn_layers
+        .iter()
+        .filter(|b| b.foldable)
+        .map(|b| b.node.as_str())
+        .collect();
 
     let mut quantizable_layers = Vec::new();
     let mut weight_ids = HashSet::new();
@@ -172,11 +186,15 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
     }
     for b in &bn_layers {
         if !b.foldable {
-            warnings.push(format!("BatchNormalization '{}' cannot be folded: {}", b.node, b.reason));
+            warnings.push(format!(
+                "BatchNormalization '{}' cannot be folded: {}",
+                b.node, b.reason
+            ));
         }
     }
     if quantizable_layers.is_empty() {
-        warnings.push("no Conv/Gemm/MatMul layer with constant weights: nothing to quantize".into());
+        warnings
+            .push("no Conv/Gemm/MatMul layer with constant weights: nothing to quantize".into());
     }
 
     let hist = |g: &crate::ir::Graph| g.op_histogram().into_iter().collect::<BTreeMap<_, _>>();

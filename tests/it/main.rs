@@ -1,1 +1,9 @@
-fn main(){}
+//! zq's integration tests: one binary, driving the real `zq` executable and the library.
+
+mod cli;
+mod exec;
+mod fuzz;
+mod hostile;
+mod man;
+mod shared;
+mod util;

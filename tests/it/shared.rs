@@ -1,0 +1,71 @@
+//! Acceptance on the real ResNet-20 in ../shared (skipped loudly where it is absent).
+
+use candle_core::Tensor;
+use zq::data::{load_batch, ImageFolder, Preprocess};
+use zq::exec::Plan;
+use zq::onnx::read_model;
+
+use crate::util::*;
+
+const MODELS: &[&str] = &["resnet20_cifar10_bn.onnx", "resnet20_cifar10_bn_sim.onnx"];
+
+#[test]
+fn inspect_resnet20() {
+    let Some(sh) = shared() else { return };
+    for m in MODELS {
+        let o = zq(&["inspect", "--json", s(&sh.join("models").join(m))]);
+        assert_eq!(o.code, 0, "{m}: {}", o.stderr);
+        let j = o.json();
+        assert_eq!(j["bn_layers"].as_array().unwrap().len(), 19, "{m}");
+        assert_eq!(j["quantizable_layers"].as_array().unwrap().len(), 20, "{m}");
+    }
+}
+
+#[test]
+fn resnet20_logits_match_onnx_runtime() {
+    let Some(sh) = shared() else { return };
+    let Some(lib) = ort_lib() else { return };
+    let folder = ImageFolder::open(&sh.join("data/cifar10/test")).unwrap();
+    let items: Vec<_> = (0..128)
+        .map(|i| folder.items[i * folder.items.len() / 128].clone())
+        .collect();
+    let x = load_batch(&items, 3, 32, 32, &Preprocess::imagenet()).unwrap();
+    for m in MODELS {
+        let path = sh.join("models").join(m);
+        let plan = Plan::new(&read_model(&path).unwrap().graph, items.len()).unwrap();
+        let t = Tensor::from_vec(x.clone(), (items.len(), 3, 32, 32), plan.device()).unwrap();
+        let ours: Vec<f32> = plan.run(&[t]).unwrap()[0]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let ort = zq::exec::ort::OrtModel::open(&path, Some(&lib), 2).unwrap();
+        let (shape, theirs) = ort.run(x.clone(), &[items.len(), 3, 32, 32]).unwrap();
+        assert_eq!(shape, vec![items.len(), 10]);
+        let d = max_abs_diff(&ours, &theirs);
+        eprintln!("{m}: max abs logit difference vs ONNX Runtime {d:e}");
+        assert!(d <= 1e-4, "{m}: max abs logit difference {d}");
+    }
+}
+
+#[test]
+fn resnet20_top1_on_cifar10_test() {
+    let Some(sh) = shared() else { return };
+    let o = zq(&[
+        "eval",
+        s(&sh.join("models/resnet20_cifar10_bn.onnx")),
+        "--data",
+        s(&sh.join("data/cifar10/test")),
+        "--mean",
+        "0.485,0.456,0.406",
+        "--std",
+        "0.229,0.224,0.225",
+        "--batch",
+        "100",
+        "--json",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
+    assert_eq!(j["n"], 10000);
+    assert_eq!(j["correct"], 8103, "ONNX Runtime gives 81.03%");
+}
