@@ -1,1 +1,35 @@
-pub fn x() {}
+//! zq-synth: data-free synthesis of calibration inputs (ZeroQ; Genie to follow).
+//!
+//! The crate knows nothing of files or ONNX. A model is anything implementing [`TapModel`]: it runs
+//! a batch and hands back the input of every BatchNormalization layer, differentiably, together with
+//! the running statistics those inputs should match. The `zq` crate implements it for its executor.
+
+#![forbid(unsafe_code)]
+
+pub mod zeroq;
+
+use candle_core::{Result, Tensor};
+
+/// The statistics one BatchNormalization layer remembers from training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BnTarget {
+    /// Node name, for reports.
+    pub name: String,
+    /// running_mean, per channel.
+    pub mean: Vec<f32>,
+    /// sqrt(running_var + eps), per channel.
+    pub std: Vec<f32>,
+    /// The layer's epsilon (added to the batch variance as well).
+    pub eps: f32,
+}
+
+/// What distillation needs from a model.
+pub trait TapModel {
+    /// Shape of the input batch, `[N, C, H, W]`.
+    fn input_shape(&self) -> Vec<usize>;
+    /// The BatchNormalization layers, in the order [`TapModel::forward_taps`] returns their inputs.
+    fn bn_targets(&self) -> &[BnTarget];
+    /// Run the model on `x` and return the input of every BatchNormalization layer, differentiable
+    /// with respect to `x`.
+    fn forward_taps(&self, x: &Tensor) -> Result<Vec<Tensor>>;
+}

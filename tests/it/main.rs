@@ -6,4 +6,5 @@ mod fuzz;
 mod hostile;
 mod man;
 mod shared;
+mod synth;
 mod util;

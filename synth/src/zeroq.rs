@@ -1,0 +1,106 @@
+//! ZeroQ's statistic-matching loss (Cai et al. 2020), as its reference code computes it.
+
+use candle_core::{Result, Tensor, D};
+
+use crate::BnTarget;
+
+/// Per-sample, per-channel mean and std (unbiased variance + eps, then sqrt) over the spatial
+/// dims of an `[N, C, ...]` tensor: two `[N, C]` tensors.
+pub fn channel_stats(x: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let flat = x.reshape((n, c, ()))?;
+    let hw = flat.dim(2)?;
+    let mean = flat.mean_keepdim(D::Minus1)?;
+    let centered = flat.broadcast_sub(&mean)?;
+    let denom = (hw.max(2) - 1) as f64;
+    let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / denom)?;
+    let std = (var + f64::from(eps))?.sqrt()?;
+    Ok((mean.squeeze(D::Minus1)?, std.squeeze(D::Minus1)?))
+}
+
+/// `||stat - target||^2 / N`, the reference's `own_loss`, with the target broadcast over the batch.
+fn own_loss(stat: &Tensor, target: &[f32]) -> Result<Tensor> {
+    let n = stat.dim(0)?;
+    let t = Tensor::from_slice(target, (1, target.len()), stat.device())?;
+    stat.broadcast_sub(&t)?.sqr()?.sum_all()? / n as f64
+}
+
+/// The loss of one layer: mean term plus std term.
+pub fn layer_loss(tap: &Tensor, target: &BnTarget) -> Result<Tensor> {
+    let (m, s) = channel_stats(tap, target.eps)?;
+    own_loss(&m, &target.mean)? + own_loss(&s, &target.std)?
+}
+
+/// The input term: each image's per-channel mean pulled to 0 and std to 1.
+pub fn input_loss(x: &Tensor) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let (m, s) = channel_stats(x, 0.0)?;
+    own_loss(&m, &vec![0.0; c])? + own_loss(&s, &vec![1.0; c])?
+}
+
+/// Total ZeroQ loss and the per-layer BatchNormalization terms (as plain numbers).
+pub fn loss(x: &Tensor, taps: &[Tensor], targets: &[BnTarget]) -> Result<(Tensor, Vec<f32>)> {
+    if taps.len() != targets.len() {
+        candle_core::bail!(
+            "{} taps for {} BatchNormalization targets",
+            taps.len(),
+            targets.len()
+        );
+    }
+    let mut total = input_loss(x)?;
+    let mut per_layer = Vec::with_capacity(taps.len());
+    for (t, target) in taps.iter().zip(targets) {
+        let l = layer_loss(t, target)?;
+        per_layer.push(l.to_scalar::<f32>()?);
+        total = (total + l)?;
+    }
+    Ok((total, per_layer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn stats_and_loss() -> Result<()> {
+        let dev = Device::Cpu;
+        // Two samples, one channel, four pixels.
+        let x = Tensor::from_vec(vec![1f32, 2., 3., 4., 0., 0., 0., 0.], (2, 1, 2, 2), &dev)?;
+        let (m, s) = channel_stats(&x, 0.0)?;
+        assert_eq!(m.to_vec2::<f32>()?, vec![vec![2.5], vec![0.0]]);
+        let sd = s.to_vec2::<f32>()?;
+        assert!((sd[0][0] - (5f32 / 3.0).sqrt()).abs() < 1e-6 && sd[1][0] == 0.0);
+        let target = BnTarget {
+            name: "bn".into(),
+            mean: vec![2.5],
+            std: vec![(5f32 / 3.0).sqrt()],
+            eps: 0.0,
+        };
+        let l = layer_loss(&x.narrow(0, 0, 1)?, &target)?.to_scalar::<f32>()?;
+        assert!(
+            l.abs() < 1e-10,
+            "matching statistics give zero loss, got {l}"
+        );
+        // Second sample: (0-2.5)^2 + (0-sqrt(5/3))^2, divided by the batch of 2.
+        let l2 = layer_loss(&x, &target)?.to_scalar::<f32>()?;
+        assert!((l2 - (6.25 + 5.0 / 3.0) / 2.0).abs() < 1e-5, "{l2}");
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_descends() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 3, 5, 5), &dev)?)?;
+        let first = input_loss(x.as_tensor())?.to_scalar::<f32>()?;
+        for _ in 0..100 {
+            let l = input_loss(x.as_tensor())?;
+            let g = l.backward()?;
+            let gx = g.get(x.as_tensor()).unwrap();
+            x.set(&(x.as_tensor() - (gx * 5.0)?)?)?;
+        }
+        let last = input_loss(x.as_tensor())?.to_scalar::<f32>()?;
+        assert!(last < 0.1 * first, "{first} -> {last}");
+        Ok(())
+    }
+}
