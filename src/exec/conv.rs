@@ -17,30 +17,33 @@ fn idx(v: impl Iterator<Item = usize>, dev: &Device) -> Result<Tensor> {
     Tensor::from_vec(v, n, dev)
 }
 
-/// Zero-pad the spatial axes (2, 3) of an NCHW tensor.
+/// Pad one axis with `b` leading and `e` trailing copies of `value`.
+pub fn pad_axis(x: &Tensor, axis: usize, b: usize, e: usize, value: f32) -> Result<Tensor> {
+    if b == 0 && e == 0 {
+        return Ok(x.clone());
+    }
+    if value == 0.0 {
+        return x.pad_with_zeros(axis, b, e);
+    }
+    let mut dims = x.dims().to_vec();
+    let mut parts = Vec::with_capacity(3);
+    if b > 0 {
+        dims[axis] = b;
+        parts.push(Tensor::full(value, dims.clone(), x.device())?);
+    }
+    parts.push(x.clone());
+    if e > 0 {
+        dims[axis] = e;
+        parts.push(Tensor::full(value, dims, x.device())?);
+    }
+    Tensor::cat(&parts, axis)
+}
+
+/// Pad the spatial axes (2, 3) of an NCHW tensor with `value`.
 pub fn pad_spatial(x: &Tensor, w: &Window, value: f32) -> Result<Tensor> {
     let mut x = x.clone();
     for a in 0..w.pad_begin.len() {
-        let (b, e) = (w.pad_begin[a], w.pad_end[a]);
-        if b == 0 && e == 0 {
-            continue;
-        }
-        if value == 0.0 {
-            x = x.pad_with_zeros(2 + a, b, e)?;
-        } else {
-            let mut dims = x.dims().to_vec();
-            let mut parts = Vec::new();
-            if b > 0 {
-                dims[2 + a] = b;
-                parts.push(Tensor::full(value, dims.clone(), x.device())?);
-            }
-            parts.push(x.clone());
-            if e > 0 {
-                dims[2 + a] = e;
-                parts.push(Tensor::full(value, dims, x.device())?);
-            }
-            x = Tensor::cat(&parts, 2 + a)?;
-        }
+        x = pad_axis(&x, 2 + a, w.pad_begin[a], w.pad_end[a], value)?;
     }
     Ok(x)
 }

@@ -580,21 +580,7 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
                     continue;
                 }
                 y = match mode {
-                    PadMode::Constant if *v == 0.0 => y.pad_with_zeros(a, b[a], e[a])?,
-                    PadMode::Constant => {
-                        let mut parts = Vec::new();
-                        let mut dims = y.dims().to_vec();
-                        if b[a] > 0 {
-                            dims[a] = b[a];
-                            parts.push(Tensor::full(*v, dims.clone(), dev)?);
-                        }
-                        parts.push(y.clone());
-                        if e[a] > 0 {
-                            dims[a] = e[a];
-                            parts.push(Tensor::full(*v, dims, dev)?);
-                        }
-                        Tensor::cat(&parts, a)?
-                    }
+                    PadMode::Constant => conv::pad_axis(&y, a, b[a], e[a], *v)?,
                     _ => {
                         let len = y.dim(a)?;
                         let src: Vec<usize> = (0..len + b[a] + e[a])

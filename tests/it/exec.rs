@@ -131,17 +131,7 @@ fn grad_check(model: &str) {
     // One sample: fewer ReLUs for the finite difference to straddle.
     let (_, mut xs, _, _) = read_io(&fixture(&format!("{model}/io.safetensors")));
     xs[0] = 1;
-    let x0 = vec![0f32; xs.iter().product()];
-    let mut st = 12345u64;
-    let x: Vec<f32> = x0
-        .iter()
-        .map(|_| {
-            st = st
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((st >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect();
+    let x = pseudo_random(xs.iter().product(), 12345);
     let g = read_model(&fixture(&format!("{model}/model.onnx")))
         .unwrap()
         .graph;
@@ -179,15 +169,7 @@ fn grad_check(model: &str) {
     // a single-coordinate difference can straddle.
     let eps = 1e-3f32;
     for k in 0..4u64 {
-        let mut state = 0x9E3779B97F4A7C15u64.wrapping_mul(k + 1);
-        let dir: Vec<f32> = (0..x.len())
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect();
+        let dir = pseudo_random(x.len(), 1000 + k);
         let p: Vec<f32> = x.iter().zip(&dir).map(|(a, d)| a + eps * d).collect();
         let m: Vec<f32> = x.iter().zip(&dir).map(|(a, d)| a - eps * d).collect();
         let num = (f(&p) - f(&m)) / (2.0 * f64::from(eps));

@@ -31,15 +31,7 @@ fn real_images_match_bn_statistics_better_than_noise() {
             per.iter().sum()
         };
         let data = Tensor::from_vec(x, xs.as_slice(), &dev).unwrap();
-        let mut st = 7u64;
-        let nv: Vec<f32> = (0..xs.iter().product::<usize>())
-            .map(|_| {
-                st = st
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((st >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect();
+        let nv = pseudo_random(xs.iter().product(), 7);
         let noise = Tensor::from_vec(nv, xs.as_slice(), &dev).unwrap();
         let (ld, ln) = (loss(&data), loss(&noise));
         assert!(

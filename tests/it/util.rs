@@ -139,3 +139,16 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Deterministic values uniform in [-1, 1) (a seeded LCG; no RNG crate needed).
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut st = seed;
+    (0..n)
+        .map(|_| {
+            st = st
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((st >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
