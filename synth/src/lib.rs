@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adam;
 pub mod zeroq;
 
 use candle_core::{Result, Tensor};

@@ -104,3 +104,88 @@ mod tests {
         Ok(())
     }
 }
+
+/// Settings of a ZeroQ distillation run (reference defaults: lr 0.5, 500 iterations, plateau
+/// patience 100, min lr 1e-4).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZeroQConfig {
+    pub iters: usize,
+    pub lr: f32,
+    pub seed: u64,
+    /// Per-channel valid input box `[lo, hi]` (pixels in [0,1] mapped through the preprocessing);
+    /// iterates are projected into it after every step.
+    pub bounds: Vec<(f32, f32)>,
+}
+
+/// The result of one distilled batch.
+#[derive(Debug, Clone)]
+pub struct Distilled {
+    /// `[N, C, H, W]` flattened, inside the box.
+    pub images: Vec<f32>,
+    pub bn_loss_initial: f32,
+    pub bn_loss_final: f32,
+    /// Final BatchNormalization loss per layer.
+    pub per_layer: Vec<f32>,
+}
+
+fn project(x: &mut [f32], bounds: &[(f32, f32)], hw: usize) {
+    let c = bounds.len();
+    for (i, v) in x.iter_mut().enumerate() {
+        let (lo, hi) = bounds[(i / hw) % c];
+        *v = v.clamp(lo, hi);
+    }
+}
+
+/// Distil one batch for `model` with projected Adam on the pixels. `progress(iter, loss)` is
+/// called after every step.
+pub fn distill(
+    model: &dyn crate::TapModel,
+    cfg: &ZeroQConfig,
+    progress: &mut dyn FnMut(usize, f32),
+) -> Result<Distilled> {
+    use candle_core::{Device, Var};
+    let shape = model.input_shape();
+    if shape.len() != 4 || cfg.bounds.len() != shape[1] {
+        candle_core::bail!(
+            "input shape {shape:?} with {} channel bounds",
+            cfg.bounds.len()
+        );
+    }
+    let hw = shape[2] * shape[3];
+    let n: usize = shape.iter().product();
+    // Standard normal, then projected: the reference starts from randn in the input space.
+    let mut x = crate::adam::normal(n, cfg.seed);
+    project(&mut x, &cfg.bounds, hw);
+    let mut opt = crate::adam::Adam::new(n, cfg.lr);
+    let mut sched = crate::adam::Plateau::new(100, 1e-4);
+    let dev = Device::Cpu;
+    let bn_of = |x: &[f32]| -> Result<(Tensor, Vec<f32>, Var)> {
+        let v = Var::from_tensor(&Tensor::from_slice(x, shape.as_slice(), &dev)?)?;
+        let taps = model.forward_taps(v.as_tensor())?;
+        let (total, per) = loss(v.as_tensor(), &taps, model.bn_targets())?;
+        Ok((total, per, v))
+    };
+    let (_, per0, _) = bn_of(&x)?;
+    let bn_loss_initial: f32 = per0.iter().sum();
+    for it in 0..cfg.iters {
+        let (total, _, v) = bn_of(&x)?;
+        let grads = total.backward()?;
+        let g: Vec<f32> = grads
+            .get(v.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the input".into()))?
+            .flatten_all()?
+            .to_vec1()?;
+        let l = total.to_scalar::<f32>()?;
+        opt.step(&mut x, &g);
+        project(&mut x, &cfg.bounds, hw);
+        opt.lr = sched.observe(l, opt.lr);
+        progress(it + 1, l);
+    }
+    let (_, per_layer, _) = bn_of(&x)?;
+    Ok(Distilled {
+        images: x,
+        bn_loss_initial,
+        bn_loss_final: per_layer.iter().sum(),
+        per_layer,
+    })
+}

@@ -55,3 +55,36 @@ fn model_without_batchnorm_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn zeroq_distillation_matches_statistics_inside_the_box() {
+    let g = read_model(&fixture("digits_bn/model.onnx")).unwrap().graph;
+    let tm = PlanTaps::new(&g, 8).unwrap();
+    // digits_bn preprocessing: mean 0.5, std 0.5, so pixels in [0,1] map to [-1, 1].
+    let cfg = zeroq::ZeroQConfig {
+        iters: 150,
+        lr: 0.5,
+        seed: 3,
+        bounds: vec![(-1.0, 1.0)],
+    };
+    let a = zeroq::distill(&tm, &cfg, &mut |_, _| {}).unwrap();
+    assert!(a.images.iter().all(|v| (-1.0..=1.0).contains(v)));
+    // Gaussian noise of the same shape, scored the same way.
+    let dev = tm.plan.device().clone();
+    let noise = Tensor::from_vec(zq_synth::adam::normal(8 * 64, 99), (8, 1, 8, 8), &dev).unwrap();
+    let (_, per) = zeroq::loss(&noise, &tm.forward_taps(&noise).unwrap(), tm.bn_targets()).unwrap();
+    let noise_loss: f32 = per.iter().sum();
+    eprintln!(
+        "digits_bn: BN loss noise {noise_loss}, start {}, distilled {}",
+        a.bn_loss_initial, a.bn_loss_final
+    );
+    assert!(
+        a.bn_loss_final < 0.1 * noise_loss,
+        "{} vs noise {noise_loss}",
+        a.bn_loss_final
+    );
+    assert!(a.bn_loss_final < a.bn_loss_initial);
+    // Same seed, same result, bit for bit.
+    let b = zeroq::distill(&tm, &cfg, &mut |_, _| {}).unwrap();
+    assert_eq!(a.images, b.images);
+}
