@@ -46,7 +46,7 @@ pub enum DataError {
         reason: &'static str,
     },
 
-    #[error("--{what} has {len} values but the model input has {channels} channels (give 1 value or {channels})")]
+    #[error("--{what} has {len} values but the model input has {channels} channel(s) (give 1 value or {channels})")]
     NormLength {
         what: &'static str,
         len: usize,
