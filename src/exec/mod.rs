@@ -5,7 +5,6 @@ pub mod conv;
 pub mod ort;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
@@ -621,6 +620,3 @@ pub fn argmax_rows(y: &Tensor) -> candle_core::Result<Vec<usize>> {
         })
         .collect())
 }
-
-/// Keep `Arc` in the public vocabulary of this module for callers that share plans.
-pub type SharedPlan = Arc<Plan>;

@@ -524,6 +524,15 @@ pub fn infer(g: &Graph, n: &Node) -> R<Vec<Vec<usize>>> {
         | Op::Identity
         | Op::Cast { .. } => one(x()?.to_vec()),
         Op::Dropout => {
+            // zq runs inference: a training_mode input must be a constant false.
+            if let Some(t) = konst(g, n, 2, "training_mode")? {
+                if t.to_i64_vec().iter().any(|&v| v != 0) {
+                    return Err(
+                        "training_mode=true is not supported (export the model in eval mode)"
+                            .into(),
+                    );
+                }
+            }
             let s = x()?.to_vec();
             Ok(vec![s.clone(); n.outputs.len().max(1)])
         }

@@ -482,6 +482,20 @@ impl<'a> Attrs<'a> {
         })
     }
     fn pool(&self, max: bool) -> Result<PoolAttrs> {
+        let own = if max {
+            "storage_order"
+        } else {
+            "count_include_pad"
+        };
+        self.only(&[
+            "kernel_shape",
+            "strides",
+            "pads",
+            "dilations",
+            "auto_pad",
+            "ceil_mode",
+            own,
+        ])?;
         let kernel_shape = self.usizes("kernel_shape")?;
         if kernel_shape.is_empty() {
             return Err(self.err("kernel_shape is required".into()));
@@ -610,32 +624,12 @@ fn parse_op(
             }
         }
         "MaxPool" => {
-            a.only(&[
-                "kernel_shape",
-                "strides",
-                "pads",
-                "dilations",
-                "auto_pad",
-                "ceil_mode",
-                "storage_order",
-            ])?;
             if np.output.len() > 1 {
                 return Err(a.unsupported("the Indices output".into()));
             }
             Op::MaxPool(a.pool(true)?)
         }
-        "AveragePool" => {
-            a.only(&[
-                "kernel_shape",
-                "strides",
-                "pads",
-                "dilations",
-                "auto_pad",
-                "ceil_mode",
-                "count_include_pad",
-            ])?;
-            Op::AveragePool(a.pool(false)?)
-        }
+        "AveragePool" => Op::AveragePool(a.pool(false)?),
         "Flatten" => {
             a.only(&["axis"])?;
             Op::Flatten {
@@ -746,13 +740,6 @@ fn parse_op(
             })
         }
     };
-    // Dropout in training mode cannot be run deterministically.
-    if let Op::Dropout = op {
-        if np.input.len() > 2 && !np.input[2].is_empty() {
-            // training_mode input: accepted only when it folds to false; checked at run time by
-            // the executor, which treats Dropout as identity.
-        }
-    }
     Ok((op, extra))
 }
 

@@ -207,13 +207,15 @@ pub fn eval(
     for chunk in pick.chunks(opts.batch) {
         let items: Vec<(PathBuf, usize)> = chunk.iter().map(|&i| folder.items[i].clone()).collect();
         let data = load_batch(&items, c, h, w, &opts.pre)?;
+        // The reference needs the same batch; copy it only when there is one.
+        let ref_data = reference.is_some().then(|| data.clone());
         let t = Instant::now();
-        let pred = model.predict(data.clone(), items.len())?;
+        let pred = model.predict(data, items.len())?;
         model_secs += t.elapsed().as_secs_f64();
         for (p, (_, label)) in pred.iter().zip(&items) {
             correct += usize::from(p == label);
         }
-        if let Some(r) = reference.as_deref_mut() {
+        if let (Some(r), Some(data)) = (reference.as_deref_mut(), ref_data) {
             let rp = r.predict(data, items.len())?;
             for ((a, b), (_, label)) in pred.iter().zip(&rp).zip(&items) {
                 agree += usize::from(a == b);
