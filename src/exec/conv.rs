@@ -1,6 +1,9 @@
 //! The one place convolutions are lowered to candle, so a faster kernel can replace it.
 
-use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::ir::infer::Window;
 
@@ -91,47 +94,242 @@ pub fn extend_for_windows(xp: Tensor, w: &Window, value: f32) -> Result<Tensor> 
     Ok(xp)
 }
 
-/// 2-D convolution, NCHW input, [M, C/g, kh, kw] weight.
+/// 2-D convolution, NCHW input, [M, C/g, kh, kw] weight. The weight is treated as a constant:
+/// gradients flow to the input only (distillation and calibration never train weights).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: &ConvGeom) -> Result<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let (m, cg, kh, kw) = weight.dims4()?;
+    let groups = g.group;
+    if groups == 0 || c != cg * groups || m % groups != 0 {
+        candle_core::bail!(
+            "weight {:?} does not fit input {:?} with group {groups}",
+            weight.dims(),
+            x.dims()
+        );
+    }
     let w = &g.win;
-    let uniform = w.strides[0] == w.strides[1] && w.dilations[0] == w.dilations[1];
-    let y = if g.group == 1 && uniform {
-        let sym = w.pad_begin[0] == w.pad_end[0]
-            && w.pad_begin[1] == w.pad_end[1]
-            && w.pad_begin[0] == w.pad_begin[1];
-        let (xp, p) = if sym {
-            (x.clone(), w.pad_begin[0])
-        } else {
-            (pad_spatial(x, w, 0.0)?, 0)
-        };
-        xp.conv2d(&weight.contiguous()?, p, w.strides[0], w.dilations[0], 1)?
-    } else {
-        conv2d_im2col(x, weight, g)?
+    let geo = Geo {
+        n,
+        c,
+        h,
+        w: wd,
+        k: [kh, kw],
+        s: [w.strides[0], w.strides[1]],
+        d: [w.dilations[0], w.dilations[1]],
+        p: [w.pad_begin[0], w.pad_begin[1]],
+        o: [w.out[0], w.out[1]],
+        groups,
+        m,
     };
+    let kg = cg * kh * kw;
+    let wm = weight.reshape((groups, m / groups, kg))?.contiguous()?;
+    let wt = wm.transpose(1, 2)?.contiguous()?;
+    let y = x.contiguous()?.apply_op1(ConvOp {
+        geo: Arc::new(geo),
+        w: wm,
+        wt,
+    })?;
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
         None => Ok(y),
     }
 }
 
-/// General convolution by explicit im2col and a batched matmul (any groups, strides, dilations).
-pub fn conv2d_im2col(x: &Tensor, weight: &Tensor, g: &ConvGeom) -> Result<Tensor> {
-    let w = &g.win;
-    let (n, c, _, _) = x.dims4()?;
-    let (m, cg, kh, kw) = weight.dims4()?;
-    let groups = g.group;
-    let (oh, ow) = (w.out[0], w.out[1]);
-    let xp = pad_spatial(x, w, 0.0)?;
-    let views = windows(&xp, w)?;
-    // [N, C, K, oh*ow] with K = kh*kw, then [N, G, Cg*K, L]
-    let k = kh * kw;
-    let cols = Tensor::stack(&views, 2)?.reshape((n, groups, cg * k, oh * ow))?;
-    debug_assert_eq!(c, cg * groups);
-    let wm = weight
-        .reshape((1, groups, m / groups, cg * k))?
-        .broadcast_as((n, groups, m / groups, cg * k))?;
-    let y = wm.contiguous()?.matmul(&cols.contiguous()?)?; // [N, G, Mg, L]
-    y.reshape((n, m, oh, ow))
+/// Everything im2col and col2im need, fixed when the op is built.
+#[derive(Debug)]
+struct Geo {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: [usize; 2],
+    s: [usize; 2],
+    d: [usize; 2],
+    p: [usize; 2],
+    o: [usize; 2],
+    groups: usize,
+    m: usize,
+}
+
+impl Geo {
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+    fn mg(&self) -> usize {
+        self.m / self.groups
+    }
+    fn kg(&self) -> usize {
+        self.cg() * self.k[0] * self.k[1]
+    }
+    fn l(&self) -> usize {
+        self.o[0] * self.o[1]
+    }
+    /// Output positions along `axis` whose input index for kernel offset `ki` lies inside the
+    /// input: the half-open range [lo, hi), and the input index of output 0 (may be negative).
+    fn valid(&self, axis: usize, ki: usize) -> (usize, usize, isize) {
+        let len = if axis == 0 { self.h } else { self.w } as isize;
+        let (s, o) = (self.s[axis] as isize, self.o[axis] as isize);
+        let base = (ki * self.d[axis]) as isize - self.p[axis] as isize;
+        // base + o*s in [0, len)  <=>  o >= ceil(-base/s), o < ceil((len-base)/s)
+        let lo = if base >= 0 { 0 } else { (-base + s - 1) / s };
+        let hi = if len - base <= 0 {
+            0
+        } else {
+            (len - base + s - 1) / s
+        };
+        let (lo, hi) = (lo.clamp(0, o), hi.clamp(0, o));
+        (lo as usize, hi.max(lo) as usize, base)
+    }
+}
+
+/// im2col for one group: `cols` is [Kg, N*L], row (c, ki, kj), column (n, oh, ow).
+fn im2col(x: &[f32], g: &Geo, group: usize, cols: &mut [f32]) {
+    let (l, nl) = (g.l(), g.n * g.l());
+    let (kh, kw) = (g.k[0], g.k[1]);
+    cols.par_chunks_mut(nl).enumerate().for_each(|(row, dst)| {
+        let ci = group * g.cg() + row / (kh * kw);
+        let (ki, kj) = ((row / kw) % kh, row % kw);
+        let (h_lo, h_hi, h_base) = g.valid(0, ki);
+        let (w_lo, w_hi, w_base) = g.valid(1, kj);
+        let sw = g.s[1];
+        for b in 0..g.n {
+            let plane = &x[(b * g.c + ci) * g.h * g.w..][..g.h * g.w];
+            let out = &mut dst[b * l..][..l];
+            for oh in 0..g.o[0] {
+                let d = &mut out[oh * g.o[1]..][..g.o[1]];
+                if oh < h_lo || oh >= h_hi {
+                    d.fill(0.0);
+                    continue;
+                }
+                let ih = (h_base + (oh * g.s[0]) as isize) as usize;
+                let src = &plane[ih * g.w..][..g.w];
+                d[..w_lo].fill(0.0);
+                d[w_hi..].fill(0.0);
+                let iw0 = (w_base + (w_lo * sw) as isize) as usize;
+                if sw == 1 {
+                    d[w_lo..w_hi].copy_from_slice(&src[iw0..iw0 + (w_hi - w_lo)]);
+                } else {
+                    for (t, v) in d[w_lo..w_hi].iter_mut().enumerate() {
+                        *v = src[iw0 + t * sw];
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// col2im for one group, the adjoint of `im2col`: adds `cols` [Kg, N*L] into `dx` [N, C, H, W].
+fn col2im(cols: &[f32], g: &Geo, group: usize, dx: &mut [f32]) {
+    let (l, nl) = (g.l(), g.n * g.l());
+    let (kh, kw, hw) = (g.k[0], g.k[1], g.h * g.w);
+    let sw = g.s[1];
+    dx.par_chunks_mut(hw).enumerate().for_each(|(p, plane)| {
+        let (b, ci) = (p / g.c, p % g.c);
+        if ci / g.cg() != group {
+            return;
+        }
+        let cl = ci % g.cg();
+        for ki in 0..kh {
+            let (h_lo, h_hi, h_base) = g.valid(0, ki);
+            for kj in 0..kw {
+                let (w_lo, w_hi, w_base) = g.valid(1, kj);
+                let row = (cl * kh + ki) * kw + kj;
+                let src = &cols[row * nl + b * l..][..l];
+                for oh in h_lo..h_hi {
+                    let ih = (h_base + (oh * g.s[0]) as isize) as usize;
+                    let d = &mut plane[ih * g.w..][..g.w];
+                    let s = &src[oh * g.o[1]..][..g.o[1]];
+                    let iw0 = (w_base + (w_lo * sw) as isize) as usize;
+                    for (t, v) in s[w_lo..w_hi].iter().enumerate() {
+                        d[iw0 + t * sw] += v;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("convolution input must be contiguous".into()))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+/// Convolution as im2col + GEMM with a frozen weight; backward gives the input gradient only.
+struct ConvOp {
+    geo: Arc<Geo>,
+    /// [G, Mg, Kg] and its transpose [G, Kg, Mg], both contiguous.
+    w: Tensor,
+    wt: Tensor,
+}
+
+impl CustomOp1 for ConvOp {
+    fn name(&self) -> &'static str {
+        "zq-conv2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &*self.geo;
+        let x = slice_of(s, l)?;
+        let (mg, kg, ll, nl) = (g.mg(), g.kg(), g.l(), g.n * g.l());
+        let mut y = vec![0f32; g.n * g.m * ll];
+        for grp in 0..g.groups {
+            let mut cols = vec![0f32; kg * nl];
+            im2col(x, g, grp, &mut cols);
+            let c = Tensor::from_vec(cols, (kg, nl), &Device::Cpu)?;
+            let r = self.w.get(grp)?.matmul(&c)?; // [Mg, N*L]
+            let r = r.flatten_all()?.to_vec1::<f32>()?;
+            // [Mg, N, L] -> y[N, M, L]
+            y.par_chunks_mut(ll).enumerate().for_each(|(p, dst)| {
+                let (b, ch) = (p / g.m, p % g.m);
+                if ch / mg == grp {
+                    dst.copy_from_slice(&r[(ch % mg) * nl + b * ll..][..ll]);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.m, g.o[0], g.o[1]))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let op = ConvInputGrad {
+            geo: self.geo.clone(),
+            wt: self.wt.clone(),
+        };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// The input gradient of `ConvOp`: dcols = Wᵀ · dy per group, then col2im.
+struct ConvInputGrad {
+    geo: Arc<Geo>,
+    wt: Tensor,
+}
+
+impl CustomOp1 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "zq-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &*self.geo;
+        let dy = slice_of(s, l)?;
+        let (mg, ll, nl) = (g.mg(), g.l(), g.n * g.l());
+        let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
+        for grp in 0..g.groups {
+            let mut dyg = vec![0f32; mg * nl];
+            // dy[N, M, L] -> [Mg, N*L] for this group
+            dyg.par_chunks_mut(ll).enumerate().for_each(|(p, dst)| {
+                let (ml, b) = (p / g.n, p % g.n);
+                dst.copy_from_slice(&dy[(b * g.m + grp * mg + ml) * ll..][..ll]);
+            });
+            let t = Tensor::from_vec(dyg, (mg, nl), &Device::Cpu)?;
+            let dcols = self.wt.get(grp)?.matmul(&t)?; // [Kg, N*L]
+            let dcols = dcols.flatten_all()?.to_vec1::<f32>()?;
+            col2im(&dcols, g, grp, &mut dx);
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))))
+    }
 }
 
 /// A constant of ones, used for average-pool divisors.
@@ -145,65 +343,104 @@ mod tests {
     use crate::ir::infer::conv_geometry;
     use crate::ir::AutoPad;
 
+    /// Direct convolution, the definition, for checking.
+    fn naive(x: &Tensor, wt: &Tensor, g: &ConvGeom) -> Vec<f32> {
+        let (n, c, h, w) = x.dims4().unwrap();
+        let (m, cg, kh, kw) = wt.dims4().unwrap();
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let wv = wt.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let win = &g.win;
+        let (oh, ow) = (win.out[0], win.out[1]);
+        let mg = m / g.group;
+        let mut y = vec![0f32; n * m * oh * ow];
+        for b in 0..n {
+            for o in 0..m {
+                let grp = o / mg;
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let mut acc = 0f32;
+                        for cl in 0..cg {
+                            let ci = grp * cg + cl;
+                            for ki in 0..kh {
+                                for kj in 0..kw {
+                                    let ih = (i * win.strides[0] + ki * win.dilations[0]) as isize
+                                        - win.pad_begin[0] as isize;
+                                    let iw = (j * win.strides[1] + kj * win.dilations[1]) as isize
+                                        - win.pad_begin[1] as isize;
+                                    if ih < 0 || iw < 0 || ih >= h as isize || iw >= w as isize {
+                                        continue;
+                                    }
+                                    acc += xv[((b * c + ci) * h + ih as usize) * w + iw as usize]
+                                        * wv[((o * cg + cl) * kh + ki) * kw + kj];
+                                }
+                            }
+                        }
+                        y[((b * m + o) * oh + i) * ow + j] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn geom(
+        hw: [usize; 2],
+        k: [usize; 2],
+        s: [usize; 2],
+        d: [usize; 2],
+        p: [usize; 4],
+        group: usize,
+    ) -> ConvGeom {
+        let win = conv_geometry(&hw, &k, &s, &d, &p, AutoPad::NotSet, false).unwrap();
+        ConvGeom { win, group }
+    }
+
     #[test]
-    fn im2col_matches_candle() -> Result<()> {
+    fn conv_matches_the_definition() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 7), &dev)?;
-        let wt = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &dev)?;
-        for (stride, pad) in [(1, 1), (2, 1), (2, 0), (1, 2)] {
-            let win = conv_geometry(
-                &[9, 7],
-                &[3, 3],
-                &[stride, stride],
-                &[],
-                &[pad; 4],
-                AutoPad::NotSet,
-                false,
-            )
-            .unwrap();
-            let g = ConvGeom { win, group: 1 };
-            let a = conv2d(&x, &wt, None, &g)?;
-            let b = conv2d_im2col(&x, &wt, &g)?;
-            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(d < 1e-4, "stride {stride} pad {pad}: {d}");
+        // (input C, output M, group, kernel, stride, dilation, pads t/l/b/r)
+        let cases = [
+            (4, 6, 1, [3, 3], [1, 1], [1, 1], [1, 1, 1, 1]),
+            (4, 6, 1, [3, 3], [2, 2], [1, 1], [1, 1, 1, 1]),
+            (4, 6, 2, [3, 2], [2, 1], [1, 2], [0, 2, 1, 0]),
+            (6, 6, 6, [3, 3], [1, 2], [1, 1], [1, 1, 1, 1]),
+            (3, 5, 1, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0]),
+            (3, 4, 1, [5, 5], [3, 3], [2, 2], [3, 0, 0, 3]),
+        ];
+        for (c, m, group, k, s, d, p) in cases {
+            let x = Tensor::randn(0f32, 1.0, (2, c, 9, 7), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (m, c / group, k[0], k[1]), &dev)?;
+            let g = geom([9, 7], k, s, d, p, group);
+            let a = conv2d(&x, &wt, None, &g)?.flatten_all()?.to_vec1::<f32>()?;
+            let b = naive(&x, &wt, &g);
+            let e = a
+                .iter()
+                .zip(&b)
+                .map(|(u, v)| (u - v).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                e < 1e-4,
+                "case c{c} m{m} g{group} k{k:?} s{s:?} d{d:?} p{p:?}: {e}"
+            );
         }
         Ok(())
     }
-}
-
-#[cfg(test)]
-mod grad_tests {
-    use super::*;
-    use crate::ir::infer::conv_geometry;
-    use crate::ir::AutoPad;
 
     #[test]
-    fn conv_grads_agree() -> Result<()> {
+    fn input_gradient_matches_candle() -> Result<()> {
         let dev = Device::Cpu;
         let x0 = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev)?;
         let wt = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &dev)?;
-        for (stride, pad) in [(1, 1), (2, 1)] {
-            let win = conv_geometry(
-                &[8, 8],
-                &[3, 3],
-                &[stride, stride],
-                &[],
-                &[pad; 4],
-                AutoPad::NotSet,
-                false,
-            )
-            .unwrap();
-            let g = ConvGeom { win, group: 1 };
+        for (stride, pad) in [(1, 1), (2, 1), (2, 0), (1, 2)] {
+            let g = geom([8, 8], [3, 3], [stride; 2], [1, 1], [pad; 4], 1);
             let x = candle_core::Var::from_tensor(&x0)?;
             let a = conv2d(x.as_tensor(), &wt, None, &g)?;
             let r = Tensor::randn(0f32, 1.0, a.dims(), &dev)?;
-            let ga = (a * &r)?
-                .sum_all()?
-                .backward()?
-                .get(x.as_tensor())
-                .unwrap()
-                .clone();
-            let b = conv2d_im2col(x.as_tensor(), &wt, &g)?;
+            let grads = (&a * &r)?.sum_all()?.backward()?;
+            let ga = grads.get(x.as_tensor()).unwrap().clone();
+            let b = x.as_tensor().conv2d(&wt, pad, stride, 1, 1)?;
+            let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-4, "forward, stride {stride} pad {pad}: {d}");
             let gb = (b * &r)?
                 .sum_all()?
                 .backward()?
@@ -211,7 +448,32 @@ mod grad_tests {
                 .unwrap()
                 .clone();
             let d = (ga - gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(d < 1e-3, "stride {stride} pad {pad}: {d}");
+            assert!(d < 1e-3, "gradient, stride {stride} pad {pad}: {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn input_gradient_is_the_adjoint() -> Result<()> {
+        // <conv(x), r> = <x, conv_grad(r)> for grouped, strided, dilated, asymmetric cases.
+        let dev = Device::Cpu;
+        for (c, m, group, k, s, d, p) in [
+            (4, 6, 2, [3, 2], [2, 1], [1, 2], [0, 2, 1, 0]),
+            (6, 6, 6, [3, 3], [2, 2], [1, 1], [1, 0, 0, 1]),
+        ] {
+            let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, 9, 7), &dev)?)?;
+            let wt = Tensor::randn(0f32, 1.0, (m, c / group, k[0], k[1]), &dev)?;
+            let g = geom([9, 7], k, s, d, p, group);
+            let y = conv2d(x.as_tensor(), &wt, None, &g)?;
+            let r = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
+            let lhs = (&y * &r)?.sum_all()?;
+            let gx = lhs.backward()?.get(x.as_tensor()).unwrap().clone();
+            let rhs = (x.as_tensor() * gx)?.sum_all()?.to_scalar::<f32>()?;
+            let lhs = lhs.to_scalar::<f32>()?;
+            assert!(
+                (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+                "{lhs} vs {rhs}"
+            );
         }
         Ok(())
     }
