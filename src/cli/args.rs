@@ -28,6 +28,12 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Top-1 accuracy of a model on a labelled image folder (DIR/<class>/*.png|jpg).
     Eval(EvalArgs),
+    /// Synthesise calibration images from a model's BatchNormalization statistics (ZeroQ).
+    ///
+    /// Random images are optimised, inside the valid input box given by --mean/--std, until the
+    /// per-channel mean and standard deviation of the activations entering every BatchNormalization
+    /// layer match the running statistics stored in it. No training data is needed.
+    Distill(DistillArgs),
 }
 
 #[derive(Debug, Args)]
@@ -79,4 +85,33 @@ pub struct EvalArgs {
     /// ONNX Runtime shared library (libonnxruntime.so) for --engine ort; default: $ZQ_ORT_LIB.
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DistillArgs {
+    /// The ONNX model (it must contain BatchNormalization layers).
+    pub model: PathBuf,
+    /// Output safetensors file [default: <model stem>.distilled.safetensors beside the model].
+    #[arg(long, short, value_name = "OUT.safetensors")]
+    pub output: Option<PathBuf>,
+    /// Number of images.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub num: u32,
+    /// Images optimised together.
+    #[arg(long, value_name = "B", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch: u32,
+    /// Adam steps per batch.
+    #[arg(long, value_name = "I", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub iters: u32,
+    /// Adam learning rate (lowered on plateaus).
+    #[arg(long, value_name = "LR", default_value_t = 0.5)]
+    pub lr: f32,
+    /// Random seed: the same seed on the same machine gives a byte-identical output.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Also write every image as a PNG into DIR (de-normalised with --mean/--std).
+    #[arg(long, value_name = "DIR")]
+    pub png: Option<PathBuf>,
+    #[command(flatten)]
+    pub pre: PreprocessArgs,
 }

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use crate::data::{parse_floats, Preprocess};
-use crate::pipeline::{eval, inspect};
-use args::{Cli, Command, Engine, EvalArgs, InspectArgs, PreprocessArgs};
+use crate::pipeline::{distill, eval, inspect};
+use args::{Cli, Command, DistillArgs, Engine, EvalArgs, InspectArgs, PreprocessArgs};
 use printer::Printer;
 
 /// Exit code when a requested goal was not met (quality gate, infeasible budget).
@@ -25,6 +25,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Inspect(a) => cmd_inspect(&p, a),
         Command::Eval(a) => cmd_eval(&p, a),
+        Command::Distill(a) => cmd_distill(&p, a),
     }
 }
 
@@ -135,6 +136,107 @@ fn cmd_eval(p: &Printer, a: EvalArgs) -> anyhow::Result<ExitCode> {
                 100.0 * rt,
                 100.0 * ag
             );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `<model dir>/<model stem><suffix>`: the default output beside the model.
+pub fn beside(model: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let stem = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    model.with_file_name(format!("{stem}{suffix}"))
+}
+
+/// Make sure `out` can be written before spending minutes on it: its parent directory exists (or
+/// is created) and `out` is not a directory.
+pub fn prepare_output(out: &std::path::Path, flag: &str) -> anyhow::Result<()> {
+    if out.is_dir() {
+        anyhow::bail!("{flag} {} is a directory; give a file name", out.display());
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{flag}: cannot create directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct DistillReport {
+    output: String,
+    png_dir: Option<String>,
+    #[serde(flatten)]
+    meta: distill::DistillMeta,
+    /// bn_loss_final / bn_loss_noise.
+    ratio_to_noise: f32,
+    seconds: f64,
+    seconds_per_iter: f64,
+}
+
+fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
+    let pre = preprocess(&a.pre)?;
+    let opts = distill::DistillOptions {
+        num: a.num as usize,
+        batch: a.batch.min(a.num) as usize,
+        iters: a.iters as usize,
+        lr: a.lr,
+        seed: a.seed,
+        pre,
+    };
+    opts.validate()?;
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| beside(&a.model, ".distilled.safetensors"));
+    prepare_output(&out, "-o")?;
+    if let Some(d) = &a.png {
+        if d.exists() && !d.is_dir() {
+            anyhow::bail!("--png {} exists and is not a directory", d.display());
+        }
+    }
+    let model = crate::onnx::read_model(&a.model)?;
+    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
+    let d = distill::distill(&model.graph, &a.model, &opts, &mut |done, total, loss| {
+        let mut b = bar.borrow_mut();
+        let b = b.get_or_insert_with(|| p.progress(total as u64, "steps"));
+        b.set_position(done as u64);
+        b.set_message(format!("loss {loss:.4}"));
+    })?;
+    if let Some(b) = bar.borrow_mut().take() {
+        b.finish_and_clear();
+    }
+    let bytes = distill::to_safetensors(&d)?;
+    if let Some(dir) = &a.png {
+        distill::write_pngs(&d, dir)?;
+    }
+    crate::onnx::write::write_atomic(&out, &bytes)?;
+    let steps = (opts.iters * opts.num.div_ceil(opts.batch)).max(1);
+    let r = DistillReport {
+        output: out.display().to_string(),
+        png_dir: a.png.as_ref().map(|d| d.display().to_string()),
+        ratio_to_noise: d.meta.bn_loss_final / d.meta.bn_loss_noise,
+        seconds: d.seconds,
+        seconds_per_iter: d.seconds / steps as f64,
+        meta: d.meta,
+    };
+    if p.json {
+        p.json(&r)?;
+    } else {
+        println!(
+            "{}: {} images {:?}, BN loss {:.4} -> {:.4} ({:.4}x Gaussian noise), {:.1} s ({:.3} s/step)",
+            r.output,
+            r.meta.num,
+            r.meta.shape,
+            r.meta.bn_loss_initial,
+            r.meta.bn_loss_final,
+            r.ratio_to_noise,
+            r.seconds,
+            r.seconds_per_iter
+        );
+        if let Some(d) = &r.png_dir {
+            println!("PNGs in {d}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -29,7 +29,7 @@ impl Printer {
         }
         let pb = ProgressBar::new(total);
         let style = ProgressStyle::with_template(&format!(
-            "{{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} (ETA {{eta}})"
+            "{{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} {{msg}} (ETA {{eta}})"
         ))
         .unwrap_or_else(|_| ProgressStyle::default_bar());
         pb.set_style(style);

@@ -69,6 +69,12 @@ impl OrtModel {
 
     /// Run on one float input; returns the first output's shape and data.
     pub fn run(&self, data: Vec<f32>, shape: &[usize]) -> Result<(Vec<usize>, Vec<f32>)> {
+        let mut all = self.run_all(data, shape)?;
+        Ok(all.swap_remove(0))
+    }
+
+    /// Run on one float input; returns every output's shape and data, in graph order.
+    pub fn run_all(&self, data: Vec<f32>, shape: &[usize]) -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
         let e = |m: String| Error::Exec(format!("ONNX Runtime: {m}"));
         let t =
             ort::value::Tensor::from_array((shape.to_vec(), data)).map_err(|x| e(x.to_string()))?;
@@ -79,9 +85,16 @@ impl OrtModel {
         let outs = s
             .run(ort::inputs![self.input_name.as_str() => t])
             .map_err(|x| e(x.to_string()))?;
-        let (shape, v) = outs[0]
-            .try_extract_tensor::<f32>()
-            .map_err(|x| e(x.to_string()))?;
-        Ok((shape.iter().map(|&d| d as usize).collect(), v.to_vec()))
+        let mut r = Vec::with_capacity(outs.len());
+        for (_, v) in outs.iter() {
+            let (shape, v) = v
+                .try_extract_tensor::<f32>()
+                .map_err(|x| e(x.to_string()))?;
+            r.push((shape.iter().map(|&d| d as usize).collect(), v.to_vec()));
+        }
+        if r.is_empty() {
+            return Err(e("model has no outputs".into()));
+        }
+        Ok(r)
     }
 }

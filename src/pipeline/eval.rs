@@ -28,7 +28,8 @@ pub struct ZqClassifier {
     chw: [usize; 3],
 }
 
-fn chw_of(g: &crate::ir::Graph, path: &Path) -> Result<[usize; 3]> {
+/// The [C, H, W] of a model's single image input (batch dimension free).
+pub fn chw_of(g: &crate::ir::Graph, path: &Path) -> Result<[usize; 3]> {
     use crate::ir::Dim;
     let inp = g.inputs.first().ok_or_else(|| Error::Model {
         path: path.into(),
@@ -40,7 +41,9 @@ fn chw_of(g: &crate::ir::Graph, path: &Path) -> Result<[usize; 3]> {
             Dim::Fixed(n) => Ok(*n),
             Dim::Sym(s) => Err(Error::Model {
                 path: path.into(),
-                msg: format!("input dimension '{s}' is symbolic; zq eval needs a fixed C x H x W image input"),
+                msg: format!(
+                    "input dimension '{s}' is symbolic; zq needs a fixed C x H x W image input"
+                ),
             }),
         })
         .collect::<Result<_>>()?;
@@ -48,7 +51,7 @@ fn chw_of(g: &crate::ir::Graph, path: &Path) -> Result<[usize; 3]> {
         return Err(Error::Model {
             path: path.into(),
             msg: format!(
-                "zq eval needs one N x C x H x W image input, the model has {} input(s) of rank {}",
+                "zq needs one N x C x H x W image input, the model has {} input(s) of rank {}",
                 g.inputs.len(),
                 inp.dims.len()
             ),

@@ -1,4 +1,5 @@
 //! Pipelines shared by the CLI and the tests.
 
+pub mod distill;
 pub mod eval;
 pub mod inspect;

@@ -1,6 +1,7 @@
 //! zq's integration tests: one binary, driving the real `zq` executable and the library.
 
 mod cli;
+mod distill;
 mod exec;
 mod fuzz;
 mod hostile;

@@ -69,3 +69,19 @@ fn resnet20_top1_on_cifar10_test() {
     assert_eq!(j["n"], 10000);
     assert_eq!(j["correct"], 8103, "ONNX Runtime gives 81.03%");
 }
+
+#[test]
+fn resnet20_distillation_with_defaults_matches_bn_statistics_in_onnx_runtime() {
+    // Acceptance: defaults (32 images, 500 iterations, ImageNet preprocessing); ONNX Runtime's BN
+    // loss of the result <= 0.03 x that of Gaussian noise, every pixel inside the valid box.
+    let Some(sh) = shared() else { return };
+    let m = sh.join("models/resnet20_cifar10_bn.onnx");
+    let ratio = crate::distill::distil_and_check(
+        &m,
+        &[],
+        &[0.485, 0.456, 0.406],
+        &[0.229, 0.224, 0.225],
+        0.03,
+    );
+    eprintln!("ResNet-20: distilled BN loss / noise = {ratio:.4} (ONNX Runtime)");
+}

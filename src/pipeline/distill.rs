@@ -1,0 +1,348 @@
+//! `zq distill`: ZeroQ synthetic calibration images for a BatchNormalization model, in batches,
+//! written as safetensors (and optionally PNGs) with everything needed to reproduce them.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::Serialize;
+use zq_synth::{zeroq, TapModel};
+
+use crate::data::Preprocess;
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::synth_model::PlanTaps;
+
+/// What to distil.
+#[derive(Debug, Clone)]
+pub struct DistillOptions {
+    /// Number of images.
+    pub num: usize,
+    /// Images optimised together (the BN loss uses per-sample statistics, so batches are
+    /// independent; the batch size only trades memory for speed).
+    pub batch: usize,
+    pub iters: usize,
+    pub lr: f32,
+    pub seed: u64,
+    /// The model's preprocessing: it defines the valid input box.
+    pub pre: Preprocess,
+}
+
+impl DistillOptions {
+    /// Check the numbers a user typed, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.num == 0 {
+            return Err(Error::Usage("--num must be at least 1".into()));
+        }
+        if self.batch == 0 {
+            return Err(Error::Usage("--batch must be at least 1".into()));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::Usage(format!(
+                "--lr must be a positive number, got {}",
+                self.lr
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One BatchNormalization layer's share of the loss (averaged over all images).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LayerLoss {
+    pub name: String,
+    pub loss_final: f32,
+    pub loss_noise: f32,
+}
+
+/// Reproducible facts of a run: what went in and the losses that came out. Stored in the output's
+/// header, so it holds nothing that varies between identical runs (no timings).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DistillMeta {
+    pub format: &'static str,
+    pub zq_version: &'static str,
+    pub model: String,
+    pub model_sha256: String,
+    pub shape: [usize; 4],
+    pub num: usize,
+    pub batch: usize,
+    pub iters: usize,
+    pub lr: f32,
+    pub seed: u64,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// Per-channel valid input box [lo, hi]: pixels 0 and 1 mapped through the preprocessing.
+    pub bounds: Vec<[f32; 2]>,
+    /// Sum over BN layers of the ZeroQ statistic loss, averaged over images.
+    pub bn_loss_initial: f32,
+    pub bn_loss_final: f32,
+    /// The same loss for Gaussian noise of the same shape (the usual yardstick).
+    pub bn_loss_noise: f32,
+    pub layers: Vec<LayerLoss>,
+}
+
+/// The images, NCHW in the model's input space, with their metadata.
+pub struct Distilled {
+    pub images: Vec<f32>,
+    pub meta: DistillMeta,
+    pub seconds: f64,
+}
+
+/// Identifies the tensor layout and metadata version of distilled-data files.
+pub const FORMAT: &str = "zq.distilled.v1";
+
+/// The valid input box per channel: pixel values 0 and 1 through `(p - mean) / std`.
+pub fn input_box(pc: &[(f32, f32)]) -> Vec<(f32, f32)> {
+    pc.iter()
+        .map(|&(m, s)| {
+            let (a, b) = ((0.0 - m) / s, (1.0 - m) / s);
+            (a.min(b), a.max(b))
+        })
+        .collect()
+}
+
+/// The seed of batch `b`: distinct streams per batch, fixed by the run's seed.
+fn batch_seed(seed: u64, b: usize) -> u64 {
+    seed.wrapping_add((b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// SHA-256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Distil `opts.num` images for `g` (read from `path`). `progress(done, total, loss)` is called
+/// after every optimisation step, counted over all batches.
+pub fn distill(
+    g: &Graph,
+    path: &Path,
+    opts: &DistillOptions,
+    progress: &mut dyn FnMut(usize, usize, f32),
+) -> Result<Distilled> {
+    opts.validate()?;
+    let t0 = Instant::now();
+    let [c, h, w] = crate::pipeline::eval::chw_of(g, path)?;
+    let pc = opts.pre.per_channel(c)?;
+    let bounds = input_box(&pc);
+    let model_sha256 = sha256_file(path)?;
+    let nb = opts.num.div_ceil(opts.batch);
+    let total_steps = nb * opts.iters;
+    let mut images = Vec::with_capacity(opts.num * c * h * w);
+    let (mut l0, mut l1, mut ln) = (0f64, 0f64, 0f64);
+    let mut layers: Vec<LayerLoss> = Vec::new();
+    let mut plan: Option<PlanTaps> = None;
+    for b in 0..nb {
+        let size = opts.batch.min(opts.num - b * opts.batch);
+        if plan.as_ref().map(|p| p.input_shape()[0]) != Some(size) {
+            plan = Some(PlanTaps::new(g, size)?);
+        }
+        let tm = plan.as_ref().unwrap();
+        if layers.is_empty() {
+            layers = tm
+                .bn_targets()
+                .iter()
+                .map(|t| LayerLoss {
+                    name: t.name.clone(),
+                    loss_final: 0.0,
+                    loss_noise: 0.0,
+                })
+                .collect();
+        }
+        let cfg = zeroq::ZeroQConfig {
+            iters: opts.iters,
+            lr: opts.lr,
+            seed: batch_seed(opts.seed, b),
+            bounds: bounds.clone(),
+        };
+        let done = b * opts.iters;
+        let r = zeroq::distill(tm, &cfg, &mut |i, l| progress(done + i, total_steps, l))?;
+        let noise = noise_loss(tm, batch_seed(opts.seed ^ 0x6E6F_6973_6521, b))?;
+        // Each batch's loss is a mean over its images: weight by size for the mean over all.
+        let wgt = size as f64 / opts.num as f64;
+        l0 += wgt * f64::from(r.bn_loss_initial);
+        l1 += wgt * f64::from(r.bn_loss_final);
+        ln += wgt * noise.iter().map(|&v| f64::from(v)).sum::<f64>();
+        for (k, l) in layers.iter_mut().enumerate() {
+            l.loss_final += (wgt * f64::from(r.per_layer[k])) as f32;
+            l.loss_noise += (wgt * f64::from(noise[k])) as f32;
+        }
+        images.extend_from_slice(&r.images);
+    }
+    let meta = DistillMeta {
+        format: FORMAT,
+        zq_version: env!("CARGO_PKG_VERSION"),
+        model: path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        model_sha256,
+        shape: [opts.num, c, h, w],
+        num: opts.num,
+        batch: opts.batch,
+        iters: opts.iters,
+        lr: opts.lr,
+        seed: opts.seed,
+        mean: pc.iter().map(|p| p.0).collect(),
+        std: pc.iter().map(|p| p.1).collect(),
+        bounds: bounds.iter().map(|&(a, b)| [a, b]).collect(),
+        bn_loss_initial: l0 as f32,
+        bn_loss_final: l1 as f32,
+        bn_loss_noise: ln as f32,
+        layers,
+    };
+    Ok(Distilled {
+        images,
+        meta,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Per-layer BN loss of standard Gaussian noise shaped like the model's input batch.
+fn noise_loss(tm: &PlanTaps, seed: u64) -> Result<Vec<f32>> {
+    let shape = tm.input_shape();
+    let n = shape.iter().product();
+    let x = Tensor::from_vec(
+        zq_synth::adam::normal(n, seed),
+        shape.as_slice(),
+        tm.plan.device(),
+    )?;
+    let taps = tm.forward_taps(&x)?;
+    let (_, per) = zeroq::loss(&x, &taps, tm.bn_targets())?;
+    Ok(per)
+}
+
+/// The safetensors bytes: tensor `images` [N, C, H, W] f32 and one metadata entry, `zq`, holding
+/// the JSON of [`DistillMeta`] (one key, so the header is byte-for-byte reproducible).
+pub fn to_safetensors(d: &Distilled) -> Result<Vec<u8>> {
+    let bytes: Vec<u8> = d.images.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        d.meta.shape.to_vec(),
+        &bytes,
+    )
+    .map_err(|e| Error::Exec(format!("safetensors: {e}")))?;
+    let meta = serde_json::to_string(&d.meta).map_err(|e| Error::Exec(e.to_string()))?;
+    let header = std::collections::HashMap::from([("zq".to_string(), meta)]);
+    safetensors::tensor::serialize([("images", view)], Some(header))
+        .map_err(|e| Error::Exec(format!("safetensors: {e}")))
+}
+
+/// A distilled set read back: images [N, C, H, W] and the metadata JSON (if zq wrote it).
+pub struct DistilledFile {
+    pub images: Vec<f32>,
+    pub shape: [usize; 4],
+    pub meta: Option<serde_json::Value>,
+}
+
+/// Read a distilled set (or any safetensors file with an f32 `images` [N, C, H, W] tensor).
+pub fn read_distilled(path: &Path) -> Result<DistilledFile> {
+    let bad = |msg: String| Error::Model {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let t = st
+        .tensor("images")
+        .map_err(|_| bad("has no tensor 'images' (expected one written by zq distill)".into()))?;
+    if t.dtype() != safetensors::Dtype::F32 || t.shape().len() != 4 {
+        return Err(bad(format!(
+            "tensor 'images' must be f32 [N, C, H, W], it is {:?} {:?}",
+            t.dtype(),
+            t.shape()
+        )));
+    }
+    let s = t.shape();
+    let images: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if images.iter().any(|v| !v.is_finite()) {
+        return Err(bad("tensor 'images' holds NaN or infinite values".into()));
+    }
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let meta = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("zq"))
+        .and_then(|j| serde_json::from_str(j).ok());
+    Ok(DistilledFile {
+        images,
+        shape: [s[0], s[1], s[2], s[3]],
+        meta,
+    })
+}
+
+/// Write each image as `DIR/NNNNN.png`, de-normalised with the preprocessing (1 or 3 channels).
+pub fn write_pngs(d: &Distilled, dir: &Path) -> Result<Vec<PathBuf>> {
+    use image::ImageEncoder;
+    let [n, c, h, w] = d.meta.shape;
+    if c != 1 && c != 3 {
+        return Err(Error::Usage(format!(
+            "--png writes 1- or 3-channel images; the model input has {c} channels"
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let hw = h * w;
+    let digits = n.to_string().len().max(4);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let img = &d.images[i * c * hw..(i + 1) * c * hw];
+        let mut px = vec![0u8; c * hw];
+        for ch in 0..c {
+            let (m, s) = (d.meta.mean[ch], d.meta.std[ch]);
+            for p in 0..hw {
+                let v = (img[ch * hw + p] * s + m) * 255.0;
+                px[p * c + ch] = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+        let mut buf = Vec::new();
+        let color = if c == 1 {
+            image::ExtendedColorType::L8
+        } else {
+            image::ExtendedColorType::Rgb8
+        };
+        image::codecs::png::PngEncoder::new(&mut buf)
+            .write_image(&px, w as u32, h as u32, color)
+            .map_err(|e| Error::Exec(format!("PNG encoding: {e}")))?;
+        let p = dir.join(format!("{i:0digits$}.png"));
+        crate::onnx::write::write_atomic(&p, &buf)?;
+        out.push(p);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn box_from_preprocessing() {
+        let b = input_box(&[(0.5, 0.5), (0.0, -2.0)]);
+        assert_eq!(b, vec![(-1.0, 1.0), (-0.5, 0.0)]);
+    }
+
+    #[test]
+    fn batch_seeds_differ() {
+        let s: std::collections::HashSet<u64> = (0..100).map(|b| batch_seed(7, b)).collect();
+        assert_eq!(s.len(), 100);
+        assert_eq!(batch_seed(7, 0), 7);
+    }
+}

@@ -1,0 +1,279 @@
+//! `zq distill`: the command, its output file, and the BN match measured independently by ONNX
+//! Runtime (the BN inputs are exposed as extra graph outputs; the loss is recomputed here in f64).
+
+use std::path::Path;
+
+use zq::ir::{Graph, Op};
+use zq::onnx::read_model;
+use zq::pipeline::distill::read_distilled;
+
+use crate::util::*;
+
+/// (input value, running mean, sqrt(running var + eps), eps) of every BatchNormalization layer.
+type BnStats = Vec<(usize, Vec<f64>, Vec<f64>, f64)>;
+
+fn bn_stats(g: &Graph) -> BnStats {
+    g.nodes
+        .iter()
+        .filter_map(|n| match n.op {
+            Op::BatchNorm { epsilon } => {
+                let c = |i: usize| -> Vec<f64> {
+                    g.konst(n.input(i).unwrap())
+                        .unwrap()
+                        .to_f32_vec()
+                        .iter()
+                        .map(|&v| f64::from(v))
+                        .collect()
+                };
+                let eps = f64::from(epsilon);
+                let std = c(4).iter().map(|v| (v + eps).sqrt()).collect();
+                Some((n.input(0).unwrap(), c(3), std, eps))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// ZeroQ's BN loss (sum over layers, mean over images) of `x` [N, ...] computed from the BN inputs
+/// ONNX Runtime produces.
+pub fn ort_bn_loss(model: &Path, x: &[f32], shape: &[usize], lib: &Path, dir: &Path) -> f64 {
+    let mut g = read_model(model).unwrap().graph;
+    let stats = bn_stats(&g);
+    assert!(!stats.is_empty());
+    let first_tap = g.outputs.len();
+    g.outputs.extend(stats.iter().map(|s| s.0));
+    let tapped = dir.join("tapped.onnx");
+    zq::onnx::write::write_model(&g, &tapped).unwrap();
+    let ort = zq::exec::ort::OrtModel::open(&tapped, Some(lib), 2).unwrap();
+    let outs = ort.run_all(x.to_vec(), shape).unwrap();
+    let n = shape[0];
+    let mut total = 0f64;
+    for ((s, v), (_, mean, std, eps)) in outs[first_tap..].iter().zip(&stats) {
+        let (c, hw) = (s[1], s[2..].iter().product::<usize>());
+        for b in 0..n {
+            for ch in 0..c {
+                let p = &v[(b * c + ch) * hw..][..hw];
+                let m = p.iter().map(|&v| f64::from(v)).sum::<f64>() / hw as f64;
+                let var = p.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>()
+                    / (hw.max(2) - 1) as f64;
+                let sd = (var + eps).sqrt();
+                total += ((m - mean[ch]).powi(2) + (sd - std[ch]).powi(2)) / n as f64;
+            }
+        }
+    }
+    total
+}
+
+/// Standard Gaussian noise (Box-Muller on the tests' own generator).
+fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+    let u = pseudo_random(2 * n, seed);
+    (0..n)
+        .map(|i| {
+            let (a, b) = ((u[2 * i] + 1.0) / 2.0, (u[2 * i + 1] + 1.0) / 2.0);
+            let a = a.max(1e-7);
+            (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+        })
+        .collect()
+}
+
+/// Distil with zq, then score the result and Gaussian noise with ONNX Runtime. Returns the ratio.
+pub fn distil_and_check(
+    model: &Path,
+    extra: &[&str],
+    mean: &[f32],
+    std: &[f32],
+    max_ratio: f64,
+) -> f64 {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("d.safetensors");
+    let mut args = vec!["distill", s(model), "-o", s(&out), "--json"];
+    args.extend_from_slice(extra);
+    let o = zq(&args);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
+    let d = read_distilled(&out).unwrap();
+    let [n, c, h, w] = d.shape;
+    assert_eq!(j["shape"], serde_json::json!([n, c, h, w]));
+    // Every pixel inside the box the preprocessing defines.
+    let hw = h * w;
+    for (i, v) in d.images.iter().enumerate() {
+        let ch = (i / hw) % c;
+        let (m, sd) = (mean[ch.min(mean.len() - 1)], std[ch.min(std.len() - 1)]);
+        let (lo, hi) = ((0.0 - m) / sd, (1.0 - m) / sd);
+        assert!(
+            *v >= lo - 1e-6 && *v <= hi + 1e-6,
+            "pixel {i} = {v} outside [{lo}, {hi}]"
+        );
+    }
+    let meta = d.meta.expect("zq metadata in the header");
+    assert_eq!(meta["format"], "zq.distilled.v1");
+    assert_eq!(
+        meta["model_sha256"].as_str().unwrap(),
+        zq::pipeline::distill::sha256_file(model).unwrap()
+    );
+    let Some(lib) = ort_lib() else {
+        return f64::NAN;
+    };
+    let shape = [n, c, h, w];
+    let ours = ort_bn_loss(model, &d.images, &shape, &lib, t.path());
+    let noise = ort_bn_loss(model, &gaussian(n * c * h * w, 11), &shape, &lib, t.path());
+    let ratio = ours / noise;
+    eprintln!(
+        "{}: ONNX Runtime BN loss distilled {ours:.5}, noise {noise:.3}, ratio {ratio:.5}; zq reported {} in {:.1} s",
+        model.display(),
+        j["bn_loss_final"],
+        j["seconds"].as_f64().unwrap()
+    );
+    // zq's own figure agrees with the independent one.
+    let zq_final = j["bn_loss_final"].as_f64().unwrap();
+    assert!(
+        (zq_final - ours).abs() <= 1e-3 * ours.max(1e-3),
+        "zq says {zq_final}, ONNX Runtime gives {ours}"
+    );
+    assert!(
+        ratio <= max_ratio,
+        "BN loss ratio to noise {ratio} > {max_ratio}"
+    );
+    ratio
+}
+
+#[test]
+fn digits_distillation_matches_bn_statistics_in_onnx_runtime() {
+    distil_and_check(
+        &fixture("digits_bn/model.onnx"),
+        &[
+            "--mean", "0.5", "--std", "0.5", "--num", "24", "--batch", "8", "--iters", "300",
+        ],
+        &[0.5],
+        &[0.5],
+        0.05,
+    );
+}
+
+#[test]
+fn depthwise_model_distillation_matches_bn_statistics() {
+    // BN after a depthwise conv, with ImageNet preprocessing (the default).
+    distil_and_check(
+        &fixture("mobile_dw/model.onnx"),
+        &["--num", "8", "--iters", "300"],
+        &[0.485, 0.456, 0.406],
+        &[0.229, 0.224, 0.225],
+        0.05,
+    );
+}
+
+#[test]
+fn same_seed_same_bytes_other_seed_other_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let run = |name: &str, seed: &str| {
+        let p = t.path().join(name);
+        let o = zq(&[
+            "distill",
+            s(&m),
+            "-o",
+            s(&p),
+            "--num",
+            "5",
+            "--batch",
+            "2",
+            "--iters",
+            "20",
+            "--seed",
+            seed,
+            "--mean",
+            "0.5",
+            "--std",
+            "0.5",
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        std::fs::read(p).unwrap()
+    };
+    let (a, b, c) = (run("a", "9"), run("b", "9"), run("c", "10"));
+    assert!(a == b, "same seed must give identical bytes");
+    assert!(a != c, "another seed must give other images");
+}
+
+#[test]
+fn default_output_is_beside_the_model_and_pngs_are_written() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("digits_bn/model.onnx"), t.path().join("net.onnx")).unwrap();
+    let o = zq_in(
+        t.path(),
+        &[
+            "distill", "net.onnx", "--num", "3", "--iters", "5", "--png", "look", "--mean", "0.5",
+            "--std", "0.5",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let d = read_distilled(&t.path().join("net.distilled.safetensors")).unwrap();
+    assert_eq!(d.shape, [3, 1, 8, 8]);
+    let mut pngs: Vec<_> = std::fs::read_dir(t.path().join("look"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    pngs.sort();
+    assert_eq!(pngs.len(), 3);
+    let img = image::open(&pngs[0]).unwrap();
+    assert_eq!((img.width(), img.height()), (8, 8));
+    // De-normalised: pixel = (x * std + mean) * 255.
+    let want: Vec<u8> = d.images[..64]
+        .iter()
+        .map(|v| ((v * 0.5 + 0.5) * 255.0).round().clamp(0.0, 255.0) as u8)
+        .collect();
+    assert_eq!(img.to_luma8().into_raw(), want);
+}
+
+#[test]
+fn model_without_bn_is_refused_and_nothing_is_written() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("x.safetensors");
+    let o = zq(&[
+        "distill",
+        s(&fixture("folded_nobn/model.onnx")),
+        "-o",
+        s(&out),
+    ]);
+    o.assert_error("no BatchNormalization");
+    assert!(o.stderr.contains("TrainingMode.PRESERVE"), "{}", o.stderr);
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_dir(t.path()).unwrap().count(),
+        0,
+        "no temp files left"
+    );
+}
+
+#[test]
+fn bad_flags_are_one_line_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let out = t.path().join("x.safetensors");
+    for (flags, needle) in [
+        (vec!["--lr", "0"], "--lr"),
+        (vec!["--lr", "nan"], "--lr"),
+        (vec!["--num", "0"], "--num"),
+        (vec!["--batch", "0"], "--batch"),
+        (vec!["--mean", "0.5,0.5"], "--mean"),
+        (vec!["--mean", "0.5", "--std", "0"], "--std"),
+        (vec!["--png", s(&m)], "--png"),
+    ] {
+        let mut args = vec!["distill", s(&m), "-o", s(&out), "--iters", "1"];
+        args.extend(flags.iter());
+        let o = zq(&args);
+        o.assert_error(needle);
+        assert!(!out.exists(), "{flags:?} wrote an output");
+    }
+    // An output path below a regular file cannot be created.
+    let o = zq(&[
+        "distill",
+        s(&m),
+        "-o",
+        s(&m.join("x.safetensors")),
+        "--iters",
+        "1",
+    ]);
+    o.assert_error("-o");
+    let o = zq(&["distill", s(&t.path().join("missing.onnx")), "-o", s(&out)]);
+    o.assert_error("missing.onnx");
+}
