@@ -11,6 +11,8 @@ pub mod scheme;
 pub mod sensitivity;
 
 pub use scheme::{quantize_weights, ClipSearch, QRange, WeightQuant};
+/// The numeric kernels (GEMM now, integer SIMD kernels later), re-exported for the zq crate.
+pub use zq_kernels as kernels;
 
 /// A quantizable layer as the search sees it.
 #[derive(Debug, Clone, PartialEq)]

@@ -172,6 +172,7 @@ struct DistillReport {
     /// bn_loss_final / bn_loss_noise.
     ratio_to_noise: f32,
     seconds: f64,
+    /// Steady-state time of one optimisation step (the first step, which warms up, excluded).
     seconds_per_iter: f64,
 }
 
@@ -198,7 +199,12 @@ fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
     }
     let model = crate::onnx::read_model(&a.model)?;
     let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
+    // Steady-state time per step: from the end of the first step to the end of the last.
+    let mut first_last: (Option<std::time::Instant>, Option<std::time::Instant>) = (None, None);
     let d = distill::distill(&model.graph, &a.model, &opts, &mut |done, total, loss| {
+        let now = std::time::Instant::now();
+        first_last.0.get_or_insert(now);
+        first_last.1 = Some(now);
         let mut b = bar.borrow_mut();
         let b = b.get_or_insert_with(|| p.progress(total as u64, "steps"));
         b.set_position(done as u64);
@@ -212,13 +218,17 @@ fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
         distill::write_pngs(&d, dir)?;
     }
     crate::onnx::write::write_atomic(&out, &bytes)?;
-    let steps = (opts.iters * opts.num.div_ceil(opts.batch)).max(1);
+    let steps = opts.iters * opts.num.div_ceil(opts.batch);
+    let seconds_per_iter = match first_last {
+        (Some(a), Some(b)) if steps > 1 => (b - a).as_secs_f64() / (steps - 1) as f64,
+        _ => d.seconds / steps.max(1) as f64,
+    };
     let r = DistillReport {
         output: out.display().to_string(),
         png_dir: a.png.as_ref().map(|d| d.display().to_string()),
         ratio_to_noise: d.meta.bn_loss_final / d.meta.bn_loss_noise,
         seconds: d.seconds,
-        seconds_per_iter: d.seconds / steps as f64,
+        seconds_per_iter,
         meta: d.meta,
     };
     if p.json {

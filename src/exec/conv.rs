@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use zq_quant::kernels::gemm::{sgemm, MatMut, MatRef};
 
 use crate::ir::infer::Window;
 
@@ -122,12 +123,11 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: &ConvGeom) 
         m,
     };
     let kg = cg * kh * kw;
-    let wm = weight.reshape((groups, m / groups, kg))?.contiguous()?;
-    let wt = wm.transpose(1, 2)?.contiguous()?;
+    let wv = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    debug_assert_eq!(wv.len(), m * kg);
     let y = x.contiguous()?.apply_op1(ConvOp {
         geo: Arc::new(geo),
-        w: wm,
-        wt,
+        w: Arc::new(wv),
     })?;
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
@@ -182,71 +182,69 @@ impl Geo {
     }
 }
 
-/// im2col for one group: `cols` is [Kg, N*L], row (c, ki, kj), column (n, oh, ow).
+/// im2col for one image and group: `cols` is [Kg, L], row (c, ki, kj), column (oh, ow).
 fn im2col(x: &[f32], g: &Geo, group: usize, cols: &mut [f32]) {
-    let (l, nl) = (g.l(), g.n * g.l());
+    let l = g.l();
     let (kh, kw) = (g.k[0], g.k[1]);
-    cols.par_chunks_mut(nl).enumerate().for_each(|(row, dst)| {
+    let sw = g.s[1];
+    for (row, out) in cols.chunks_exact_mut(l).enumerate() {
         let ci = group * g.cg() + row / (kh * kw);
         let (ki, kj) = ((row / kw) % kh, row % kw);
         let (h_lo, h_hi, h_base) = g.valid(0, ki);
         let (w_lo, w_hi, w_base) = g.valid(1, kj);
-        let sw = g.s[1];
-        for b in 0..g.n {
-            let plane = &x[(b * g.c + ci) * g.h * g.w..][..g.h * g.w];
-            let out = &mut dst[b * l..][..l];
-            for oh in 0..g.o[0] {
-                let d = &mut out[oh * g.o[1]..][..g.o[1]];
-                if oh < h_lo || oh >= h_hi {
-                    d.fill(0.0);
-                    continue;
-                }
-                let ih = (h_base + (oh * g.s[0]) as isize) as usize;
-                let src = &plane[ih * g.w..][..g.w];
-                d[..w_lo].fill(0.0);
-                d[w_hi..].fill(0.0);
-                let iw0 = (w_base + (w_lo * sw) as isize) as usize;
-                if sw == 1 {
-                    d[w_lo..w_hi].copy_from_slice(&src[iw0..iw0 + (w_hi - w_lo)]);
-                } else {
-                    for (t, v) in d[w_lo..w_hi].iter_mut().enumerate() {
-                        *v = src[iw0 + t * sw];
-                    }
+        let plane = &x[ci * g.h * g.w..][..g.h * g.w];
+        for oh in 0..g.o[0] {
+            let d = &mut out[oh * g.o[1]..][..g.o[1]];
+            if oh < h_lo || oh >= h_hi {
+                d.fill(0.0);
+                continue;
+            }
+            let ih = (h_base + (oh * g.s[0]) as isize) as usize;
+            let src = &plane[ih * g.w..][..g.w];
+            d[..w_lo].fill(0.0);
+            d[w_hi..].fill(0.0);
+            let iw0 = (w_base + (w_lo * sw) as isize) as usize;
+            if sw == 1 {
+                d[w_lo..w_hi].copy_from_slice(&src[iw0..iw0 + (w_hi - w_lo)]);
+            } else {
+                for (t, v) in d[w_lo..w_hi].iter_mut().enumerate() {
+                    *v = src[iw0 + t * sw];
                 }
             }
         }
-    });
+    }
 }
 
-/// col2im for one group, the adjoint of `im2col`: adds `cols` [Kg, N*L] into `dx` [N, C, H, W].
+/// col2im for one image and group, the adjoint of `im2col`: adds `cols` [Kg, L] into `dx` [C, H, W].
 fn col2im(cols: &[f32], g: &Geo, group: usize, dx: &mut [f32]) {
-    let (l, nl) = (g.l(), g.n * g.l());
+    let l = g.l();
     let (kh, kw, hw) = (g.k[0], g.k[1], g.h * g.w);
     let sw = g.s[1];
-    dx.par_chunks_mut(hw).enumerate().for_each(|(p, plane)| {
-        let (b, ci) = (p / g.c, p % g.c);
-        if ci / g.cg() != group {
-            return;
-        }
-        let cl = ci % g.cg();
+    for cl in 0..g.cg() {
+        let plane = &mut dx[(group * g.cg() + cl) * hw..][..hw];
         for ki in 0..kh {
             let (h_lo, h_hi, h_base) = g.valid(0, ki);
             for kj in 0..kw {
                 let (w_lo, w_hi, w_base) = g.valid(1, kj);
-                let row = (cl * kh + ki) * kw + kj;
-                let src = &cols[row * nl + b * l..][..l];
+                let src = &cols[((cl * kh + ki) * kw + kj) * l..][..l];
+                let iw0 = (w_base + (w_lo * sw) as isize) as usize;
                 for oh in h_lo..h_hi {
                     let ih = (h_base + (oh * g.s[0]) as isize) as usize;
                     let d = &mut plane[ih * g.w..][..g.w];
                     let s = &src[oh * g.o[1]..][..g.o[1]];
-                    let iw0 = (w_base + (w_lo * sw) as isize) as usize;
-                    for (t, v) in s[w_lo..w_hi].iter().enumerate() {
-                        d[iw0 + t * sw] += v;
+                    if sw == 1 {
+                        for (dv, sv) in d[iw0..iw0 + (w_hi - w_lo)].iter_mut().zip(&s[w_lo..w_hi]) {
+                            *dv += sv;
+                        }
+                    } else {
+                        for (t, v) in s[w_lo..w_hi].iter().enumerate() {
+                            d[iw0 + t * sw] += v;
+                        }
                     }
                 }
             }
         }
-    });
+    }
 }
 
 fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -256,12 +254,29 @@ fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 
-/// Convolution as im2col + GEMM with a frozen weight; backward gives the input gradient only.
+/// Work split: with at least as many images as threads, one image per task and a sequential GEMM
+/// (im2col buffers stay in cache); with fewer, the GEMM itself is split.
+fn gemm_threads(n: usize) -> usize {
+    let t = rayon::current_num_threads();
+    if n >= t {
+        1
+    } else {
+        t
+    }
+}
+
+/// Convolution as per-image im2col + GEMM with a frozen weight; backward gives the input
+/// gradient only. 1x1 stride-1 unpadded convolutions skip im2col (the input already is the matrix).
 struct ConvOp {
     geo: Arc<Geo>,
-    /// [G, Mg, Kg] and its transpose [G, Kg, Mg], both contiguous.
-    w: Tensor,
-    wt: Tensor,
+    /// [M, Kg] row-major: group g owns rows g*Mg..(g+1)*Mg.
+    w: Arc<Vec<f32>>,
+}
+
+impl Geo {
+    fn pointwise(&self) -> bool {
+        self.k == [1, 1] && self.s == [1, 1] && self.p == [0, 0] && self.o == [self.h, self.w]
+    }
 }
 
 impl CustomOp1 for ConvOp {
@@ -272,38 +287,46 @@ impl CustomOp1 for ConvOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &*self.geo;
         let x = slice_of(s, l)?;
-        let (mg, kg, ll, nl) = (g.mg(), g.kg(), g.l(), g.n * g.l());
+        let (mg, kg, ll, chw) = (g.mg(), g.kg(), g.l(), g.c * g.h * g.w);
+        let threads = gemm_threads(g.n);
         let mut y = vec![0f32; g.n * g.m * ll];
-        for grp in 0..g.groups {
-            let mut cols = vec![0f32; kg * nl];
-            im2col(x, g, grp, &mut cols);
-            let c = Tensor::from_vec(cols, (kg, nl), &Device::Cpu)?;
-            let r = self.w.get(grp)?.matmul(&c)?; // [Mg, N*L]
-            let r = r.flatten_all()?.to_vec1::<f32>()?;
-            // [Mg, N, L] -> y[N, M, L]
-            y.par_chunks_mut(ll).enumerate().for_each(|(p, dst)| {
-                let (b, ch) = (p / g.m, p % g.m);
-                if ch / mg == grp {
-                    dst.copy_from_slice(&r[(ch % mg) * nl + b * ll..][..ll]);
+        y.par_chunks_mut(g.m * ll).enumerate().for_each_init(
+            || vec![0f32; if g.pointwise() { 0 } else { kg * ll }],
+            |cols, (b, yb)| {
+                let xb = &x[b * chw..][..chw];
+                for grp in 0..g.groups {
+                    let rhs = if g.pointwise() {
+                        MatRef::rows(&xb[grp * kg * ll..][..kg * ll], kg, ll)
+                    } else {
+                        im2col(xb, g, grp, cols);
+                        MatRef::rows(cols, kg, ll)
+                    };
+                    sgemm(
+                        MatMut::rows(&mut yb[grp * mg * ll..][..mg * ll], mg, ll),
+                        MatRef::rows(&self.w[grp * mg * kg..][..mg * kg], mg, kg),
+                        rhs,
+                        false,
+                        threads,
+                    );
                 }
-            });
-        }
+            },
+        );
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.m, g.o[0], g.o[1]))))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let op = ConvInputGrad {
             geo: self.geo.clone(),
-            wt: self.wt.clone(),
+            w: self.w.clone(),
         };
         Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
 
-/// The input gradient of `ConvOp`: dcols = Wᵀ · dy per group, then col2im.
+/// The input gradient of `ConvOp`: per image and group dcols = Wᵀ · dy, then col2im.
 struct ConvInputGrad {
     geo: Arc<Geo>,
-    wt: Tensor,
+    w: Arc<Vec<f32>>,
 }
 
 impl CustomOp1 for ConvInputGrad {
@@ -314,27 +337,28 @@ impl CustomOp1 for ConvInputGrad {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &*self.geo;
         let dy = slice_of(s, l)?;
-        let (mg, ll, nl) = (g.mg(), g.l(), g.n * g.l());
-        let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
-        for grp in 0..g.groups {
-            let mut dyg = vec![0f32; mg * nl];
-            // dy[N, M, L] -> [Mg, N*L] for this group
-            dyg.par_chunks_mut(ll).enumerate().for_each(|(p, dst)| {
-                let (ml, b) = (p / g.n, p % g.n);
-                dst.copy_from_slice(&dy[(b * g.m + grp * mg + ml) * ll..][..ll]);
-            });
-            let t = Tensor::from_vec(dyg, (mg, nl), &Device::Cpu)?;
-            let dcols = self.wt.get(grp)?.matmul(&t)?; // [Kg, N*L]
-            let dcols = dcols.flatten_all()?.to_vec1::<f32>()?;
-            col2im(&dcols, g, grp, &mut dx);
-        }
+        let (mg, kg, ll, chw) = (g.mg(), g.kg(), g.l(), g.c * g.h * g.w);
+        let threads = gemm_threads(g.n);
+        let mut dx = vec![0f32; g.n * chw];
+        dx.par_chunks_mut(chw).enumerate().for_each_init(
+            || vec![0f32; if g.pointwise() { 0 } else { kg * ll }],
+            |dcols, (b, dxb)| {
+                let dyb = &dy[b * g.m * ll..][..g.m * ll];
+                for grp in 0..g.groups {
+                    let wt = MatRef::transposed(&self.w[grp * mg * kg..][..mg * kg], mg, kg);
+                    let rhs = MatRef::rows(&dyb[grp * mg * ll..][..mg * ll], mg, ll);
+                    if g.pointwise() {
+                        let out = &mut dxb[grp * kg * ll..][..kg * ll];
+                        sgemm(MatMut::rows(out, kg, ll), wt, rhs, false, threads);
+                    } else {
+                        sgemm(MatMut::rows(dcols, kg, ll), wt, rhs, false, threads);
+                        col2im(dcols, g, grp, dxb);
+                    }
+                }
+            },
+        );
         Ok((CpuStorage::F32(dx), Shape::from((g.n, g.c, g.h, g.w))))
     }
-}
-
-/// A constant of ones, used for average-pool divisors.
-pub fn ones(dims: &[usize], dev: &Device) -> Result<Tensor> {
-    Tensor::ones(dims, DType::F32, dev)
 }
 
 #[cfg(test)]
@@ -405,6 +429,7 @@ mod tests {
             (4, 6, 2, [3, 2], [2, 1], [1, 2], [0, 2, 1, 0]),
             (6, 6, 6, [3, 3], [1, 2], [1, 1], [1, 1, 1, 1]),
             (3, 5, 1, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0]),
+            (4, 6, 2, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0]),
             (3, 4, 1, [5, 5], [3, 3], [2, 2], [3, 0, 0, 3]),
         ];
         for (c, m, group, k, s, d, p) in cases {
@@ -460,6 +485,7 @@ mod tests {
         for (c, m, group, k, s, d, p) in [
             (4, 6, 2, [3, 2], [2, 1], [1, 2], [0, 2, 1, 0]),
             (6, 6, 6, [3, 3], [2, 2], [1, 1], [1, 0, 0, 1]),
+            (4, 6, 2, [1, 1], [1, 1], [1, 1], [0, 0, 0, 0]),
         ] {
             let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, 9, 7), &dev)?)?;
             let wt = Tensor::randn(0f32, 1.0, (m, c / group, k[0], k[1]), &dev)?;

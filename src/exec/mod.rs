@@ -2,6 +2,7 @@
 //! op is built from candle ops with gradients, so distillation can back-propagate to the input).
 
 pub mod conv;
+pub mod fused;
 pub mod ort;
 
 use std::collections::HashMap;
@@ -467,10 +468,14 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
             let (scale, bias, mean, var) = (req(ins, 1)?, req(ins, 2)?, req(ins, 3)?, req(ins, 4)?);
             let inv = ((var + f64::from(*epsilon))?.sqrt()?.recip()? * scale)?;
             let shift = (bias - (mean * &inv)?)?;
-            x.broadcast_mul(&chan(&inv, r)?)?
-                .broadcast_add(&chan(&shift, r)?)?
+            if r >= 2 {
+                fused::channel_affine(x, inv.to_vec1()?, shift.to_vec1()?)?
+            } else {
+                x.broadcast_mul(&chan(&inv, r)?)?
+                    .broadcast_add(&chan(&shift, r)?)?
+            }
         }
-        (Op::Relu, _) => x.relu()?,
+        (Op::Relu, _) => fused::relu(x)?,
         (Op::Clip, Kind::Clip(lo, hi)) => {
             let mut y = x.clone();
             if lo.is_finite() {
