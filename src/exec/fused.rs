@@ -140,6 +140,63 @@ impl candle_core::CustomOp2 for ReluGrad {
     }
 }
 
+/// QuantizeLinear (`range` = the integer type's) or DequantizeLinear (`range` = None) on a
+/// contiguous f32 tensor holding real or integer values; one parallel pass, no gradient.
+pub fn qdq(
+    x: &Tensor,
+    axis: usize,
+    per_axis: bool,
+    scale: Vec<f32>,
+    zp: Vec<f32>,
+    range: Option<(f32, f32)>,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Qdq {
+        axis,
+        per_axis,
+        scale,
+        zp,
+        range,
+    })
+}
+
+struct Qdq {
+    axis: usize,
+    per_axis: bool,
+    scale: Vec<f32>,
+    zp: Vec<f32>,
+    range: Option<(f32, f32)>,
+}
+
+impl CustomOp1 for Qdq {
+    fn name(&self) -> &'static str {
+        "zq-qdq"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = flat(s, l)?;
+        let y = match self.range {
+            Some(r) => crate::ir::qdq::quantize(
+                x,
+                l.dims(),
+                self.axis,
+                self.per_axis,
+                &self.scale,
+                &self.zp,
+                r,
+            ),
+            None => crate::ir::qdq::dequantize(
+                x,
+                l.dims(),
+                self.axis,
+                self.per_axis,
+                &self.scale,
+                &self.zp,
+            ),
+        };
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,8 @@ enum Kind {
     Softmax(usize, bool),
     Clip(f32, f32),
     BatchNorm,
+    /// QuantizeLinear: the integer range of the output type.
+    Quantize((f32, f32)),
     Gather(usize, Tensor, Vec<usize>),
     Other,
 }
@@ -114,7 +116,9 @@ impl Plan {
                     if !consts.contains_key(v) {
                         consts.insert(*v, to_candle(t, &dev)?);
                     }
-                } else if !graph.values[*v].dtype.is_float() {
+                } else if !graph.values[*v].dtype.is_float()
+                    && !matches!(n.op, Op::DequantizeLinear { .. })
+                {
                     return Err(Error::node(
                         &n.name,
                         n.op.name(),
@@ -343,6 +347,15 @@ fn lower(g: &Graph, n: &Node, dev: &Device) -> std::result::Result<Kind, String>
         Op::Shape { .. } | Op::ConstantOfShape { .. } => {
             return Err("shape arithmetic was not folded".into());
         }
+        Op::QuantizeLinear { .. } => {
+            let dt = n
+                .input(2)
+                .map_or(crate::ir::DType::U8, |z| g.values[z].dtype);
+            Kind::Quantize(
+                crate::ir::qdq::qrange(dt)
+                    .ok_or_else(|| format!("quantizing to {dt} is not supported"))?,
+            )
+        }
         _ => Kind::Other,
     })
 }
@@ -505,6 +518,28 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
         (Op::Div, _) => x.broadcast_div(req(ins, 1)?)?,
         (_, Kind::Reshape(s)) => x.reshape(s.clone())?,
         (Op::Identity | Op::Dropout | Op::Cast { .. }, _) => x.clone(),
+        (Op::QuantizeLinear { axis } | Op::DequantizeLinear { axis }, _) => {
+            // Integer tensors run as f32 holding integer values (exact up to 2^24).
+            let scale = req(ins, 1)?.flatten_all()?.to_vec1::<f32>()?;
+            let zp = match ins.get(2).and_then(|t| t.as_ref()) {
+                Some(t) => Some(
+                    t.to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                ),
+                None => None,
+            };
+            let shape = x.dims().to_vec();
+            let (a, per) =
+                crate::ir::qdq::resolve(&shape, *axis, scale.len(), zp.as_ref().map(Vec::len))
+                    .map_err(candle_core::Error::Msg)?;
+            let zp = zp.unwrap_or_default();
+            let range = match (&n.op, kind) {
+                (Op::QuantizeLinear { .. }, Kind::Quantize(range)) => Some(*range),
+                _ => None,
+            };
+            fused::qdq(x, a, per, scale, zp, range)?
+        }
         (
             Op::Gemm {
                 alpha,

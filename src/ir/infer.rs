@@ -522,6 +522,8 @@ pub fn infer(g: &Graph, n: &Node) -> R<Vec<Vec<usize>>> {
         | Op::Tanh
         | Op::Erf
         | Op::Identity
+        | Op::QuantizeLinear { .. }
+        | Op::DequantizeLinear { .. }
         | Op::Cast { .. } => one(x()?.to_vec()),
         Op::Dropout => {
             // zq runs inference: a training_mode input must be a constant false.
@@ -753,6 +755,24 @@ pub fn fold_host(g: &Graph, n: &Node, out_shapes: &[Vec<usize>]) -> R<Option<Vec
     }
     let t = match &n.op {
         Op::Identity | Op::Dropout => c(0).clone(),
+        Op::QuantizeLinear { axis } | Op::DequantizeLinear { axis } => {
+            let x = c(0);
+            let scale = c(1).to_f32_vec();
+            let zp_t = n.input(2).map(|_| c(2));
+            let zp = zp_t.map(|t| t.to_f32_vec()).unwrap_or_default();
+            let (a, per) =
+                super::qdq::resolve(&x.shape, *axis, scale.len(), zp_t.map(|_| zp.len()))?;
+            if let Op::QuantizeLinear { .. } = n.op {
+                let dt = zp_t.map_or(DType::U8, |t| t.dtype);
+                let range = super::qdq::qrange(dt)
+                    .ok_or_else(|| format!("quantizing to {dt} is not supported"))?;
+                let q = super::qdq::quantize(&x.to_f32_vec(), &x.shape, a, per, &scale, &zp, range);
+                Tensor::f32(x.shape.clone(), q).cast(dt)
+            } else {
+                let d = super::qdq::dequantize(&x.to_f32_vec(), &x.shape, a, per, &scale, &zp);
+                Tensor::f32(x.shape.clone(), d)
+            }
+        }
         Op::Cast { to } => c(0).cast(*to),
         Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze => {
             c(0).reshape(shape0)

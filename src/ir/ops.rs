@@ -130,6 +130,14 @@ pub enum Op {
     Cast {
         to: DType,
     },
+    /// inputs: x, y_scale, y_zero_point (optional; its type is the output type, default uint8)
+    QuantizeLinear {
+        axis: i64,
+    },
+    /// inputs: x, x_scale, x_zero_point (optional)
+    DequantizeLinear {
+        axis: i64,
+    },
 }
 
 impl Op {
@@ -172,6 +180,8 @@ impl Op {
             Op::Gather { .. } => "Gather",
             Op::ConstantOfShape { .. } => "ConstantOfShape",
             Op::Cast { .. } => "Cast",
+            Op::QuantizeLinear { .. } => "QuantizeLinear",
+            Op::DequantizeLinear { .. } => "DequantizeLinear",
         }
     }
 

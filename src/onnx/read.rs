@@ -358,6 +358,7 @@ fn check_arity(op: &Op, inputs: &[Option<ValueId>], outputs: &[ValueId]) -> Resu
         Op::Squeeze => (1, 2),
         Op::Unsqueeze => (2, 2),
         Op::Dropout => (1, 3),
+        Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. } => (2, 3),
         Op::Concat { .. } => (1, usize::MAX),
         _ => (1, 1),
     };
@@ -730,6 +731,21 @@ fn parse_op(
                 .and_then(DType::from_onnx_code)
                 .ok_or_else(|| a.unsupported(format!("cast target type {code}")))?;
             Op::Cast { to }
+        }
+        "QuantizeLinear" | "DequantizeLinear" => {
+            a.only(&["axis", "saturate", "block_size", "output_dtype"])?;
+            if a.int("block_size", 0)? != 0 {
+                return Err(a.unsupported("blocked quantization (block_size)".into()));
+            }
+            if a.int("output_dtype", 0)? != 0 {
+                return Err(a.unsupported("the output_dtype attribute".into()));
+            }
+            let axis = a.int("axis", 1)?;
+            if np.op_type() == "QuantizeLinear" {
+                Op::QuantizeLinear { axis }
+            } else {
+                Op::DequantizeLinear { axis }
+            }
         }
         other => {
             return Err(Error::Unsupported {

@@ -171,6 +171,9 @@ fn attributes(op: &Op) -> Vec<proto::AttributeProto> {
         }
         Op::ConstantOfShape { value } => a.push(attr_tensor("value", value)),
         Op::Cast { to } => a.push(attr_int("to", to.onnx_code() as i64)),
+        Op::QuantizeLinear { axis } | Op::DequantizeLinear { axis } => {
+            a.push(attr_int("axis", *axis))
+        }
         _ => {}
     }
     a
