@@ -56,8 +56,15 @@ fn main() -> ExitCode {
     match std::panic::catch_unwind(move || cli::run(cli)) {
         Ok(Ok(code)) => code,
         Ok(Err(e)) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("zq: error: {}", chain.join(": "));
+            // Typed errors already print their source; skip causes the message contains.
+            let mut msg = e.to_string();
+            for c in e.chain().skip(1) {
+                let c = c.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            eprintln!("zq: error: {msg}");
             ExitCode::from(EXIT_ERROR)
         }
         Err(_) => ExitCode::from(EXIT_ERROR),

@@ -34,6 +34,15 @@ pub enum Command {
     /// per-channel mean and standard deviation of the activations entering every BatchNormalization
     /// layer match the running statistics stored in it. No training data is needed.
     Distill(DistillArgs),
+    /// Quantize a model to int8 (or fewer weight bits) without training data; writes QDQ ONNX.
+    ///
+    /// BatchNormalization is folded into its convolution, activation ranges are calibrated on
+    /// ZeroQ images distilled from the model itself (or --data / --calib-dir), weights are
+    /// quantized per output channel, and the result is a standard QuantizeLinear/DequantizeLinear
+    /// ONNX model that ONNX Runtime runs with integer kernels. Its agreement with the FP32 model
+    /// is estimated on held-out distilled images; --min-agreement / --max-kl turn that estimate
+    /// into a gate (exit 1, nothing written).
+    Quantize(QuantizeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +96,25 @@ pub struct EvalArgs {
     pub ort_lib: Option<PathBuf>,
 }
 
+/// Which BatchNormalization statistics distilled images match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatsArg {
+    /// Every image's own statistics (ZeroQ): each image is pulled to the average.
+    PerSample,
+    /// The batch's statistics (DeepInversion/Genie): images differ as real ones do; their
+    /// activation tails are close to real data's, which calibration needs.
+    Batch,
+}
+
+impl From<StatsArg> for zq_synth::zeroq::Stats {
+    fn from(s: StatsArg) -> Self {
+        match s {
+            StatsArg::PerSample => zq_synth::zeroq::Stats::PerSample,
+            StatsArg::Batch => zq_synth::zeroq::Stats::Batch,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DistillArgs {
     /// The ONNX model (it must contain BatchNormalization layers).
@@ -112,6 +140,85 @@ pub struct DistillArgs {
     /// Also write every image as a PNG into DIR (de-normalised with --mean/--std).
     #[arg(long, value_name = "DIR")]
     pub png: Option<PathBuf>,
+    /// Which BatchNormalization statistics to match.
+    #[arg(long, value_enum, default_value_t = StatsArg::PerSample)]
+    pub stats: StatsArg,
+    #[command(flatten)]
+    pub pre: PreprocessArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Clip {
+    /// Scale from the largest weight magnitude.
+    Minmax,
+    /// Clip the largest magnitudes where that lowers the weight's squared error.
+    Mse,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// Output ONNX file [default: <model stem>.zq.onnx beside the model].
+    #[arg(long, short, value_name = "OUT.onnx")]
+    pub output: Option<PathBuf>,
+    /// Weight bits for every quantizable layer (2..8; values are stored in int8 containers).
+    #[arg(long, value_name = "BITS", default_value_t = 8)]
+    pub wbits: u8,
+    /// Activation bits (uint8 per-tensor affine; 8 is the only width ONNX Runtime runs natively).
+    #[arg(long, value_name = "BITS", default_value_t = 8, value_parser = clap::value_parser!(u8).range(8..=8))]
+    pub abits: u8,
+    /// One scale per weight tensor instead of one per output channel.
+    #[arg(long)]
+    pub per_tensor: bool,
+    /// How weight scales are chosen.
+    #[arg(long, value_enum, default_value_t = Clip::Minmax)]
+    pub clip: Clip,
+    /// Weight bits for one layer (repeatable), e.g. --layer-bits conv1=4.
+    #[arg(long, value_name = "NAME=BITS")]
+    pub layer_bits: Vec<String>,
+    /// Leave one layer in float (repeatable).
+    #[arg(long, value_name = "NAME")]
+    pub keep_float: Vec<String>,
+    /// Calibrate on a distilled set written by `zq distill` instead of distilling inline.
+    #[arg(long, value_name = "D.safetensors", conflicts_with = "calib_dir")]
+    pub data: Option<PathBuf>,
+    /// Calibrate on real images DIR/<class>/*.png (for comparison; zq needs none).
+    #[arg(long, value_name = "DIR")]
+    pub calib_dir: Option<PathBuf>,
+    /// Calibration images to distil (or to take from --calib-dir).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub num: u32,
+    /// Distillation iterations per batch.
+    #[arg(long, value_name = "I", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub iters: u32,
+    /// Which BatchNormalization statistics inline distillation matches (batch: measured on
+    /// ResNet-20, calibration as good as real images; per-sample: ZeroQ's, thin tails).
+    #[arg(long, value_enum, default_value_t = StatsArg::Batch)]
+    pub stats: StatsArg,
+    /// Held-out distilled images for the quality estimate (0: skip the estimate).
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub holdout: u32,
+    /// Random seed (distillation); the same seed gives the same model.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Exit 1 without writing when the estimated argmax agreement with FP32 is below A (0..1).
+    #[arg(long, value_name = "A")]
+    pub min_agreement: Option<f64>,
+    /// Exit 1 without writing when the estimated mean KL divergence from FP32 is above K.
+    #[arg(long, value_name = "K")]
+    pub max_kl: Option<f64>,
+    /// Widen ranges after a folded BatchNormalization to at least beta +- S * |gamma| (0: off;
+    /// helps per-sample-statistics calibration data, not batch-statistics data).
+    #[arg(long, value_name = "S", default_value_t = 0.0)]
+    pub bn_sigmas: f32,
+    /// Widen calibrated ranges on the residual stream (Add outputs and their ReLU) by F (1: off).
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    pub residual_widen: f32,
+    /// Keep biases as they are (by default each bias absorbs the mean output shift that weight
+    /// rounding causes on the calibration images).
+    #[arg(long)]
+    pub no_bias_correction: bool,
     #[command(flatten)]
     pub pre: PreprocessArgs,
 }

@@ -10,8 +10,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use crate::data::{parse_floats, Preprocess};
-use crate::pipeline::{distill, eval, inspect};
-use args::{Cli, Command, DistillArgs, Engine, EvalArgs, InspectArgs, PreprocessArgs};
+use crate::pipeline::{distill, eval, inspect, quantize};
+use args::{
+    Cli, Command, DistillArgs, Engine, EvalArgs, InspectArgs, PreprocessArgs, QuantizeArgs,
+};
 use printer::Printer;
 
 /// Exit code when a requested goal was not met (quality gate, infeasible budget).
@@ -26,6 +28,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(a) => cmd_inspect(&p, a),
         Command::Eval(a) => cmd_eval(&p, a),
         Command::Distill(a) => cmd_distill(&p, a),
+        Command::Quantize(a) => cmd_quantize(&p, a),
     }
 }
 
@@ -185,6 +188,7 @@ fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
         lr: a.lr,
         seed: a.seed,
         pre,
+        stats: a.stats.into(),
     };
     opts.validate()?;
     let out = a
@@ -248,6 +252,175 @@ fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
         if let Some(d) = &r.png_dir {
             println!("PNGs in {d}");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Serialize)]
+struct QuantizeSummary {
+    output: Option<String>,
+    /// false when a gate refused the result (nothing was written).
+    written: bool,
+    file_bytes: Option<u64>,
+    #[serde(flatten)]
+    report: quantize::QuantizeReport,
+    seconds: f64,
+}
+
+fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
+    let t0 = std::time::Instant::now();
+    let pre = preprocess(&a.pre)?;
+    let mut layer_bits = std::collections::BTreeMap::new();
+    for lb in &a.layer_bits {
+        let (name, bits) = lb
+            .rsplit_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--layer-bits {lb}: expected NAME=BITS"))?;
+        let bits: u8 = bits
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--layer-bits {lb}: '{bits}' is not a bit width"))?;
+        layer_bits.insert(name.to_string(), bits);
+    }
+    if let Some(m) = a.min_agreement {
+        if !(0.0..=1.0).contains(&m) {
+            anyhow::bail!("--min-agreement must be between 0 and 1, got {m}");
+        }
+    }
+    if let Some(k) = a.max_kl {
+        if !(k >= 0.0 && k.is_finite()) {
+            anyhow::bail!("--max-kl must be a non-negative number, got {k}");
+        }
+    }
+    if !(a.bn_sigmas.is_finite() && a.bn_sigmas >= 0.0) {
+        anyhow::bail!(
+            "--bn-sigmas must be a non-negative number, got {}",
+            a.bn_sigmas
+        );
+    }
+    if !(a.residual_widen.is_finite() && a.residual_widen >= 1.0) {
+        anyhow::bail!(
+            "--residual-widen must be at least 1, got {}",
+            a.residual_widen
+        );
+    }
+    if (a.min_agreement.is_some() || a.max_kl.is_some()) && a.holdout == 0 {
+        anyhow::bail!("--min-agreement/--max-kl need held-out images (--holdout > 0)");
+    }
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| beside(&a.model, ".zq.onnx"));
+    prepare_output(&out, "-o")?;
+    let calib = match (&a.data, &a.calib_dir) {
+        (Some(d), _) => quantize::Calib::File(d.clone()),
+        (None, Some(dir)) => quantize::Calib::Images {
+            dir: dir.clone(),
+            num: a.num as usize,
+        },
+        (None, None) => quantize::Calib::Distill {
+            num: a.num as usize,
+            iters: a.iters as usize,
+            stats: a.stats.into(),
+        },
+    };
+    let opts = quantize::QuantizeOptions {
+        wbits: a.wbits,
+        per_tensor: a.per_tensor,
+        clip: match a.clip {
+            args::Clip::Minmax => zq_quant::ClipSearch::MinMax,
+            args::Clip::Mse => zq_quant::ClipSearch::Mse,
+        },
+        layer_bits,
+        keep_float: a.keep_float.iter().cloned().collect(),
+        calib,
+        holdout: a.holdout as usize,
+        holdout_iters: a.iters as usize,
+        holdout_stats: a.stats.into(),
+        seed: a.seed,
+        pre,
+        bn_sigmas: a.bn_sigmas,
+        residual_widen: a.residual_widen,
+        bias_correction: !a.no_bias_correction,
+    };
+    let model = crate::onnx::read_model(&a.model)?;
+    let bar = std::cell::RefCell::new(None::<(String, indicatif::ProgressBar)>);
+    let q = quantize::quantize(&model.graph, &a.model, &opts, &mut |stage, done, total| {
+        let mut b = bar.borrow_mut();
+        if b.as_ref().map(|(s, _)| s.as_str()) != Some(stage) {
+            if let Some((_, old)) = b.take() {
+                old.finish_and_clear();
+            }
+            let pb = p.progress(total as u64, "steps");
+            pb.set_message(stage.to_string());
+            *b = Some((stage.to_string(), pb));
+        }
+        if let Some((_, pb)) = b.as_ref() {
+            pb.set_position(done as u64);
+        }
+    })?;
+    if let Some((_, b)) = bar.borrow_mut().take() {
+        b.finish_and_clear();
+    }
+    let mut failed = Vec::new();
+    if let Some(qual) = &q.report.quality {
+        if let Some(m) = a.min_agreement {
+            if qual.agreement < m {
+                failed.push(format!(
+                    "estimated agreement with FP32 {:.4} < --min-agreement {m}",
+                    qual.agreement
+                ));
+            }
+        }
+        if let Some(k) = a.max_kl {
+            if qual.kl > k {
+                failed.push(format!(
+                    "estimated KL from FP32 {:.5} > --max-kl {k}",
+                    qual.kl
+                ));
+            }
+        }
+    }
+    let written = failed.is_empty();
+    let mut file_bytes = None;
+    if written {
+        crate::onnx::write::write_model(&q.graph, &out)?;
+        file_bytes = std::fs::metadata(&out).ok().map(|m| m.len());
+    }
+    let r = QuantizeSummary {
+        output: written.then(|| out.display().to_string()),
+        written,
+        file_bytes,
+        report: q.report,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    if p.json {
+        p.json(&r)?;
+    } else {
+        let n8 = r.report.layers.iter().filter(|l| l.bits.is_some()).count();
+        println!(
+            "{}: {} of {} layers quantized ({} BN folded), weights {} -> {}, calibrated on {}",
+            r.output.as_deref().unwrap_or("(not written)"),
+            n8,
+            r.report.layers.len(),
+            r.report.bn_folded,
+            crate::cli::size::human_bytes(r.report.fp32_weight_bytes as u64),
+            crate::cli::size::human_bytes(r.report.quantized_weight_bytes as u64),
+            r.report.calibration
+        );
+        if let Some(qual) = &r.report.quality {
+            println!(
+                "estimated on {} held-out distilled images: agreement with FP32 {:.2}%, KL {:.5}",
+                qual.images,
+                100.0 * qual.agreement,
+                qual.kl
+            );
+        }
+    }
+    if !written {
+        eprintln!(
+            "zq: quality gate failed: {}; nothing written",
+            failed.join("; ")
+        );
+        return Ok(ExitCode::from(EXIT_GOAL_NOT_MET));
     }
     Ok(ExitCode::SUCCESS)
 }

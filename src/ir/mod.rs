@@ -4,9 +4,11 @@
 //! Operator attributes are parsed and normalised at import (e.g. Squeeze axes given as an attribute
 //! in opset 11 become a constant input, as in opset 13+), so every later stage sees one form per op.
 
+pub mod fold_bn;
 pub mod infer;
 pub mod ops;
 pub mod passes;
+pub mod qdq;
 pub mod tensor;
 
 use std::collections::HashMap;

@@ -26,6 +26,8 @@ pub struct DistillOptions {
     pub seed: u64,
     /// The model's preprocessing: it defines the valid input box.
     pub pre: Preprocess,
+    /// Per-sample (ZeroQ) or batch BatchNormalization statistics.
+    pub stats: zeroq::Stats,
 }
 
 impl DistillOptions {
@@ -69,6 +71,8 @@ pub struct DistillMeta {
     pub iters: usize,
     pub lr: f32,
     pub seed: u64,
+    /// "per-sample" (ZeroQ) or "batch": which statistics the losses below match.
+    pub stats: &'static str,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
     /// Per-channel valid input box [lo, hi]: pixels 0 and 1 mapped through the preprocessing.
@@ -161,10 +165,11 @@ pub fn distill(
             lr: opts.lr,
             seed: batch_seed(opts.seed, b),
             bounds: bounds.clone(),
+            stats: opts.stats,
         };
         let done = b * opts.iters;
         let r = zeroq::distill(tm, &cfg, &mut |i, l| progress(done + i, total_steps, l))?;
-        let noise = noise_loss(tm, batch_seed(opts.seed ^ 0x6E6F_6973_6521, b))?;
+        let noise = noise_loss(tm, batch_seed(opts.seed ^ 0x6E6F_6973_6521, b), opts.stats)?;
         // Each batch's loss is a mean over its images: weight by size for the mean over all.
         let wgt = size as f64 / opts.num as f64;
         l0 += wgt * f64::from(r.bn_loss_initial);
@@ -190,6 +195,7 @@ pub fn distill(
         iters: opts.iters,
         lr: opts.lr,
         seed: opts.seed,
+        stats: opts.stats.name(),
         mean: pc.iter().map(|p| p.0).collect(),
         std: pc.iter().map(|p| p.1).collect(),
         bounds: bounds.iter().map(|&(a, b)| [a, b]).collect(),
@@ -206,7 +212,7 @@ pub fn distill(
 }
 
 /// Per-layer BN loss of standard Gaussian noise shaped like the model's input batch.
-fn noise_loss(tm: &PlanTaps, seed: u64) -> Result<Vec<f32>> {
+fn noise_loss(tm: &PlanTaps, seed: u64, stats: zeroq::Stats) -> Result<Vec<f32>> {
     let shape = tm.input_shape();
     let n = shape.iter().product();
     let x = Tensor::from_vec(
@@ -215,7 +221,7 @@ fn noise_loss(tm: &PlanTaps, seed: u64) -> Result<Vec<f32>> {
         tm.plan.device(),
     )?;
     let taps = tm.forward_taps(&x)?;
-    let (_, per) = zeroq::loss(&x, &taps, tm.bn_targets())?;
+    let (_, per) = zeroq::loss_with(&x, &taps, tm.bn_targets(), stats)?;
     Ok(per)
 }
 

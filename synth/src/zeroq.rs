@@ -113,9 +113,48 @@ fn own_loss(stat: &Tensor, target: &[f32]) -> Result<Tensor> {
     stat.broadcast_sub(&t)?.sqr()?.sum_all()? / n as f64
 }
 
-/// The loss of one layer: mean term plus std term.
+/// Which statistics are matched to a BatchNormalization layer's running mean and variance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stats {
+    /// Every image's own per-channel statistics (ZeroQ). Each image is pulled to the population
+    /// average, so a set of them has thin tails.
+    #[default]
+    PerSample,
+    /// The batch's per-channel statistics over all images and positions (as DeepInversion and
+    /// Genie match them): images may differ from each other as real ones do, as long as the batch
+    /// matches, which reproduces the activation tails calibration needs.
+    Batch,
+}
+
+impl Stats {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stats::PerSample => "per-sample",
+            Stats::Batch => "batch",
+        }
+    }
+}
+
+/// The loss of one layer: mean term plus std term (per-sample statistics, ZeroQ).
 pub fn layer_loss(tap: &Tensor, target: &BnTarget) -> Result<Tensor> {
-    let (m, s) = channel_stats(tap, target.eps)?;
+    layer_loss_with(tap, target, Stats::PerSample)
+}
+
+/// The loss of one layer with the chosen statistics.
+pub fn layer_loss_with(tap: &Tensor, target: &BnTarget, stats: Stats) -> Result<Tensor> {
+    let (m, s) = match stats {
+        Stats::PerSample => channel_stats(tap, target.eps)?,
+        Stats::Batch => {
+            // [N, C, HW] -> [1, C, N*HW]: one "sample" holding the whole batch.
+            let (n, c) = (tap.dim(0)?, tap.dim(1)?);
+            let t = tap
+                .reshape((n, c, ()))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((1, c, ()))?;
+            channel_stats(&t, target.eps)?
+        }
+    };
     own_loss(&m, &target.mean)? + own_loss(&s, &target.std)?
 }
 
@@ -128,6 +167,17 @@ pub fn input_loss(x: &Tensor) -> Result<Tensor> {
 
 /// Total ZeroQ loss and the per-layer BatchNormalization terms (as plain numbers).
 pub fn loss(x: &Tensor, taps: &[Tensor], targets: &[BnTarget]) -> Result<(Tensor, Vec<f32>)> {
+    loss_with(x, taps, targets, Stats::PerSample)
+}
+
+/// [`loss`] with the chosen statistics for the BatchNormalization terms (the input term is
+/// always per image).
+pub fn loss_with(
+    x: &Tensor,
+    taps: &[Tensor],
+    targets: &[BnTarget],
+    stats: Stats,
+) -> Result<(Tensor, Vec<f32>)> {
     if taps.len() != targets.len() {
         candle_core::bail!(
             "{} taps for {} BatchNormalization targets",
@@ -138,7 +188,7 @@ pub fn loss(x: &Tensor, taps: &[Tensor], targets: &[BnTarget]) -> Result<(Tensor
     let mut total = input_loss(x)?;
     let mut per_layer = Vec::with_capacity(taps.len());
     for (t, target) in taps.iter().zip(targets) {
-        let l = layer_loss(t, target)?;
+        let l = layer_loss_with(t, target, stats)?;
         per_layer.push(l.to_scalar::<f32>()?);
         total = (total + l)?;
     }
@@ -208,6 +258,25 @@ mod tests {
     }
 
     #[test]
+    fn batch_statistics_pool_the_images() -> Result<()> {
+        let dev = Device::Cpu;
+        // Two images, one channel: [1,1,1,1] and [3,3,3,3]. Each is constant (std 0), the batch
+        // has mean 2 and unbiased std sqrt(8/7).
+        let x = Tensor::from_vec(vec![1f32, 1., 1., 1., 3., 3., 3., 3.], (2, 1, 2, 2), &dev)?;
+        let target = BnTarget {
+            name: "bn".into(),
+            mean: vec![2.0],
+            std: vec![(8f32 / 7.0).sqrt()],
+            eps: 0.0,
+        };
+        let b = layer_loss_with(&x, &target, Stats::Batch)?.to_scalar::<f32>()?;
+        assert!(b.abs() < 1e-6, "the batch matches: {b}");
+        let p = layer_loss_with(&x, &target, Stats::PerSample)?.to_scalar::<f32>()?;
+        assert!(p > 1.0, "no single image matches: {p}");
+        Ok(())
+    }
+
+    #[test]
     fn gradient_descends() -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 3, 5, 5), &dev)?)?;
@@ -234,6 +303,8 @@ pub struct ZeroQConfig {
     /// Per-channel valid input box `[lo, hi]` (pixels in [0,1] mapped through the preprocessing);
     /// iterates are projected into it after every step.
     pub bounds: Vec<(f32, f32)>,
+    /// Which BatchNormalization statistics are matched.
+    pub stats: Stats,
 }
 
 /// The result of one distilled batch.
@@ -281,7 +352,7 @@ pub fn distill(
     let bn_of = |x: &[f32]| -> Result<(Tensor, Vec<f32>, Var)> {
         let v = Var::from_tensor(&Tensor::from_slice(x, shape.as_slice(), &dev)?)?;
         let taps = model.forward_taps(v.as_tensor())?;
-        let (total, per) = loss(v.as_tensor(), &taps, model.bn_targets())?;
+        let (total, per) = loss_with(v.as_tensor(), &taps, model.bn_targets(), cfg.stats)?;
         Ok((total, per, v))
     };
     let (_, per0, _) = bn_of(&x)?;

@@ -85,3 +85,76 @@ fn resnet20_distillation_with_defaults_matches_bn_statistics_in_onnx_runtime() {
     );
     eprintln!("ResNet-20: distilled BN loss / noise = {ratio:.4} (ONNX Runtime)");
 }
+
+#[test]
+fn resnet20_zero_shot_w8a8_and_w4a8_in_onnx_runtime() {
+    // Acceptance: no real data. Calibration images distilled with batch statistics (what
+    // `zq quantize` distils inline by default), then W8A8 and W4A8 models judged by ONNX Runtime
+    // on the 10,000 CIFAR-10 test images, and zq's own prediction of the emitted model.
+    let Some(sh) = shared() else { return };
+    let Some(lib) = ort_lib() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let m = sh.join("models/resnet20_cifar10_bn.onnx");
+    let test = sh.join("data/cifar10/test");
+    let d = t.path().join("d.safetensors");
+    let o = zq(&[
+        "distill",
+        s(&m),
+        "-o",
+        s(&d),
+        "--num",
+        "64",
+        "--stats",
+        "batch",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for (wbits, min_top1, min_agree) in [("8", 0.806, 0.975), ("4", 0.776, 0.0)] {
+        let q = t.path().join(format!("w{wbits}.onnx"));
+        let o = zq(&[
+            "quantize",
+            s(&m),
+            "--data",
+            s(&d),
+            "--wbits",
+            wbits,
+            "--holdout",
+            "0",
+            "-o",
+            s(&q),
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let e = zq(&[
+            "eval",
+            s(&q),
+            "--data",
+            s(&test),
+            "--engine",
+            "ort",
+            "--ort-lib",
+            s(&lib),
+            "--compare",
+            s(&m),
+            "--json",
+        ]);
+        assert_eq!(e.code, 0, "{}", e.stderr);
+        let j = e.json();
+        let (top1, agree) = (
+            j["top1"].as_f64().unwrap(),
+            j["agreement"].as_f64().unwrap(),
+        );
+        eprintln!("ResNet-20 W{wbits}A8 (ONNX Runtime): top-1 {top1}, agreement with FP32 {agree}");
+        assert!(top1 >= min_top1, "W{wbits}A8 top-1 {top1} < {min_top1}");
+        assert!(
+            agree >= min_agree,
+            "W{wbits}A8 agreement {agree} < {min_agree}"
+        );
+        if wbits == "8" {
+            let folder = ImageFolder::open(&test).unwrap();
+            let x = load_batch(&folder.items, 3, 32, 32, &Preprocess::imagenet()).unwrap();
+            let n = folder.items.len();
+            let (same, diff) = crate::quantize::zq_vs_ort(&q, &x, [n, 3, 32, 32], &lib);
+            eprintln!("ResNet-20 W8A8: zq predicts ONNX Runtime's class on {same} of {n} images (max logit difference {diff})");
+            assert!(same >= 0.995, "zq vs ONNX Runtime {same}");
+        }
+    }
+}

@@ -66,6 +66,7 @@ fn zeroq_distillation_matches_statistics_inside_the_box() {
         lr: 0.5,
         seed: 3,
         bounds: vec![(-1.0, 1.0)],
+        stats: zeroq::Stats::PerSample,
     };
     let a = zeroq::distill(&tm, &cfg, &mut |_, _| {}).unwrap();
     assert!(a.images.iter().all(|v| (-1.0..=1.0).contains(v)));

@@ -1,0 +1,318 @@
+//! `zq quantize`: QDQ ONNX output checked by ONNX Runtime, zq's own prediction of it, the quality
+//! gate, and bad input.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use zq::data::{load_batch, ImageFolder, Preprocess};
+use zq::exec::Plan;
+use zq::onnx::read_model;
+
+use crate::util::*;
+
+/// Argmax per row.
+fn argmax(v: &[f32], k: usize) -> Vec<usize> {
+    v.chunks(k)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |m, (i, &x)| if x > m.1 { (i, x) } else { m },
+                )
+                .0
+        })
+        .collect()
+}
+
+/// Predictions of `model` by zq's executor and by ONNX Runtime on `x` [n, c, h, w]:
+/// (fraction where they agree, max abs score difference).
+pub fn zq_vs_ort(model: &Path, x: &[f32], shape: [usize; 4], lib: &Path) -> (f64, f32) {
+    let g = read_model(model).unwrap().graph;
+    let [n, c, h, w] = shape;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let ort = zq::exec::ort::OrtModel::open(model, Some(lib), 2).unwrap();
+    let b = 100.min(n);
+    let plan = Plan::new(&g, b).unwrap();
+    for s in (0..n).step_by(b) {
+        let m = b.min(n - s);
+        let xs = x[s * c * h * w..(s + m) * c * h * w].to_vec();
+        let p = if m == b {
+            None
+        } else {
+            Some(Plan::new(&g, m).unwrap())
+        };
+        let p = p.as_ref().unwrap_or(&plan);
+        let t = Tensor::from_vec(xs.clone(), (m, c, h, w), p.device()).unwrap();
+        ours.extend(
+            p.run(&[t]).unwrap()[0]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        theirs.extend(ort.run(xs, &[m, c, h, w]).unwrap().1);
+    }
+    let k = ours.len() / n;
+    let (a, b) = (argmax(&ours, k), argmax(&theirs, k));
+    let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / n as f64;
+    (agree, max_abs_diff(&ours, &theirs))
+}
+
+fn digits_test() -> (Vec<f32>, [usize; 4]) {
+    let folder = ImageFolder::open(&fixture("digits_bn/test")).unwrap();
+    let pre = Preprocess {
+        mean: vec![0.5],
+        std: vec![0.5],
+    };
+    let x = load_batch(&folder.items, 1, 8, 8, &pre).unwrap();
+    (x, [folder.items.len(), 1, 8, 8])
+}
+
+const DIGITS: &[&str] = &[
+    "--mean",
+    "0.5",
+    "--std",
+    "0.5",
+    "--num",
+    "32",
+    "--iters",
+    "150",
+    "--holdout",
+    "16",
+];
+
+#[test]
+fn digits_w8a8_runs_in_onnx_runtime_and_zq_predicts_it() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("q.onnx");
+    let m = fixture("digits_bn/model.onnx");
+    let mut args = vec!["quantize", s(&m), "-o", s(&out), "--json"];
+    args.extend_from_slice(DIGITS);
+    let o = zq(&args);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
+    assert_eq!(j["bn_folded"], 4);
+    assert!(j["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["bits"] == 8));
+    assert!(j["quality"]["agreement"].as_f64().unwrap() > 0.5);
+    assert!(
+        j["quantized_weight_bytes"].as_u64().unwrap() * 3
+            < j["fp32_weight_bytes"].as_u64().unwrap()
+    );
+    // Every activation and weight goes through QuantizeLinear/DequantizeLinear.
+    let g = read_model(&out).unwrap().graph;
+    let count = |op: &str| g.nodes.iter().filter(|n| n.op.name() == op).count();
+    assert_eq!(count("BatchNormalization"), 0);
+    assert!(count("QuantizeLinear") >= 10, "{}", count("QuantizeLinear"));
+    assert_eq!(count("DequantizeLinear"), count("QuantizeLinear") + 2 * 5);
+    // zq's accuracy on the real test digits stays near FP32's 98%.
+    let e = zq(&[
+        "eval",
+        s(&out),
+        "--data",
+        s(&fixture("digits_bn/test")),
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--json",
+    ]);
+    assert_eq!(e.code, 0, "{}", e.stderr);
+    let top1 = e.json()["top1"].as_f64().unwrap();
+    assert!(top1 >= 0.95, "quantized digits top-1 {top1}");
+    let Some(lib) = ort_lib() else { return };
+    let (x, shape) = digits_test();
+    let (agree, diff) = zq_vs_ort(&out, &x, shape, &lib);
+    eprintln!("digits W8A8: zq vs ONNX Runtime agreement {agree}, max logit difference {diff}");
+    assert!(
+        agree >= 0.995,
+        "zq predicts ONNX Runtime's class on {agree}"
+    );
+}
+
+#[test]
+fn weight_bits_per_tensor_and_overrides() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let out = t.path().join("q4.onnx");
+    let mut args = vec![
+        "quantize",
+        s(&m),
+        "-o",
+        s(&out),
+        "--json",
+        "--wbits",
+        "4",
+        "--per-tensor",
+        "--layer-bits",
+        "Conv_2=8",
+        "--keep-float",
+        "Gemm_42",
+    ];
+    args.extend_from_slice(DIGITS);
+    let o = zq(&args);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
+    let bits: Vec<_> = j["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["name"].as_str().unwrap().to_string(), l["bits"].clone()))
+        .collect();
+    assert!(
+        bits.contains(&("Conv_2".into(), serde_json::json!(8))),
+        "{bits:?}"
+    );
+    assert!(
+        bits.contains(&("Gemm_42".into(), serde_json::Value::Null)),
+        "{bits:?}"
+    );
+    assert!(bits.iter().filter(|b| b.1 == 4).count() >= 2, "{bits:?}");
+    // 4-bit weights really take 16 levels at most per tensor.
+    let g = read_model(&out).unwrap().graph;
+    let w = g
+        .values
+        .iter()
+        .find(|v| v.name == "Conv_8_weight_quantized")
+        .expect("Conv_8 weight");
+    let q = w.konst.as_ref().unwrap().to_i64_vec();
+    assert!(q.iter().all(|&v| (-8..=7).contains(&v)), "4-bit range");
+    if let Some(lib) = ort_lib() {
+        let (x, shape) = digits_test();
+        let (agree, _) = zq_vs_ort(&out, &x, shape, &lib);
+        assert!(agree >= 0.995, "{agree}");
+    }
+}
+
+#[test]
+fn calibration_from_a_distilled_file_and_the_quality_gate() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let d = t.path().join("d.safetensors");
+    let o = zq(&[
+        "distill",
+        s(&m),
+        "-o",
+        s(&d),
+        "--num",
+        "16",
+        "--iters",
+        "50",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--stats",
+        "batch",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let out = t.path().join("q.onnx");
+    let base = [
+        "quantize",
+        s(&m),
+        "-o",
+        s(&out),
+        "--data",
+        s(&d),
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--holdout",
+        "8",
+        "--iters",
+        "50",
+    ];
+    // An impossible gate: exit 1, nothing written.
+    let mut a = base.to_vec();
+    a.extend(["--max-kl", "0"]);
+    let o = zq(&a);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("--max-kl"), "{}", o.stderr);
+    assert!(!out.exists());
+    // A gate that holds.
+    let mut a = base.to_vec();
+    a.extend(["--min-agreement", "0", "--json"]);
+    let o = zq(&a);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(out.exists());
+    assert!(o.json()["calibration"]
+        .as_str()
+        .unwrap()
+        .contains("d.safetensors"));
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_written() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let out = t.path().join("q.onnx");
+    let mobile = t.path().join("mobile.safetensors");
+    let o = zq(&[
+        "distill",
+        s(&fixture("mobile_dw/model.onnx")),
+        "-o",
+        s(&mobile),
+        "--num",
+        "2",
+        "--iters",
+        "1",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for (flags, needle) in [
+        (vec!["--layer-bits", "nosuch=4"], "nosuch"),
+        (vec!["--layer-bits", "Conv_2=9"], "Conv_2=9"),
+        (vec!["--layer-bits", "Conv_2"], "NAME=BITS"),
+        (vec!["--keep-float", "nosuch"], "nosuch"),
+        (vec!["--wbits", "1"], "--wbits"),
+        (vec!["--abits", "4"], "--abits"),
+        (vec!["--min-agreement", "1.5"], "--min-agreement"),
+        (vec!["--data", s(&mobile)], "mobile.safetensors"),
+        (vec!["--data", s(&m)], "model.onnx"),
+    ] {
+        let mut a = vec![
+            "quantize",
+            s(&m),
+            "-o",
+            s(&out),
+            "--mean",
+            "0.5",
+            "--std",
+            "0.5",
+            "--iters",
+            "1",
+            "--num",
+            "2",
+            "--holdout",
+            "0",
+        ];
+        a.extend(flags.iter());
+        zq(&a).assert_error(needle);
+        assert!(!out.exists(), "{flags:?}");
+    }
+    zq(&[
+        "quantize",
+        s(&m),
+        "-o",
+        s(&m.join("q.onnx")),
+        "--iters",
+        "1",
+    ])
+    .assert_error("-o");
+    zq(&[
+        "quantize",
+        s(&fixture("folded_nobn/model.onnx")),
+        "-o",
+        s(&out),
+    ])
+    .assert_error("BatchNormalization");
+    assert_eq!(
+        std::fs::read_dir(t.path()).unwrap().count(),
+        1,
+        "only the distilled file"
+    );
+}
