@@ -155,13 +155,24 @@ pub enum Clip {
     Mse,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// QuantizeLinear/DequantizeLinear ONNX that ONNX Runtime runs with integer kernels.
+    Onnx,
+    /// Packed integer weights (int8, or int4 two per byte), scales and a JSON plan (docs/formats.md).
+    Safetensors,
+}
+
 #[derive(Debug, Args)]
 pub struct QuantizeArgs {
     /// The ONNX model.
     pub model: PathBuf,
-    /// Output ONNX file [default: <model stem>.zq.onnx beside the model].
-    #[arg(long, short, value_name = "OUT.onnx")]
+    /// Output file [default: <model stem>.zq.onnx (or .zq.safetensors) beside the model].
+    #[arg(long, short, value_name = "OUT")]
     pub output: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Onnx)]
+    pub format: Format,
     /// Weight bits for every quantizable layer (2..8; values are stored in int8 containers).
     #[arg(long, value_name = "BITS", default_value_t = 8)]
     pub wbits: u8,

@@ -305,10 +305,15 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     if (a.min_agreement.is_some() || a.max_kl.is_some()) && a.holdout == 0 {
         anyhow::bail!("--min-agreement/--max-kl need held-out images (--holdout > 0)");
     }
-    let out = a
-        .output
-        .clone()
-        .unwrap_or_else(|| beside(&a.model, ".zq.onnx"));
+    let out = a.output.clone().unwrap_or_else(|| {
+        beside(
+            &a.model,
+            match a.format {
+                args::Format::Onnx => ".zq.onnx",
+                args::Format::Safetensors => ".zq.safetensors",
+            },
+        )
+    });
     prepare_output(&out, "-o")?;
     let calib = match (&a.data, &a.calib_dir) {
         (Some(d), _) => quantize::Calib::File(d.clone()),
@@ -382,7 +387,24 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let written = failed.is_empty();
     let mut file_bytes = None;
     if written {
-        crate::onnx::write::write_model(&q.graph, &out)?;
+        match a.format {
+            args::Format::Onnx => crate::onnx::write::write_model(&q.graph, &out)?,
+            args::Format::Safetensors => {
+                let bits: std::collections::BTreeMap<String, u8> = q
+                    .report
+                    .layers
+                    .iter()
+                    .filter_map(|l| l.bits.map(|b| (l.name.clone(), b)))
+                    .collect();
+                let name = a
+                    .model
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let bytes = crate::pipeline::packed::to_safetensors(&q.graph, &name, &bits)?;
+                crate::onnx::write::write_atomic(&out, &bytes)?;
+            }
+        }
         file_bytes = std::fs::metadata(&out).ok().map(|m| m.len());
     }
     let r = QuantizeSummary {

@@ -98,3 +98,40 @@ impl OrtModel {
         Ok(r)
     }
 }
+
+/// The ops ONNX Runtime (CPU) actually runs for a model after its graph optimisations: the op
+/// histogram of the optimised model it writes. Shows, e.g., whether QDQ Conv became QLinearConv.
+pub fn executed_ops(
+    path: &Path,
+    lib: Option<&Path>,
+) -> Result<std::collections::BTreeMap<String, usize>> {
+    use prost::Message;
+    let env = init(lib)?;
+    let e = |m: String| Error::Model {
+        path: path.to_path_buf(),
+        msg: format!("ONNX Runtime: {m}"),
+    };
+    let dir = tempfile::tempdir().map_err(|source| Error::Io {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let opt = dir.path().join("optimized.onnx");
+    let mut b = ort::session::Session::builder(env)
+        .map_err(|x| e(x.to_string()))?
+        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level2)
+        .map_err(|x| e(x.to_string()))?
+        .with_optimized_model_path(&opt)
+        .map_err(|x| e(x.to_string()))?;
+    b.commit_from_file(path).map_err(|x| e(x.to_string()))?;
+    let bytes = std::fs::read(&opt).map_err(|source| Error::Io {
+        path: opt.clone(),
+        source,
+    })?;
+    let m = crate::onnx::proto::ModelProto::decode(bytes.as_slice())
+        .map_err(|x| e(format!("optimised model: {x}")))?;
+    let mut h = std::collections::BTreeMap::new();
+    for n in m.graph.iter().flat_map(|g| g.node.iter()) {
+        *h.entry(n.op_type().to_string()).or_insert(0) += 1;
+    }
+    Ok(h)
+}

@@ -3,4 +3,5 @@
 pub mod distill;
 pub mod eval;
 pub mod inspect;
+pub mod packed;
 pub mod quantize;

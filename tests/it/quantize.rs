@@ -126,6 +126,12 @@ fn digits_w8a8_runs_in_onnx_runtime_and_zq_predicts_it() {
     assert!(top1 >= 0.95, "quantized digits top-1 {top1}");
     let Some(lib) = ort_lib() else { return };
     let (x, shape) = digits_test();
+    let ops = zq::exec::ort::executed_ops(&out, Some(&lib)).unwrap();
+    assert_eq!(
+        ops.get("QLinearConv"),
+        Some(&4),
+        "ONNX Runtime runs {ops:?}"
+    );
     let (agree, diff) = zq_vs_ort(&out, &x, shape, &lib);
     eprintln!("digits W8A8: zq vs ONNX Runtime agreement {agree}, max logit difference {diff}");
     assert!(
@@ -315,4 +321,50 @@ fn bad_input_is_refused_and_nothing_written() {
         1,
         "only the distilled file"
     );
+}
+
+#[test]
+fn safetensors_output_holds_the_same_packed_weights_as_the_onnx_output() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let common = ["--wbits", "4", "--layer-bits", "Gemm_42=8", "--holdout", "0"];
+    let onnx = t.path().join("q.onnx");
+    let st = t.path().join("q.safetensors");
+    for (out, fmt) in [(&onnx, "onnx"), (&st, "safetensors")] {
+        let mut a = vec!["quantize", s(&m), "-o", s(out), "--format", fmt];
+        a.extend_from_slice(&common);
+        a.extend_from_slice(&DIGITS[..8]);
+        let o = zq(&a);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+    let g = read_model(&onnx).unwrap().graph;
+    let bytes = std::fs::read(&st).unwrap();
+    let f = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let plan: serde_json::Value =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["zq"]).unwrap();
+    assert_eq!(plan["format"], "zq.quantized.v1");
+    let layers = plan["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 5);
+    for l in layers {
+        let name = l["name"].as_str().unwrap();
+        let want = g
+            .values
+            .iter()
+            .find(|v| v.name == format!("{name}_weight_quantized"))
+            .and_then(|v| v.konst.as_ref())
+            .unwrap()
+            .to_i64_vec();
+        let w = f.tensor(l["weight"].as_str().unwrap()).unwrap();
+        let got = if l["packing"] == "int4x2" {
+            assert_eq!(w.data().len(), want.len().div_ceil(2), "{name}: two per byte");
+            zq::pipeline::packed::unpack_int4(w.data(), want.len())
+        } else {
+            w.data().iter().map(|&b| i64::from(b as i8)).collect()
+        };
+        assert_eq!(got, want, "{name}");
+        assert_eq!(l["bits"], if name == "Gemm_42" { 8 } else { 4 });
+        assert!(l["input"]["scale"].as_f64().unwrap() > 0.0, "{name}");
+    }
+    assert!(!plan["activations"].as_array().unwrap().is_empty());
 }

@@ -149,6 +149,13 @@ fn resnet20_zero_shot_w8a8_and_w4a8_in_onnx_runtime() {
             "W{wbits}A8 agreement {agree} < {min_agree}"
         );
         if wbits == "8" {
+            // ONNX Runtime runs every conv, the residual adds and the classifier on int8 kernels.
+            let ops = zq::exec::ort::executed_ops(&q, Some(&lib)).unwrap();
+            eprintln!("ONNX Runtime executes {ops:?}");
+            assert_eq!(ops.get("QLinearConv"), Some(&19), "{ops:?}");
+            assert_eq!(ops.get("QLinearAdd"), Some(&9), "{ops:?}");
+            assert!(ops.contains_key("QGemm"), "{ops:?}");
+            assert!(!ops.contains_key("Conv"), "{ops:?}");
             let folder = ImageFolder::open(&test).unwrap();
             let x = load_batch(&folder.items, 3, 32, 32, &Preprocess::imagenet()).unwrap();
             let n = folder.items.len();
