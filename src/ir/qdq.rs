@@ -11,6 +11,8 @@ pub fn qrange(dt: DType) -> Option<(f32, f32)> {
         DType::U16 => (0.0, 65535.0),
         DType::I16 => (-32768.0, 32767.0),
         DType::I32 => (i32::MIN as f32, i32::MAX as f32),
+        DType::U4 => (0.0, 15.0),
+        DType::I4 => (-8.0, 7.0),
         _ => return None,
     })
 }

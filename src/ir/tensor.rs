@@ -20,6 +20,9 @@ pub enum DType {
     U32,
     U64,
     Bool,
+    /// 4-bit integers (opset 21), packed two per byte, first element in the low nibble.
+    U4,
+    I4,
 }
 
 impl DType {
@@ -38,6 +41,8 @@ impl DType {
             DType::F64 => 11,
             DType::U32 => 12,
             DType::U64 => 13,
+            DType::U4 => 21,
+            DType::I4 => 22,
         }
     }
 
@@ -55,6 +60,8 @@ impl DType {
             11 => DType::F64,
             12 => DType::U32,
             13 => DType::U64,
+            21 => DType::U4,
+            22 => DType::I4,
             _ => return None,
         })
     }
@@ -63,10 +70,18 @@ impl DType {
         matches!(self, DType::F32 | DType::F16 | DType::F64)
     }
 
-    /// Bytes per element in ONNX raw_data.
+    /// Bytes of `n` elements in ONNX raw_data (4-bit types pack two per byte).
+    pub fn raw_len(self, n: usize) -> usize {
+        match self {
+            DType::U4 | DType::I4 => n.div_ceil(2),
+            _ => n * self.size_of(),
+        }
+    }
+
+    /// Bytes per element in ONNX raw_data (1 for the packed 4-bit types; see `raw_len`).
     pub fn size_of(self) -> usize {
         match self {
-            DType::Bool | DType::I8 | DType::U8 => 1,
+            DType::Bool | DType::I8 | DType::U8 | DType::U4 | DType::I4 => 1,
             DType::F16 | DType::I16 | DType::U16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F64 | DType::I64 | DType::U64 => 8,
@@ -89,6 +104,8 @@ impl fmt::Display for DType {
             DType::U32 => "uint32",
             DType::U64 => "uint64",
             DType::Bool => "bool",
+            DType::U4 => "uint4",
+            DType::I4 => "int4",
         };
         f.write_str(s)
     }
@@ -220,7 +237,7 @@ impl Tensor {
 
     /// Number of bytes this tensor occupies at its declared dtype.
     pub fn nbytes(&self) -> usize {
-        self.len() * self.dtype.size_of()
+        self.dtype.raw_len(self.len())
     }
 }
 

@@ -802,7 +802,7 @@ pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<T
     if t.segment.is_some() {
         return Err("segmented tensors are not supported".into());
     }
-    let nbytes = n * dtype.size_of();
+    let nbytes = dtype.raw_len(n);
     let raw_inline = t.raw_data.is_some() || (n == 0 && no_typed_data(t));
     let external: Option<Vec<u8>> = if t.data_location() == DataLocation::External {
         Some(read_external(t, dir, nbytes)?)
@@ -822,6 +822,28 @@ pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<T
         None => None,
     };
     let data = match bytes {
+        Some(b) if matches!(dtype, DType::I4 | DType::U4) => {
+            let signed = dtype == DType::I4;
+            Data::I64(
+                (0..n)
+                    .map(|i| {
+                        let nib = if i % 2 == 0 {
+                            b[i / 2] & 0x0F
+                        } else {
+                            b[i / 2] >> 4
+                        };
+                        if signed {
+                            i64::from(((nib << 4) as i8) >> 4)
+                        } else {
+                            i64::from(nib)
+                        }
+                    })
+                    .collect(),
+            )
+        }
+        None if matches!(dtype, DType::I4 | DType::U4) => {
+            return Err(format!("{dtype} tensors must use raw_data"));
+        }
         Some(b) => decode_raw(b, dtype),
         None => {
             let check = |len: usize, field: &str| -> Result<(), String> {
@@ -900,7 +922,9 @@ fn decode_raw(b: &[u8], dtype: DType) -> Data {
         DType::I16 => Data::I64(le!(i16, 2).map(i64::from).collect()),
         DType::U16 => Data::I64(le!(u16, 2).map(i64::from).collect()),
         DType::I8 => Data::I64(b.iter().map(|&x| i64::from(x as i8)).collect()),
-        DType::U8 | DType::Bool => Data::I64(b.iter().map(|&x| i64::from(x)).collect()),
+        DType::U8 | DType::Bool | DType::U4 | DType::I4 => {
+            Data::I64(b.iter().map(|&x| i64::from(x)).collect())
+        }
     }
 }
 

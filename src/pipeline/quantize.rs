@@ -571,6 +571,16 @@ fn build_qdq(
     if q.opset < 13 {
         q.opset = 13; // per-axis QuantizeLinear/DequantizeLinear
     }
+    // Weights of 4 bits or fewer are stored as INT4 initializers, which need opset 21.
+    let bits_of = |n: &Node| o.layer_bits.get(&n.name).copied().unwrap_or(o.wbits);
+    if g.nodes.iter().any(|n| {
+        n.op.is_weighted()
+            && bits_of(n) <= 4
+            && !o.keep_float.contains(&n.name)
+            && n.input(1).and_then(|w| g.konst(w)).is_some()
+    }) {
+        q.opset = q.opset.max(21);
+    }
     let mut new_nodes: Vec<Node> = Vec::with_capacity(g.nodes.len() * 3);
     let mut remap: HashMap<ValueId, ValueId> = HashMap::new();
     let mut layers = Vec::new();
@@ -632,9 +642,14 @@ fn build_qdq(
                     let per_channel = axis0 && !o.per_tensor;
                     let m = if per_channel { w.shape[0] } else { 1 };
                     let wq = quantize_weights(&w.to_f32_vec(), m, bits, o.clip);
+                    let wdt = if bits <= 4 && q.opset >= 21 {
+                        DType::I4
+                    } else {
+                        DType::I8
+                    };
                     let wname = format!("{}_weight", n.name);
                     let qt = Tensor {
-                        dtype: DType::I8,
+                        dtype: wdt,
                         shape: w.shape.clone(),
                         data: crate::ir::Data::I64(wq.q.iter().map(|&v| i64::from(v)).collect()),
                     };
@@ -646,7 +661,7 @@ fn build_qdq(
                     );
                     let zid = q.add_const(
                         format!("{wname}_zero_point"),
-                        Tensor::f32(sshape.clone(), vec![0.0; m]).cast(DType::I8),
+                        Tensor::f32(sshape.clone(), vec![0.0; m]).cast(wdt),
                     );
                     let wd = q.add_value(format!("{wname}_dequantized"), DType::F32);
                     q.values[wd].shape = Some(w.shape.clone());

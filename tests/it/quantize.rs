@@ -187,6 +187,9 @@ fn weight_bits_per_tensor_and_overrides() {
         .expect("Conv_8 weight");
     let q = w.konst.as_ref().unwrap().to_i64_vec();
     assert!(q.iter().all(|&v| (-8..=7).contains(&v)), "4-bit range");
+    // Stored as INT4 initializers (two per byte), which needs opset 21.
+    assert_eq!(w.konst.as_ref().unwrap().dtype, zq::ir::DType::I4);
+    assert_eq!(g.opset, 21);
     if let Some(lib) = ort_lib() {
         let (x, shape) = digits_test();
         let (agree, _) = zq_vs_ort(&out, &x, shape, &lib);
@@ -327,7 +330,14 @@ fn bad_input_is_refused_and_nothing_written() {
 fn safetensors_output_holds_the_same_packed_weights_as_the_onnx_output() {
     let t = tempfile::tempdir().unwrap();
     let m = fixture("digits_bn/model.onnx");
-    let common = ["--wbits", "4", "--layer-bits", "Gemm_42=8", "--holdout", "0"];
+    let common = [
+        "--wbits",
+        "4",
+        "--layer-bits",
+        "Gemm_42=8",
+        "--holdout",
+        "0",
+    ];
     let onnx = t.path().join("q.onnx");
     let st = t.path().join("q.safetensors");
     for (out, fmt) in [(&onnx, "onnx"), (&st, "safetensors")] {
@@ -357,7 +367,11 @@ fn safetensors_output_holds_the_same_packed_weights_as_the_onnx_output() {
             .to_i64_vec();
         let w = f.tensor(l["weight"].as_str().unwrap()).unwrap();
         let got = if l["packing"] == "int4x2" {
-            assert_eq!(w.data().len(), want.len().div_ceil(2), "{name}: two per byte");
+            assert_eq!(
+                w.data().len(),
+                want.len().div_ceil(2),
+                "{name}: two per byte"
+            );
             zq::pipeline::packed::unpack_int4(w.data(), want.len())
         } else {
             w.data().iter().map(|&b| i64::from(b as i8)).collect()
