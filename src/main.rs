@@ -48,8 +48,13 @@ fn main() -> ExitCode {
             }
             // One line, like every other zq error (clap adds a usage block and a hint).
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("zq: {} (see zq --help)", first.trim());
+            let msg: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("zq: {} (see zq --help)", msg.join(" "));
             return ExitCode::from(EXIT_ERROR);
         }
     };

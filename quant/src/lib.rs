@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod observer;
+pub mod pareto;
 pub mod scheme;
 pub mod sensitivity;
 

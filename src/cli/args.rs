@@ -173,6 +173,24 @@ pub struct QuantizeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Onnx)]
     pub format: Format,
+    /// Mixed precision: choose each layer's weight bits on the Pareto frontier of file size vs.
+    /// summed sensitivity (KL of the output when only that layer is quantized), within --budget.
+    #[arg(long, requires = "budget")]
+    pub pareto: bool,
+    /// Largest output file for --pareto: 4MB, 3.5MiB, 512KB, 200000 (bytes) or 50% (of the FP32 file).
+    #[arg(long, value_name = "SIZE", requires = "pareto")]
+    pub budget: Option<crate::cli::size::SizeSpec>,
+    /// Candidate weight bit widths for --pareto.
+    #[arg(
+        long,
+        value_name = "B,B,..",
+        default_value = "2,4,6,8",
+        requires = "pareto"
+    )]
+    pub bits: String,
+    /// Write the whole frontier (bytes, summed sensitivity, per-layer bits) and the chosen point as JSON.
+    #[arg(long, value_name = "F.json", requires = "pareto")]
+    pub frontier: Option<PathBuf>,
     /// Weight bits for every quantizable layer (2..8; values are stored in int8 containers).
     #[arg(long, value_name = "BITS", default_value_t = 8)]
     pub wbits: u8,

@@ -345,8 +345,39 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         bn_sigmas: a.bn_sigmas,
         residual_widen: a.residual_widen,
         bias_correction: !a.no_bias_correction,
+        pareto: None,
+        format: match a.format {
+            args::Format::Onnx => quantize::OutputFormat::Onnx,
+            args::Format::Safetensors => quantize::OutputFormat::Safetensors,
+        },
     };
     let model = crate::onnx::read_model(&a.model)?;
+    let mut opts = opts;
+    if a.pareto {
+        let mut bits = Vec::new();
+        for b in a.bits.split(',') {
+            let v: u8 = b
+                .trim()
+                .parse()
+                .ok()
+                .filter(|v| (2..=8).contains(v))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--bits: '{b}' is not a bit width between 2 and 8")
+                })?;
+            if !bits.contains(&v) {
+                bits.push(v);
+            }
+        }
+        bits.sort_unstable();
+        let budget = a.budget.expect("clap requires --budget with --pareto");
+        opts.pareto = Some(quantize::ParetoOptions {
+            budget: budget.resolve(model.file_bytes),
+            bits,
+        });
+        if let Some(f) = &a.frontier {
+            prepare_output(f, "--frontier")?;
+        }
+    }
     let bar = std::cell::RefCell::new(None::<(String, indicatif::ProgressBar)>);
     let q = quantize::quantize(&model.graph, &a.model, &opts, &mut |stage, done, total| {
         let mut b = bar.borrow_mut();
@@ -361,10 +392,17 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         if let Some((_, pb)) = b.as_ref() {
             pb.set_position(done as u64);
         }
-    })?;
+    });
     if let Some((_, b)) = bar.borrow_mut().take() {
         b.finish_and_clear();
     }
+    let q = match q {
+        Err(crate::error::Error::Usage(m)) if m.starts_with(quantize::INFEASIBLE) => {
+            eprintln!("zq: {m}; nothing written");
+            return Ok(ExitCode::from(EXIT_GOAL_NOT_MET));
+        }
+        other => other?,
+    };
     let mut failed = Vec::new();
     if let Some(qual) = &q.report.quality {
         if let Some(m) = a.min_agreement {
@@ -387,23 +425,10 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let written = failed.is_empty();
     let mut file_bytes = None;
     if written {
-        match a.format {
-            args::Format::Onnx => crate::onnx::write::write_model(&q.graph, &out)?,
-            args::Format::Safetensors => {
-                let bits: std::collections::BTreeMap<String, u8> = q
-                    .report
-                    .layers
-                    .iter()
-                    .filter_map(|l| l.bits.map(|b| (l.name.clone(), b)))
-                    .collect();
-                let name = a
-                    .model
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let bytes = crate::pipeline::packed::to_safetensors(&q.graph, &name, &bits)?;
-                crate::onnx::write::write_atomic(&out, &bytes)?;
-            }
+        crate::onnx::write::write_atomic(&out, &q.bytes)?;
+        if let (Some(f), Some(p)) = (&a.frontier, &q.report.pareto) {
+            let j = serde_json::to_vec_pretty(p)?;
+            crate::onnx::write::write_atomic(f, &j)?;
         }
         file_bytes = std::fs::metadata(&out).ok().map(|m| m.len());
     }
@@ -428,6 +453,23 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
             crate::cli::size::human_bytes(r.report.quantized_weight_bytes as u64),
             r.report.calibration
         );
+        if let Some(pr) = &r.report.pareto {
+            let mut hist = std::collections::BTreeMap::new();
+            for b in &pr.chosen.bits {
+                *hist.entry(*b).or_insert(0) += 1;
+            }
+            println!(
+                "pareto: {} frontier points; chosen {} layers at {:?} (bits: layers), summed sensitivity {:.5}, predicted {} bytes, written {} bytes, budget {} ({:.1} s search)",
+                pr.frontier.len(),
+                pr.layers.len(),
+                hist,
+                pr.chosen.sensitivity,
+                pr.predicted_bytes,
+                r.file_bytes.unwrap_or(0),
+                pr.budget,
+                pr.seconds
+            );
+        }
         if let Some(qual) = &r.report.quality {
             println!(
                 "estimated on {} held-out distilled images: agreement with FP32 {:.2}%, KL {:.5}",

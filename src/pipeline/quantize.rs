@@ -56,6 +56,41 @@ pub struct QuantizeOptions {
     pub residual_widen: f32,
     /// Subtract the expected output shift of weight rounding from each bias.
     pub bias_correction: bool,
+    /// Mixed precision: pick per-layer bits on the size/sensitivity Pareto frontier.
+    pub pareto: Option<ParetoOptions>,
+    /// Output format (the size model counts its bytes).
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Onnx,
+    Safetensors,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParetoOptions {
+    /// Largest output file, in bytes.
+    pub budget: u64,
+    /// Candidate weight bit widths.
+    pub bits: Vec<u8>,
+}
+
+/// The result of the mixed-precision search.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParetoReport {
+    pub budget: u64,
+    pub candidate_bits: Vec<u8>,
+    /// Layer names, in the order of every `bits` vector below.
+    pub layers: Vec<String>,
+    /// Sensitivity table: layer -> (bits, KL).
+    pub sensitivity: Vec<Vec<(u8, f64)>>,
+    pub frontier: Vec<zq_quant::pareto::Point>,
+    pub chosen: zq_quant::pareto::Point,
+    /// Uniform assignments (every layer at one width), for comparison.
+    pub uniform: Vec<zq_quant::pareto::Point>,
+    pub predicted_bytes: u64,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,12 +132,56 @@ pub struct QuantizeReport {
     pub fp32_weight_bytes: usize,
     pub quantized_weight_bytes: usize,
     pub quality: Option<Quality>,
+    pub pareto: Option<ParetoReport>,
 }
 
 pub struct Quantized {
     pub graph: Graph,
     pub report: QuantizeReport,
+    /// The output file's bytes, serialised in the requested format.
+    pub bytes: Vec<u8>,
 }
+
+/// Serialise a quantized graph in `format`.
+pub fn serialize(
+    qg: &Graph,
+    format: OutputFormat,
+    model: &str,
+    layers: &[LayerReport],
+) -> Result<Vec<u8>> {
+    use prost::Message;
+    Ok(match format {
+        OutputFormat::Onnx => crate::onnx::write::to_model(qg).encode_to_vec(),
+        OutputFormat::Safetensors => {
+            let bits: BTreeMap<String, u8> = layers
+                .iter()
+                .filter_map(|l| l.bits.map(|b| (l.name.clone(), b)))
+                .collect();
+            crate::pipeline::packed::to_safetensors(qg, model, &bits)?
+        }
+    })
+}
+
+/// Build the QDQ graph and fix its declared output shapes (checkers require them): specialise
+/// once for batch 1; the writer puts the symbolic batch back.
+fn build_final(
+    g: &Graph,
+    act: &HashMap<ValueId, (f32, u8)>,
+    means: &HashMap<ValueId, Vec<f32>>,
+    o: &QuantizeOptions,
+) -> Result<Built> {
+    let (mut qg, layers, fp32_bytes, q_bytes) = build_qdq(g, act, means, o)?;
+    let one = Plan::new(&qg, 1)?;
+    for &v in &qg.outputs.clone() {
+        if qg.values[v].shape.is_none() {
+            qg.values[v].shape = one.graph.values[v].shape.clone();
+        }
+    }
+    Ok((qg, layers, fp32_bytes, q_bytes))
+}
+
+/// Error raised when no assignment fits the budget (the CLI maps it to exit code 1).
+pub const INFEASIBLE: &str = "infeasible budget";
 
 fn bad_flag(msg: String) -> Error {
     Error::Usage(msg)
@@ -493,13 +572,43 @@ pub fn quantize(
         .into_iter()
         .map(|(v, (s, n))| (v, s.iter().map(|x| (x / n.max(1) as f64) as f32).collect()))
         .collect();
-    let (mut qg, layers, fp32_bytes, q_bytes) = build_qdq(&g, &act_params, &means, o)?;
-    // Declared output shapes (checkers require them): specialise once for batch 1; the writer
-    // puts the symbolic batch back.
-    let one = Plan::new(&qg, 1)?;
-    for &v in &qg.outputs.clone() {
-        if qg.values[v].shape.is_none() {
-            qg.values[v].shape = one.graph.values[v].shape.clone();
+    let model_name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut o = o.clone();
+    let pareto = match o.pareto.clone() {
+        Some(p) => {
+            let r = search(
+                &g,
+                &x[..batch * per],
+                batch,
+                chw,
+                &act_params,
+                &means,
+                &o,
+                &p,
+                &model_name,
+                progress,
+            )?;
+            for (name, &b) in r.layers.iter().zip(&r.chosen.bits) {
+                o.layer_bits.insert(name.clone(), b);
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    let o = &o;
+    let (qg, layers, fp32_bytes, q_bytes) = build_final(&g, &act_params, &means, o)?;
+    let bytes = serialize(&qg, o.format, &model_name, &layers)?;
+    if let Some(p) = &pareto {
+        if bytes.len() as u64 > p.budget {
+            return Err(Error::Usage(format!(
+                "{INFEASIBLE}: the chosen assignment serialises to {} bytes, over the budget of {} (predicted {})",
+                bytes.len(),
+                p.budget,
+                p.predicted_bytes
+            )));
         }
     }
 
@@ -514,6 +623,7 @@ pub fn quantize(
     };
     Ok(Quantized {
         graph: qg,
+        bytes,
         report: QuantizeReport {
             model: path.display().to_string(),
             bn_folded: folded,
@@ -524,7 +634,161 @@ pub fn quantize(
             fp32_weight_bytes: fp32_bytes,
             quantized_weight_bytes: q_bytes,
             quality,
+            pareto,
         },
+    })
+}
+
+/// ZeroQ sensitivity of every candidate layer at every candidate width (only that layer's
+/// weights quantized, KL of the output on distilled images), the exact byte cost of each
+/// choice in the output format, the Pareto frontier, and the point chosen under the budget.
+#[allow(clippy::too_many_arguments)]
+fn search(
+    g: &Graph,
+    x: &[f32],
+    batch: usize,
+    chw: [usize; 3],
+    act: &HashMap<ValueId, (f32, u8)>,
+    means: &HashMap<ValueId, Vec<f32>>,
+    o: &QuantizeOptions,
+    p: &ParetoOptions,
+    model_name: &str,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<ParetoReport> {
+    use zq_quant::pareto::{frontier, pick, Choice, Point};
+    let t0 = std::time::Instant::now();
+    let plan = Plan::new(g, batch)?;
+    // Candidate layers: weighted, constant weight, not kept in float, not pinned by --layer-bits.
+    let cand: Vec<(usize, ValueId)> = plan
+        .graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            n.op.is_weighted()
+                && !o.keep_float.contains(&n.name)
+                && !o.layer_bits.contains_key(&n.name)
+        })
+        .filter_map(|(i, n)| {
+            n.input(1)
+                .filter(|w| plan.graph.konst(*w).is_some())
+                .map(|w| (i, w))
+        })
+        .collect();
+    if cand.is_empty() {
+        return Err(Error::Usage(
+            "--pareto: no layer left to choose bits for".into(),
+        ));
+    }
+    let xt = CTensor::from_slice(x, (batch, chw[0], chw[1], chw[2]), plan.device())?;
+    let run = |ov: Option<&HashMap<ValueId, CTensor>>| -> Result<Vec<f32>> {
+        let opts = crate::exec::RunOptions {
+            taps: &[],
+            overrides: ov,
+        };
+        let (y, _) = plan.run_with(std::slice::from_ref(&xt), &opts)?;
+        Ok(y[0].flatten_all()?.to_vec1::<f32>()?)
+    };
+    let reference = run(None)?;
+    let classes = reference.len() / batch;
+    let total = cand.len() * p.bits.len();
+    let mut sens = Vec::with_capacity(cand.len());
+    for (ci, &(ni, wv)) in cand.iter().enumerate() {
+        let w = plan.graph.konst(wv).unwrap();
+        let n = &plan.graph.nodes[ni];
+        let per_channel =
+            matches!(n.op, Op::Conv(_) | Op::Gemm { trans_b: true, .. }) && !o.per_tensor;
+        let m = if per_channel { w.shape[0] } else { 1 };
+        let wf = w.to_f32_vec();
+        let mut row = Vec::with_capacity(p.bits.len());
+        for (bi, &b) in p.bits.iter().enumerate() {
+            progress("measuring sensitivity", ci * p.bits.len() + bi + 1, total);
+            let dq = quantize_weights(&wf, m, b, o.clip).dequantize();
+            let t = CTensor::from_vec(dq, w.shape.as_slice(), plan.device())?;
+            let ov = HashMap::from([(wv, t)]);
+            let out = run(Some(&ov))?;
+            row.push((
+                b,
+                zq_quant::sensitivity::kl_divergence(&reference, &out, classes),
+            ));
+        }
+        sens.push(row);
+    }
+    // Exact sizes: serialise once with every candidate at 8 bits, then each choice changes only
+    // its own packed weight (and zero point) bytes.
+    let names: Vec<String> = cand
+        .iter()
+        .map(|&(ni, _)| plan.graph.nodes[ni].name.clone())
+        .collect();
+    let mut o8 = o.clone();
+    for nm in &names {
+        o8.layer_bits.insert(nm.clone(), 8);
+    }
+    let (qg8, l8, _, _) = build_final(g, act, means, &o8)?;
+    let s8 = serialize(&qg8, o.format, model_name, &l8)?.len() as u64;
+    let cost = |ci: usize, b: u8| -> u64 {
+        let w = plan.graph.konst(cand[ci].1).unwrap();
+        let n: usize = w.shape.iter().product();
+        let per_channel = !o.per_tensor
+            && matches!(
+                plan.graph.nodes[cand[ci].0].op,
+                Op::Conv(_) | Op::Gemm { trans_b: true, .. }
+            );
+        let m = if per_channel { w.shape[0] } else { 1 };
+        let packed = |k: usize| if b <= 4 { k.div_ceil(2) } else { k };
+        (packed(n)
+            + if o.format == OutputFormat::Onnx {
+                packed(m)
+            } else {
+                0
+            }) as u64
+    };
+    let base = s8 - (0..cand.len()).map(|ci| cost(ci, 8)).sum::<u64>();
+    let options: Vec<Vec<Choice>> = (0..cand.len())
+        .map(|ci| {
+            sens[ci]
+                .iter()
+                .map(|&(b, s)| Choice {
+                    bits: b,
+                    bytes: cost(ci, b),
+                    sensitivity: s,
+                })
+                .collect()
+        })
+        .collect();
+    let front = frontier(base, &options);
+    let uniform: Vec<Point> = p
+        .bits
+        .iter()
+        .map(|&b| Point {
+            bytes: base + (0..cand.len()).map(|ci| cost(ci, b)).sum::<u64>(),
+            sensitivity: sens
+                .iter()
+                .map(|r| r.iter().find(|x| x.0 == b).map_or(0.0, |x| x.1))
+                .sum(),
+            bits: vec![b; cand.len()],
+        })
+        .collect();
+    let chosen = pick(&front, p.budget).cloned().ok_or_else(|| {
+        let smallest = front.first().map_or(0, |f| f.bytes);
+        Error::Usage(format!(
+            "{INFEASIBLE}: --budget {} bytes is below the smallest achievable size, {} bytes ({} with every layer at {} bits)",
+            p.budget,
+            smallest,
+            crate::cli::size::human_bytes(smallest),
+            p.bits.iter().min().copied().unwrap_or(0)
+        ))
+    })?;
+    Ok(ParetoReport {
+        budget: p.budget,
+        candidate_bits: p.bits.clone(),
+        layers: names,
+        sensitivity: sens,
+        predicted_bytes: chosen.bytes,
+        chosen,
+        frontier: front,
+        uniform,
+        seconds: t0.elapsed().as_secs_f64(),
     })
 }
 

@@ -382,3 +382,115 @@ fn safetensors_output_holds_the_same_packed_weights_as_the_onnx_output() {
     }
     assert!(!plan["activations"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn pareto_fits_the_budget_with_the_predicted_size() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let calib = [
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--num",
+        "32",
+        "--iters",
+        "100",
+        "--holdout",
+        "0",
+    ];
+    for (fmt, budget) in [("onnx", "14.5KB"), ("safetensors", "9.5KB")] {
+        let out = t.path().join(format!("p.{fmt}"));
+        let fr = t.path().join(format!("f-{fmt}.json"));
+        let mut a = vec![
+            "quantize",
+            s(&m),
+            "-o",
+            s(&out),
+            "--format",
+            fmt,
+            "--pareto",
+            "--budget",
+            budget,
+            "--frontier",
+            s(&fr),
+            "--json",
+        ];
+        a.extend_from_slice(&calib);
+        let o = zq(&a);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let j = o.json();
+        let written = std::fs::metadata(&out).unwrap().len();
+        let budget: u64 = j["pareto"]["budget"].as_u64().unwrap();
+        let predicted = j["pareto"]["predicted_bytes"].as_u64().unwrap();
+        assert_eq!(j["file_bytes"].as_u64().unwrap(), written);
+        assert!(written <= budget, "{fmt}: {written} > {budget}");
+        let err = (written as f64 - predicted as f64).abs() / written as f64;
+        assert!(
+            err <= 0.01,
+            "{fmt}: predicted {predicted}, written {written}"
+        );
+        // The frontier: sizes up, summed sensitivity down; the chosen point is on it and fits.
+        let f: serde_json::Value = serde_json::from_slice(&std::fs::read(&fr).unwrap()).unwrap();
+        let pts = f["frontier"].as_array().unwrap();
+        assert!(pts.len() >= 3, "{fmt}: {} points", pts.len());
+        for w in pts.windows(2) {
+            assert!(w[0]["bytes"].as_u64() < w[1]["bytes"].as_u64());
+            assert!(w[0]["sensitivity"].as_f64() > w[1]["sensitivity"].as_f64());
+        }
+        assert!(pts.contains(&f["chosen"]));
+        // Sensitivity grows as bits shrink, layer by layer.
+        for row in f["sensitivity"].as_array().unwrap() {
+            let v: Vec<f64> = row
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[1].as_f64().unwrap())
+                .collect();
+            assert!(v.first() >= v.last(), "{v:?}");
+        }
+        let bits: Vec<u64> = f["chosen"]["bits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .collect();
+        assert!(
+            bits.iter().any(|&b| b < 8) || budget as f64 > 1.3 * written as f64,
+            "{bits:?}"
+        );
+    }
+    // Infeasible: exit 1, names the smallest size, writes nothing.
+    let out = t.path().join("none.onnx");
+    let mut a = vec![
+        "quantize",
+        s(&m),
+        "-o",
+        s(&out),
+        "--pareto",
+        "--budget",
+        "1KB",
+    ];
+    a.extend_from_slice(&calib);
+    let o = zq(&a);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("smallest achievable size"),
+        "{}",
+        o.stderr
+    );
+    assert!(!out.exists());
+    // Budget flags are checked before any work.
+    zq(&["quantize", s(&m), "--pareto", "--budget", "4XB"]).assert_error("--budget");
+    zq(&[
+        "quantize",
+        s(&m),
+        "--pareto",
+        "--budget",
+        "1MB",
+        "--bits",
+        "4,9",
+    ])
+    .assert_error("--bits");
+    zq(&["quantize", s(&m), "--budget", "1MB"]).assert_error("--pareto");
+}

@@ -165,3 +165,88 @@ fn resnet20_zero_shot_w8a8_and_w4a8_in_onnx_runtime() {
         }
     }
 }
+
+#[test]
+fn resnet20_pareto_mixed_precision_beats_uniform_w4() {
+    // Acceptance: budgets 5% above the uniform W4A8 file and halfway between W4 and W8, judged by
+    // ONNX Runtime on the test set; every file within its budget.
+    let Some(sh) = shared() else { return };
+    let Some(lib) = ort_lib() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let m = sh.join("models/resnet20_cifar10_bn.onnx");
+    let test = sh.join("data/cifar10/test");
+    let d = t.path().join("d.safetensors");
+    let o = zq(&[
+        "distill",
+        s(&m),
+        "-o",
+        s(&d),
+        "--num",
+        "64",
+        "--stats",
+        "batch",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let top1 = |q: &std::path::Path| -> f64 {
+        let e = zq(&[
+            "eval",
+            s(q),
+            "--data",
+            s(&test),
+            "--engine",
+            "ort",
+            "--ort-lib",
+            s(&lib),
+            "--json",
+        ]);
+        assert_eq!(e.code, 0, "{}", e.stderr);
+        e.json()["top1"].as_f64().unwrap()
+    };
+    let size = |w: &str| -> (u64, f64) {
+        let q = t.path().join(format!("u{w}.onnx"));
+        let o = zq(&[
+            "quantize",
+            s(&m),
+            "--data",
+            s(&d),
+            "--holdout",
+            "0",
+            "--wbits",
+            w,
+            "-o",
+            s(&q),
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        (std::fs::metadata(&q).unwrap().len(), top1(&q))
+    };
+    let ((w4, w4_top1), (w8, _)) = (size("4"), size("8"));
+    for (budget, min_top1) in [(w4 + w4 / 20, w4_top1 + 0.01), ((w4 + w8) / 2, 0.80)] {
+        let q = t.path().join(format!("p{budget}.onnx"));
+        let b = budget.to_string();
+        let o = zq(&[
+            "quantize",
+            s(&m),
+            "--data",
+            s(&d),
+            "--holdout",
+            "0",
+            "--pareto",
+            "--budget",
+            &b,
+            "-o",
+            s(&q),
+            "--json",
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let j = o.json();
+        let written = std::fs::metadata(&q).unwrap().len();
+        assert!(written <= budget, "{written} > {budget}");
+        let acc = top1(&q);
+        eprintln!(
+            "ResNet-20 pareto budget {budget} B (W4 {w4} B, W8 {w8} B): written {written} B, predicted {}, top-1 {acc} (uniform W4 {w4_top1}), search {:.1} s",
+            j["pareto"]["predicted_bytes"],
+            j["pareto"]["seconds"].as_f64().unwrap()
+        );
+        assert!(acc >= min_top1, "top-1 {acc} < {min_top1}");
+    }
+}

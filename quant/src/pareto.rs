@@ -1,0 +1,123 @@
+//! Mixed precision as a multiple-choice knapsack: each layer picks one bit width, each choice
+//! costs bytes and adds sensitivity; the Pareto frontier holds every assignment no other beats
+//! on both. Dynamic programming over layers keeps only non-dominated partial assignments.
+
+use serde::Serialize;
+
+/// One option for one layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Choice {
+    pub bits: u8,
+    /// Bytes this layer occupies with this choice.
+    pub bytes: u64,
+    /// Its sensitivity (e.g. KL of the output when only this layer is quantized so).
+    pub sensitivity: f64,
+}
+
+/// A whole-model assignment on the frontier.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Point {
+    pub bytes: u64,
+    pub sensitivity: f64,
+    /// Bits per layer, in layer order.
+    pub bits: Vec<u8>,
+}
+
+/// The Pareto frontier of `base + sum(bytes)` against `sum(sensitivity)`, sorted by bytes
+/// ascending with sensitivity strictly descending. `options[i]` are layer i's choices (non-empty).
+pub fn frontier(base: u64, options: &[Vec<Choice>]) -> Vec<Point> {
+    let mut states: Vec<(u64, f64, Vec<u8>)> = vec![(base, 0.0, Vec::new())];
+    for (i, opts) in options.iter().enumerate() {
+        assert!(!opts.is_empty(), "layer {i} has no choices");
+        let mut next: Vec<(u64, f64, Vec<u8>)> = Vec::with_capacity(states.len() * opts.len());
+        for (b, s, bits) in &states {
+            for c in opts {
+                let mut nb = Vec::with_capacity(options.len());
+                nb.extend_from_slice(bits);
+                nb.push(c.bits);
+                next.push((b + c.bytes, s + c.sensitivity, nb));
+            }
+        }
+        next.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        states.clear();
+        let mut best = f64::INFINITY;
+        for st in next {
+            if st.1 < best {
+                best = st.1;
+                states.push(st);
+            }
+        }
+    }
+    states
+        .into_iter()
+        .map(|(bytes, sensitivity, bits)| Point {
+            bytes,
+            sensitivity,
+            bits,
+        })
+        .collect()
+}
+
+/// The least sensitive point that fits `budget` bytes (None: nothing fits).
+pub fn pick(frontier: &[Point], budget: u64) -> Option<&Point> {
+    frontier.iter().rfind(|p| p.bytes <= budget)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn brute(base: u64, options: &[Vec<Choice>], budget: u64) -> Option<f64> {
+        let n = options.len();
+        let mut idx = vec![0usize; n];
+        let mut best: Option<f64> = None;
+        loop {
+            let bytes: u64 = base + (0..n).map(|i| options[i][idx[i]].bytes).sum::<u64>();
+            let s: f64 = (0..n).map(|i| options[i][idx[i]].sensitivity).sum();
+            if bytes <= budget && best.is_none_or(|b| s < b) {
+                best = Some(s);
+            }
+            let mut k = 0;
+            loop {
+                if k == n {
+                    return best;
+                }
+                idx[k] += 1;
+                if idx[k] < options[k].len() {
+                    break;
+                }
+                idx[k] = 0;
+                k += 1;
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn frontier_is_monotone_and_optimal(
+            raw in proptest::collection::vec(proptest::collection::vec((1u64..50, 0u32..1000), 1..4), 1..6),
+            budget in 0u64..250,
+        ) {
+            let options: Vec<Vec<Choice>> = raw
+                .iter()
+                .map(|l| l.iter().enumerate().map(|(k, &(b, s))| Choice { bits: k as u8, bytes: b, sensitivity: f64::from(s) / 100.0 }).collect())
+                .collect();
+            let f = frontier(10, &options);
+            for w in f.windows(2) {
+                prop_assert!(w[0].bytes < w[1].bytes || (w[0].bytes == w[1].bytes && w[0].sensitivity > w[1].sensitivity));
+                prop_assert!(w[0].sensitivity > w[1].sensitivity);
+            }
+            for p in &f {
+                let bytes: u64 = 10 + p.bits.iter().enumerate().map(|(i, &k)| options[i][k as usize].bytes).sum::<u64>();
+                prop_assert_eq!(bytes, p.bytes);
+            }
+            let got = pick(&f, budget).map(|p| p.sensitivity);
+            let want = brute(10, &options, budget);
+            match (got, want) {
+                (Some(a), Some(b)) => prop_assert!((a - b).abs() < 1e-9, "{} vs {}", a, b),
+                (a, b) => prop_assert_eq!(a.is_some(), b.is_some()),
+            }
+        }
+    }
+}
