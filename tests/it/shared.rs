@@ -96,18 +96,7 @@ fn resnet20_zero_shot_w8a8_and_w4a8_in_onnx_runtime() {
     let t = tempfile::tempdir().unwrap();
     let m = sh.join("models/resnet20_cifar10_bn.onnx");
     let test = sh.join("data/cifar10/test");
-    let d = t.path().join("d.safetensors");
-    let o = zq(&[
-        "distill",
-        s(&m),
-        "-o",
-        s(&d),
-        "--num",
-        "64",
-        "--stats",
-        "batch",
-    ]);
-    assert_eq!(o.code, 0, "{}", o.stderr);
+    let d = batch_distilled(&m);
     for (wbits, min_top1, min_agree) in [("8", 0.806, 0.975), ("4", 0.776, 0.0)] {
         let q = t.path().join(format!("w{wbits}.onnx"));
         let o = zq(&[
@@ -175,18 +164,7 @@ fn resnet20_pareto_mixed_precision_beats_uniform_w4() {
     let t = tempfile::tempdir().unwrap();
     let m = sh.join("models/resnet20_cifar10_bn.onnx");
     let test = sh.join("data/cifar10/test");
-    let d = t.path().join("d.safetensors");
-    let o = zq(&[
-        "distill",
-        s(&m),
-        "-o",
-        s(&d),
-        "--num",
-        "64",
-        "--stats",
-        "batch",
-    ]);
-    assert_eq!(o.code, 0, "{}", o.stderr);
+    let d = batch_distilled(&m);
     let top1 = |q: &std::path::Path| -> f64 {
         let e = zq(&[
             "eval",
@@ -249,4 +227,27 @@ fn resnet20_pareto_mixed_precision_beats_uniform_w4() {
         );
         assert!(acc >= min_top1, "top-1 {acc} < {min_top1}");
     }
+}
+
+/// 64 images distilled from ResNet-20 with batch statistics, made once per test run and shared
+/// by the acceptance tests that calibrate on them.
+fn batch_distilled(m: &std::path::Path) -> std::path::PathBuf {
+    static D: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    D.get_or_init(|| {
+        let d =
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("resnet20_batch64.safetensors");
+        let o = zq(&[
+            "distill",
+            s(m),
+            "-o",
+            s(&d),
+            "--num",
+            "64",
+            "--stats",
+            "batch",
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        d
+    })
+    .clone()
 }
