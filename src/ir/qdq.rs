@@ -122,6 +122,35 @@ pub fn dequantize(
     })
 }
 
+/// 4-bit values two per byte, element 2i in the low nibble (ONNX INT4/UINT4 raw data).
+pub fn pack4(v: &[i64]) -> Vec<u8> {
+    v.chunks(2)
+        .map(|p| {
+            let lo = (p[0] as u8) & 0x0F;
+            let hi = p.get(1).map_or(0, |&h| (h as u8) & 0x0F);
+            lo | (hi << 4)
+        })
+        .collect()
+}
+
+/// Inverse of [`pack4`] for `n` values, sign-extended when `signed`.
+pub fn unpack4(b: &[u8], n: usize, signed: bool) -> Vec<i64> {
+    (0..n)
+        .map(|i| {
+            let nib = if i % 2 == 0 {
+                b[i / 2] & 0x0F
+            } else {
+                b[i / 2] >> 4
+            };
+            if signed {
+                i64::from(((nib << 4) as i8) >> 4)
+            } else {
+                i64::from(nib)
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

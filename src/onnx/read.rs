@@ -823,23 +823,7 @@ pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<T
     };
     let data = match bytes {
         Some(b) if matches!(dtype, DType::I4 | DType::U4) => {
-            let signed = dtype == DType::I4;
-            Data::I64(
-                (0..n)
-                    .map(|i| {
-                        let nib = if i % 2 == 0 {
-                            b[i / 2] & 0x0F
-                        } else {
-                            b[i / 2] >> 4
-                        };
-                        if signed {
-                            i64::from(((nib << 4) as i8) >> 4)
-                        } else {
-                            i64::from(nib)
-                        }
-                    })
-                    .collect(),
-            )
+            Data::I64(crate::ir::qdq::unpack4(b, n, dtype == DType::I4))
         }
         None if matches!(dtype, DType::I4 | DType::U4) => {
             return Err(format!("{dtype} tensors must use raw_data"));

@@ -28,13 +28,7 @@ pub fn tensor_to_proto(name: &str, t: &Tensor) -> proto::TensorProto {
         (Data::F32(v), _) => v
             .iter()
             .for_each(|x| raw.extend_from_slice(&f64::from(*x).to_le_bytes())),
-        (Data::I64(v), I4 | U4) => {
-            for p in v.chunks(2) {
-                let lo = (p[0] as u8) & 0x0F;
-                let hi = p.get(1).map_or(0, |&h| (h as u8) & 0x0F);
-                raw.push(lo | (hi << 4));
-            }
-        }
+        (Data::I64(v), I4 | U4) => raw = crate::ir::qdq::pack4(v),
         (Data::I64(v), dt) => {
             for &x in v {
                 match dt {

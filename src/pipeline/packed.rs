@@ -47,29 +47,14 @@ struct Plan {
     float_tensors: Vec<String>,
 }
 
-/// Signed values in [-8, 7], two per byte, first in the low nibble.
+/// Signed values in [-8, 7], two per byte, first in the low nibble (as ONNX packs INT4).
 pub fn pack_int4(v: &[i64]) -> Vec<u8> {
-    v.chunks(2)
-        .map(|p| {
-            let lo = (p[0] as u8) & 0x0F;
-            let hi = p.get(1).map_or(0, |&h| (h as u8) & 0x0F);
-            lo | (hi << 4)
-        })
-        .collect()
+    crate::ir::qdq::pack4(v)
 }
 
 /// Inverse of [`pack_int4`] for `n` values.
 pub fn unpack_int4(b: &[u8], n: usize) -> Vec<i64> {
-    (0..n)
-        .map(|i| {
-            let nib = if i % 2 == 0 {
-                b[i / 2] & 0x0F
-            } else {
-                b[i / 2] >> 4
-            };
-            i64::from(((nib << 4) as i8) >> 4)
-        })
-        .collect()
+    crate::ir::qdq::unpack4(b, n, true)
 }
 
 /// The DequantizeLinear producing `v` with all-constant inputs: (q, scale, zero point, axis).
