@@ -63,6 +63,91 @@ pub fn pick(frontier: &[Point], budget: u64) -> Option<&Point> {
     frontier.iter().rfind(|p| p.bytes <= budget)
 }
 
+/// A choice with a second cost (bit-operations: MACs x weight bits x activation bits).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Choice2 {
+    pub bits: u8,
+    pub bytes: u64,
+    pub bops: u64,
+    pub sensitivity: f64,
+}
+
+/// A whole-model assignment with both costs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Point2 {
+    pub bytes: u64,
+    pub bops: u64,
+    pub sensitivity: f64,
+    pub bits: Vec<u8>,
+}
+
+/// Every assignment not dominated in (bytes, bops, sensitivity), by the same dynamic programme
+/// with three-way dominance pruning (a staircase of bops -> least sensitivity over the states
+/// already kept, which all cost fewer or equal bytes).
+pub fn frontier2(base_bytes: u64, options: &[Vec<Choice2>]) -> Vec<Point2> {
+    use std::collections::BTreeMap;
+    let mut states: Vec<Point2> = vec![Point2 {
+        bytes: base_bytes,
+        bops: 0,
+        sensitivity: 0.0,
+        bits: Vec::new(),
+    }];
+    for (i, opts) in options.iter().enumerate() {
+        assert!(!opts.is_empty(), "layer {i} has no choices");
+        let mut next = Vec::with_capacity(states.len() * opts.len());
+        for st in &states {
+            for c in opts {
+                let mut bits = Vec::with_capacity(options.len());
+                bits.extend_from_slice(&st.bits);
+                bits.push(c.bits);
+                next.push(Point2 {
+                    bytes: st.bytes + c.bytes,
+                    bops: st.bops + c.bops,
+                    sensitivity: st.sensitivity + c.sensitivity,
+                    bits,
+                });
+            }
+        }
+        next.sort_by(|a, b| {
+            a.bytes
+                .cmp(&b.bytes)
+                .then(a.bops.cmp(&b.bops))
+                .then(a.sensitivity.total_cmp(&b.sensitivity))
+        });
+        states.clear();
+        // bops -> least sensitivity among kept states; sensitivities fall as bops rise.
+        let mut stair: BTreeMap<u64, f64> = BTreeMap::new();
+        for p in next {
+            if stair
+                .range(..=p.bops)
+                .next_back()
+                .is_some_and(|(_, &s)| s <= p.sensitivity)
+            {
+                continue;
+            }
+            let worse: Vec<u64> = stair
+                .range(p.bops..)
+                .take_while(|(_, &s)| s >= p.sensitivity)
+                .map(|(&b, _)| b)
+                .collect();
+            for b in worse {
+                stair.remove(&b);
+            }
+            stair.insert(p.bops, p.sensitivity);
+            states.push(p);
+        }
+    }
+    states
+}
+
+/// The least sensitive assignment within both budgets (None: nothing fits).
+pub fn pick2(points: &[Point2], max_bytes: u64, max_bops: u64) -> Option<&Point2> {
+    points
+        .iter()
+        .filter(|p| p.bytes <= max_bytes && p.bops <= max_bops)
+        .min_by(|a, b| a.sensitivity.total_cmp(&b.sensitivity))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,7 +178,52 @@ mod tests {
         }
     }
 
+    fn brute2(base: u64, o: &[Vec<Choice2>], max_bytes: u64, max_bops: u64) -> Option<f64> {
+        let n = o.len();
+        let mut idx = vec![0usize; n];
+        let mut best: Option<f64> = None;
+        loop {
+            let bytes: u64 = base + (0..n).map(|i| o[i][idx[i]].bytes).sum::<u64>();
+            let bops: u64 = (0..n).map(|i| o[i][idx[i]].bops).sum::<u64>();
+            let s: f64 = (0..n).map(|i| o[i][idx[i]].sensitivity).sum();
+            if bytes <= max_bytes && bops <= max_bops && best.is_none_or(|b| s < b) {
+                best = Some(s);
+            }
+            let mut k = 0;
+            loop {
+                if k == n {
+                    return best;
+                }
+                idx[k] += 1;
+                if idx[k] < o[k].len() {
+                    break;
+                }
+                idx[k] = 0;
+                k += 1;
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn two_budgets_are_optimal(
+            raw in proptest::collection::vec(proptest::collection::vec((1u64..50, 1u64..60, 0u32..1000), 1..4), 1..6),
+            max_bytes in 0u64..250,
+            max_bops in 0u64..250,
+        ) {
+            let o: Vec<Vec<Choice2>> = raw
+                .iter()
+                .map(|l| l.iter().enumerate().map(|(k, &(b, p, s))| Choice2 { bits: k as u8, bytes: b, bops: p, sensitivity: f64::from(s) / 100.0 }).collect())
+                .collect();
+            let f = frontier2(10, &o);
+            let got = pick2(&f, max_bytes, max_bops).map(|p| p.sensitivity);
+            let want = brute2(10, &o, max_bytes, max_bops);
+            match (got, want) {
+                (Some(a), Some(b)) => prop_assert!((a - b).abs() < 1e-9, "{} vs {}", a, b),
+                (a, b) => prop_assert_eq!(a.is_some(), b.is_some()),
+            }
+        }
+
         #[test]
         fn frontier_is_monotone_and_optimal(
             raw in proptest::collection::vec(proptest::collection::vec((1u64..50, 0u32..1000), 1..4), 1..6),
@@ -112,7 +242,12 @@ mod tests {
                 let bytes: u64 = 10 + p.bits.iter().enumerate().map(|(i, &k)| options[i][k as usize].bytes).sum::<u64>();
                 prop_assert_eq!(bytes, p.bytes);
             }
+            // The two-cost programme with a bops budget no constraint reaches agrees.
+            let o2: Vec<Vec<Choice2>> = options.iter().map(|l| l.iter().map(|c| Choice2 { bits: c.bits, bytes: c.bytes, bops: c.bytes * 3 % 7, sensitivity: c.sensitivity }).collect()).collect();
+            let f2 = frontier2(10, &o2);
+            let got2 = pick2(&f2, budget, u64::MAX).map(|p| p.sensitivity);
             let got = pick(&f, budget).map(|p| p.sensitivity);
+            prop_assert_eq!(got.map(|v| (v * 1e6).round()), got2.map(|v| (v * 1e6).round()));
             let want = brute(10, &options, budget);
             match (got, want) {
                 (Some(a), Some(b)) => prop_assert!((a - b).abs() < 1e-9, "{} vs {}", a, b),

@@ -175,12 +175,16 @@ pub struct QuantizeArgs {
     pub format: Format,
     /// Mixed precision: choose each layer's weight bits on the Pareto frontier of file size vs.
     /// summed sensitivity (KL of the output when only that layer is quantized), within --budget.
-    #[arg(long, requires = "budget")]
+    #[arg(long)]
     pub pareto: bool,
     /// Largest output file for --pareto: 4MB, 3.5MiB, 512KB, 200000 (bytes) or 50% (of the FP32 file).
     #[arg(long, value_name = "SIZE", requires = "pareto")]
     pub budget: Option<crate::cli::size::SizeSpec>,
-    /// Candidate weight bit widths for --pareto.
+    /// Largest bit-operation count per image for --pareto (sum of MACs x weight bits x 8), as in
+    /// ZeroQ and HAWQ-V3; with or without --budget.
+    #[arg(long, value_name = "BOPS", requires = "pareto")]
+    pub bops_budget: Option<u64>,
+    /// Candidate weight bit widths for --pareto (16: float16 storage, for layers too sensitive for 8).
     #[arg(
         long,
         value_name = "B,B,..",
@@ -191,7 +195,11 @@ pub struct QuantizeArgs {
     /// Write the whole frontier (bytes, summed sensitivity, per-layer bits) and the chosen point as JSON.
     #[arg(long, value_name = "F.json", requires = "pareto")]
     pub frontier: Option<PathBuf>,
-    /// Weight bits for every quantizable layer (2..8; values are stored in int8 containers).
+    /// Draw size vs. sensitivity (frontier, uniform-precision points, budget, chosen point) as SVG.
+    #[arg(long, value_name = "F.svg", requires = "pareto")]
+    pub plot: Option<PathBuf>,
+    /// Weight bits for every quantizable layer (2..8, or 16 for float16 storage; 5..8 bits are
+    /// stored in int8, 2..4 in INT4).
     #[arg(long, value_name = "BITS", default_value_t = 8)]
     pub wbits: u8,
     /// Activation bits (uint8 per-tensor affine; 8 is the only width ONNX Runtime runs natively).

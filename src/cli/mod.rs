@@ -360,22 +360,38 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
                 .trim()
                 .parse()
                 .ok()
-                .filter(|v| (2..=8).contains(v))
+                .filter(|v| (2..=8).contains(v) || *v == 16)
                 .ok_or_else(|| {
-                    anyhow::anyhow!("--bits: '{b}' is not a bit width between 2 and 8")
+                    anyhow::anyhow!("--bits: '{b}' is not a bit width (2 to 8, or 16 for float16)")
                 })?;
             if !bits.contains(&v) {
                 bits.push(v);
             }
         }
         bits.sort_unstable();
-        let budget = a.budget.expect("clap requires --budget with --pareto");
+        if a.budget.is_none() && a.bops_budget.is_none() {
+            anyhow::bail!("--pareto needs --budget SIZE and/or --bops-budget BOPS");
+        }
         opts.pareto = Some(quantize::ParetoOptions {
-            budget: budget.resolve(model.file_bytes),
+            budget: a.budget.map_or(u64::MAX, |b| b.resolve(model.file_bytes)),
+            bops_budget: a.bops_budget,
             bits,
         });
         if let Some(f) = &a.frontier {
             prepare_output(f, "--frontier")?;
+        }
+        if let Some(f) = &a.plot {
+            let ext = f
+                .extension()
+                .map(|e| e.to_string_lossy().to_lowercase())
+                .unwrap_or_default();
+            if ext != "svg" {
+                anyhow::bail!(
+                    "--plot {}: zq draws SVG (it needs no font); give a .svg file name (a bitmap would need a system font zq does not load)",
+                    f.display()
+                );
+            }
+            prepare_output(f, "--plot")?;
         }
     }
     let bar = std::cell::RefCell::new(None::<(String, indicatif::ProgressBar)>);
@@ -430,6 +446,17 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
             let j = serde_json::to_vec_pretty(p)?;
             crate::onnx::write::write_atomic(f, &j)?;
         }
+        if let (Some(f), Some(p)) = (&a.plot, &q.report.pareto) {
+            let title = format!(
+                "{}: size vs. sensitivity",
+                a.model
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            );
+            let svg = crate::pipeline::plot::frontier_svg(p, &title)?;
+            crate::onnx::write::write_atomic(f, svg.as_bytes())?;
+        }
         file_bytes = std::fs::metadata(&out).ok().map(|m| m.len());
     }
     let r = QuantizeSummary {
@@ -459,14 +486,14 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
                 *hist.entry(*b).or_insert(0) += 1;
             }
             println!(
-                "pareto: {} frontier points; chosen {} layers at {:?} (bits: layers), summed sensitivity {:.5}, predicted {} bytes, written {} bytes, budget {} ({:.1} s search)",
+                "pareto: {} frontier points; chosen {} layers at {:?} (bits: layers), summed sensitivity {:.5}, predicted {} bytes, written {} bytes, {} bit-operations per image ({:.1} s search)",
                 pr.frontier.len(),
                 pr.layers.len(),
                 hist,
                 pr.chosen.sensitivity,
                 pr.predicted_bytes,
                 r.file_bytes.unwrap_or(0),
-                pr.budget,
+                pr.chosen_bops,
                 pr.seconds
             );
         }

@@ -4,4 +4,5 @@ pub mod distill;
 pub mod eval;
 pub mod inspect;
 pub mod packed;
+pub mod plot;
 pub mod quantize;

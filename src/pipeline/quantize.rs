@@ -70,8 +70,10 @@ pub enum OutputFormat {
 
 #[derive(Debug, Clone)]
 pub struct ParetoOptions {
-    /// Largest output file, in bytes.
+    /// Largest output file, in bytes (u64::MAX: none).
     pub budget: u64,
+    /// Largest bit-operation count per image (sum over layers of MACs x weight bits x 8).
+    pub bops_budget: Option<u64>,
     /// Candidate weight bit widths.
     pub bits: Vec<u8>,
 }
@@ -90,6 +92,11 @@ pub struct ParetoReport {
     /// Uniform assignments (every layer at one width), for comparison.
     pub uniform: Vec<zq_quant::pareto::Point>,
     pub predicted_bytes: u64,
+    /// Bit-operations per image of the chosen assignment (MACs x weight bits x 8 activation bits).
+    pub chosen_bops: u64,
+    pub bops_budget: Option<u64>,
+    /// Multiply-accumulates per image of each layer (same order as `layers`).
+    pub macs: Vec<u64>,
     pub seconds: f64,
 }
 
@@ -189,10 +196,10 @@ fn bad_flag(msg: String) -> Error {
 
 impl QuantizeOptions {
     pub fn validate(&self, g: &Graph) -> Result<()> {
-        let ok = |b: u8| (2..=8).contains(&b);
+        let ok = |b: u8| (2..=8).contains(&b) || b == 16;
         if !ok(self.wbits) {
             return Err(bad_flag(format!(
-                "--wbits must be between 2 and 8, got {}",
+                "--wbits must be between 2 and 8, or 16 (float16), got {}",
                 self.wbits
             )));
         }
@@ -210,7 +217,7 @@ impl QuantizeOptions {
             }
             if !ok(b) {
                 return Err(bad_flag(format!(
-                    "--layer-bits {name}={b}: bits must be between 2 and 8"
+                    "--layer-bits {name}={b}: bits must be between 2 and 8, or 16 (float16)"
                 )));
             }
         }
@@ -703,7 +710,13 @@ fn search(
         let mut row = Vec::with_capacity(p.bits.len());
         for (bi, &b) in p.bits.iter().enumerate() {
             progress("measuring sensitivity", ci * p.bits.len() + bi + 1, total);
-            let dq = quantize_weights(&wf, m, b, o.clip).dequantize();
+            let dq = if b == 16 {
+                wf.iter()
+                    .map(|&v| half::f16::from_f32(v).to_f32())
+                    .collect()
+            } else {
+                quantize_weights(&wf, m, b, o.clip).dequantize()
+            };
             let t = CTensor::from_vec(dq, w.shape.as_slice(), plan.device())?;
             let ov = HashMap::from([(wv, t)]);
             let out = run(Some(&ov))?;
@@ -726,24 +739,39 @@ fn search(
     }
     let (qg8, l8, _, _) = build_final(g, act, means, &o8)?;
     let s8 = serialize(&qg8, o.format, model_name, &l8)?.len() as u64;
-    let cost = |ci: usize, b: u8| -> u64 {
-        let w = plan.graph.konst(cand[ci].1).unwrap();
-        let n: usize = w.shape.iter().product();
-        let per_channel = !o.per_tensor
-            && matches!(
-                plan.graph.nodes[cand[ci].0].op,
-                Op::Conv(_) | Op::Gemm { trans_b: true, .. }
+    // Each choice's exact byte delta against the all-8-bit file: serialise with only that
+    // layer changed (layers' bytes are independent of each other).
+    let mut delta: Vec<Vec<i64>> = Vec::with_capacity(cand.len());
+    let (qa, la, _, _) = build_qdq(g, act, means, &o8)?;
+    let s8_raw = serialize(&qa, o.format, model_name, &la)?.len() as i64;
+    for (ci, nm) in names.iter().enumerate() {
+        let mut row = Vec::with_capacity(p.bits.len());
+        for &b in &p.bits {
+            if b == 8 {
+                row.push(0);
+                continue;
+            }
+            progress(
+                "measuring sizes",
+                ci * p.bits.len() + 1,
+                names.len() * p.bits.len(),
             );
-        let m = if per_channel { w.shape[0] } else { 1 };
-        let packed = |k: usize| if b <= 4 { k.div_ceil(2) } else { k };
-        (packed(n)
-            + if o.format == OutputFormat::Onnx {
-                packed(m)
-            } else {
-                0
-            }) as u64
+            let mut ob = o8.clone();
+            ob.layer_bits.insert(nm.clone(), b);
+            let (qb, lb, _, _) = build_qdq(g, act, means, &ob)?;
+            row.push(serialize(&qb, o.format, model_name, &lb)?.len() as i64 - s8_raw);
+        }
+        delta.push(row);
+    }
+    let low: Vec<i64> = delta
+        .iter()
+        .map(|r| r.iter().copied().min().unwrap_or(0))
+        .collect();
+    let cost = |ci: usize, b: u8| -> u64 {
+        let k = p.bits.iter().position(|&x| x == b).unwrap();
+        (delta[ci][k] - low[ci]) as u64
     };
-    let base = s8 - (0..cand.len()).map(|ci| cost(ci, 8)).sum::<u64>();
+    let base = (s8 as i64 + low.iter().sum::<i64>()) as u64;
     let options: Vec<Vec<Choice>> = (0..cand.len())
         .map(|ci| {
             sens[ci]
@@ -769,17 +797,77 @@ fn search(
             bits: vec![b; cand.len()],
         })
         .collect();
-    let chosen = pick(&front, p.budget).cloned().ok_or_else(|| {
+    // Multiply-accumulates per image: output elements x weights feeding each output.
+    let macs: Vec<u64> = cand
+        .iter()
+        .map(|&(ni, wv)| {
+            let n = &plan.graph.nodes[ni];
+            let out = plan.graph.values[n.outputs[0]]
+                .shape
+                .clone()
+                .unwrap_or_default();
+            let per_image: usize = out.iter().skip(1).product();
+            let oc = out.get(1).copied().unwrap_or(1).max(1);
+            let params: usize = plan.graph.konst(wv).unwrap().shape.iter().product();
+            (per_image * (params / oc)) as u64
+        })
+        .collect();
+    let bops = |ci: usize, b: u8| macs[ci] * u64::from(b) * 8;
+    let smallest_bits = p.bits.iter().min().copied().unwrap_or(0);
+    let chosen = match p.bops_budget {
+        None => pick(&front, p.budget).cloned(),
+        Some(maxb) => {
+            let o2: Vec<Vec<zq_quant::pareto::Choice2>> = options
+                .iter()
+                .enumerate()
+                .map(|(ci, row)| {
+                    row.iter()
+                        .map(|c| zq_quant::pareto::Choice2 {
+                            bits: c.bits,
+                            bytes: c.bytes,
+                            bops: bops(ci, c.bits),
+                            sensitivity: c.sensitivity,
+                        })
+                        .collect()
+                })
+                .collect();
+            let f2 = zq_quant::pareto::frontier2(base, &o2);
+            zq_quant::pareto::pick2(&f2, p.budget, maxb).map(|q| Point {
+                bytes: q.bytes,
+                sensitivity: q.sensitivity,
+                bits: q.bits.clone(),
+            })
+        }
+    };
+    let chosen = chosen.ok_or_else(|| {
         let smallest = front.first().map_or(0, |f| f.bytes);
-        Error::Usage(format!(
-            "{INFEASIBLE}: --budget {} bytes is below the smallest achievable size, {} bytes ({} with every layer at {} bits)",
-            p.budget,
-            smallest,
-            crate::cli::size::human_bytes(smallest),
-            p.bits.iter().min().copied().unwrap_or(0)
-        ))
+        let least_bops: u64 = (0..cand.len()).map(|ci| bops(ci, smallest_bits)).sum();
+        Error::Usage(match p.bops_budget {
+            Some(maxb) if maxb < least_bops => format!(
+                "{INFEASIBLE}: --bops-budget {maxb} is below the smallest achievable {least_bops} bit-operations per image (every layer at {smallest_bits} bits)"
+            ),
+            Some(_) if p.budget >= smallest => format!(
+                "{INFEASIBLE}: no assignment meets both --budget {} bytes and --bops-budget",
+                p.budget
+            ),
+            _ => format!(
+                "{INFEASIBLE}: --budget {} bytes is below the smallest achievable size, {} bytes ({} with every layer at {smallest_bits} bits)",
+                p.budget,
+                smallest,
+                crate::cli::size::human_bytes(smallest),
+            ),
+        })
     })?;
+    let chosen_bops = chosen
+        .bits
+        .iter()
+        .enumerate()
+        .map(|(ci, &b)| bops(ci, b))
+        .sum();
     Ok(ParetoReport {
+        chosen_bops,
+        bops_budget: p.bops_budget,
+        macs,
         budget: p.budget,
         candidate_bits: p.bits.clone(),
         layers: names,
@@ -902,6 +990,39 @@ fn build_qdq(
             // Per-channel along axis 0 when that is the output axis (Conv, Gemm with transB).
             let axis0 = matches!(n.op, Op::Conv(_) | Op::Gemm { trans_b: true, .. });
             match x_scale {
+                _ if bits == 16 && !keep => {
+                    // float16 storage: a half-precision initializer and a Cast back to float.
+                    let wname = format!("{}_weight", n.name);
+                    let h: Vec<f32> = w
+                        .to_f32_vec()
+                        .iter()
+                        .map(|&v| half::f16::from_f32(v).to_f32())
+                        .collect();
+                    let hid = q.add_const(
+                        format!("{wname}_float16"),
+                        Tensor::f32(w.shape.clone(), h).cast(DType::F16),
+                    );
+                    let wf = q.add_value(format!("{wname}_float"), DType::F32);
+                    q.values[wf].shape = Some(w.shape.clone());
+                    new_nodes.push(Node {
+                        name: format!("{wname}_Cast"),
+                        op: Op::Cast { to: DType::F32 },
+                        inputs: vec![Some(hid)],
+                        outputs: vec![wf],
+                    });
+                    n2.inputs[1] = Some(wf);
+                    q_bytes += params * 2
+                        + n.input(2)
+                            .and_then(|b| g.konst(b))
+                            .map_or(0, |b| b.len() * 4);
+                    layers.push(LayerReport {
+                        name: n.name.clone(),
+                        op: n.op.name().to_string(),
+                        bits: Some(16),
+                        params,
+                        kernel: "float16 weights, float kernel",
+                    });
+                }
                 Some(xs) if !keep => {
                     let per_channel = axis0 && !o.per_tensor;
                     let m = if per_channel { w.shape[0] } else { 1 };

@@ -494,3 +494,108 @@ fn pareto_fits_the_budget_with_the_predicted_size() {
     .assert_error("--bits");
     zq(&["quantize", s(&m), "--budget", "1MB"]).assert_error("--pareto");
 }
+
+#[test]
+fn pareto_with_float16_candidates_bops_budget_and_plot() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let calib = [
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--num",
+        "32",
+        "--iters",
+        "100",
+        "--holdout",
+        "0",
+    ];
+    let out = t.path().join("p.onnx");
+    let svg = t.path().join("f.svg");
+    let mut a = vec![
+        "quantize",
+        s(&m),
+        "-o",
+        s(&out),
+        "--pareto",
+        "--budget",
+        "25KB",
+        "--bits",
+        "4,8,16",
+        "--plot",
+        s(&svg),
+        "--json",
+    ];
+    a.extend_from_slice(&calib);
+    let o = zq(&a);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let p = &o.json()["pareto"];
+    // With room for everything, float16 wins where it is cheaper than losing accuracy.
+    assert!(
+        p["chosen"]["bits"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(16)),
+        "{p}"
+    );
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.starts_with("<svg") && plot.contains("chosen") && plot.contains("W4"),
+        "{}",
+        &plot[..200]
+    );
+    // ONNX Runtime runs the float16 + Cast layers.
+    if let Some(lib) = ort_lib() {
+        let (x, shape) = digits_test();
+        let (agree, _) = zq_vs_ort(&out, &x, shape, &lib);
+        assert!(agree >= 0.995, "{agree}");
+    }
+    // A bit-operations budget alone: the chosen assignment meets it.
+    let fp8: u64 = p["macs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() * 64)
+        .sum();
+    let budget = (fp8 * 3 / 4).to_string();
+    let mut a = vec![
+        "quantize",
+        s(&m),
+        "-o",
+        s(&out),
+        "--pareto",
+        "--bops-budget",
+        &budget,
+        "--json",
+    ];
+    a.extend_from_slice(&calib);
+    let o = zq(&a);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let chosen = o.json()["pareto"]["chosen_bops"].as_u64().unwrap();
+    assert!(chosen <= fp8 * 3 / 4 && chosen > 0, "{chosen}");
+    let mut a = vec![
+        "quantize",
+        s(&m),
+        "-o",
+        s(&out),
+        "--pareto",
+        "--bops-budget",
+        "10",
+    ];
+    a.extend_from_slice(&calib);
+    let o = zq(&a);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("--bops-budget"), "{}", o.stderr);
+    zq(&["quantize", s(&m), "--pareto"]).assert_error("--budget");
+    zq(&[
+        "quantize",
+        s(&m),
+        "--pareto",
+        "--budget",
+        "1MB",
+        "--plot",
+        "x.png",
+    ])
+    .assert_error("--plot");
+}
