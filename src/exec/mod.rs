@@ -169,6 +169,95 @@ impl Plan {
         Ok(self.run_with(inputs, &RunOptions::default())?.0)
     }
 
+    /// Compute step `si` from the values in `env` (constants and overrides filled in).
+    fn step(
+        &self,
+        si: usize,
+        env: &mut [Option<Tensor>],
+        overrides: Option<&HashMap<ValueId, Tensor>>,
+    ) -> Result<()> {
+        let s = &self.steps[si];
+        let n = &self.graph.nodes[s.node];
+        let ins: Vec<Option<Tensor>> = n
+            .inputs
+            .iter()
+            .map(|i| {
+                i.and_then(|v| {
+                    overrides
+                        .and_then(|o| o.get(&v).cloned())
+                        .or_else(|| env[v].clone())
+                        .or_else(|| self.consts.get(&v).cloned())
+                })
+            })
+            .collect();
+        let y =
+            eval(n, &s.kind, &ins).map_err(|e| Error::node(&n.name, n.op.name(), e.to_string()))?;
+        for (k, &o) in n.outputs.iter().enumerate() {
+            env[o] = Some(if k == 0 { y.clone() } else { y.ones_like()? });
+        }
+        Ok(())
+    }
+
+    /// The step that computes node `node` of `self.graph`.
+    pub fn step_of(&self, node: usize) -> Option<usize> {
+        self.steps.iter().position(|s| s.node == node)
+    }
+
+    /// Run once and keep every value computed (the cache [`Plan::run_from`] starts from).
+    pub fn run_keep_all(&self, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let g = &self.graph;
+        if inputs.len() != g.inputs.len() {
+            return Err(Error::Usage(format!(
+                "model takes {} inputs, got {}",
+                g.inputs.len(),
+                inputs.len()
+            )));
+        }
+        let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        for (gi, x) in g.inputs.iter().zip(inputs) {
+            env[gi.value] = Some(x.clone());
+        }
+        for si in 0..self.steps.len() {
+            self.step(si, &mut env, None)?;
+        }
+        Ok(env)
+    }
+
+    /// Re-run from step `from` with `overrides`, taking the graph inputs and every value computed
+    /// before `from` from `cache` (a [`Plan::run_keep_all`] result); returns the graph outputs.
+    /// Perturbing one layer then costs only the layers after it.
+    pub fn run_from(
+        &self,
+        cache: &[Option<Tensor>],
+        from: usize,
+        overrides: Option<&HashMap<ValueId, Tensor>>,
+    ) -> Result<Vec<Tensor>> {
+        let g = &self.graph;
+        let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        for gi in &g.inputs {
+            env[gi.value] = cache[gi.value].clone();
+        }
+        for s in &self.steps[..from.min(self.steps.len())] {
+            for &o in &g.nodes[s.node].outputs {
+                env[o] = cache[o].clone();
+            }
+        }
+        for si in from..self.steps.len() {
+            self.step(si, &mut env, overrides)?;
+        }
+        g.outputs
+            .iter()
+            .map(|&v| {
+                env[v]
+                    .clone()
+                    .or_else(|| self.consts.get(&v).cloned())
+                    .ok_or_else(|| {
+                        Error::Usage(format!("value '{}' was not computed", g.values[v].name))
+                    })
+            })
+            .collect()
+    }
+
     /// Run the graph; returns the outputs and the tapped values, in the order asked.
     pub fn run_with(
         &self,
@@ -205,16 +294,7 @@ impl Plan {
         };
         for (si, s) in self.steps.iter().enumerate() {
             let n = &g.nodes[s.node];
-            let ins: Vec<Option<Tensor>> = n
-                .inputs
-                .iter()
-                .map(|i| i.and_then(|v| get(&env, v)))
-                .collect();
-            let y = eval(n, &s.kind, &ins)
-                .map_err(|e| Error::node(&n.name, n.op.name(), e.to_string()))?;
-            for (k, &o) in n.outputs.iter().enumerate() {
-                env[o] = Some(if k == 0 { y.clone() } else { y.ones_like()? });
-            }
+            self.step(si, &mut env, opts.overrides)?;
             for v in n.inputs.iter().flatten() {
                 if self.last_use.get(v) == Some(&si) && !keep.contains(v) {
                     env[*v] = None;

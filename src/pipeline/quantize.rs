@@ -697,6 +697,8 @@ fn search(
         Ok(y[0].flatten_all()?.to_vec1::<f32>()?)
     };
     let reference = run(None)?;
+    // Every FP32 activation once; each perturbed run starts at the perturbed layer.
+    let cache = plan.run_keep_all(std::slice::from_ref(&xt))?;
     let classes = reference.len() / batch;
     let total = cand.len() * p.bits.len();
     let mut sens = Vec::with_capacity(cand.len());
@@ -719,7 +721,10 @@ fn search(
             };
             let t = CTensor::from_vec(dq, w.shape.as_slice(), plan.device())?;
             let ov = HashMap::from([(wv, t)]);
-            let out = run(Some(&ov))?;
+            let from = plan.step_of(ni).unwrap_or(0);
+            let out = plan.run_from(&cache, from, Some(&ov))?[0]
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             row.push((
                 b,
                 zq_quant::sensitivity::kl_divergence(&reference, &out, classes),
