@@ -154,28 +154,20 @@ mod tests {
     use proptest::prelude::*;
 
     fn brute(base: u64, options: &[Vec<Choice>], budget: u64) -> Option<f64> {
-        let n = options.len();
-        let mut idx = vec![0usize; n];
-        let mut best: Option<f64> = None;
-        loop {
-            let bytes: u64 = base + (0..n).map(|i| options[i][idx[i]].bytes).sum::<u64>();
-            let s: f64 = (0..n).map(|i| options[i][idx[i]].sensitivity).sum();
-            if bytes <= budget && best.is_none_or(|b| s < b) {
-                best = Some(s);
-            }
-            let mut k = 0;
-            loop {
-                if k == n {
-                    return best;
-                }
-                idx[k] += 1;
-                if idx[k] < options[k].len() {
-                    break;
-                }
-                idx[k] = 0;
-                k += 1;
-            }
-        }
+        let o: Vec<Vec<Choice2>> = options
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .map(|c| Choice2 {
+                        bits: c.bits,
+                        bytes: c.bytes,
+                        bops: 0,
+                        sensitivity: c.sensitivity,
+                    })
+                    .collect()
+            })
+            .collect();
+        brute2(base, &o, budget, u64::MAX)
     }
 
     fn brute2(base: u64, o: &[Vec<Choice2>], max_bytes: u64, max_bops: u64) -> Option<f64> {

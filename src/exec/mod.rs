@@ -169,6 +169,31 @@ impl Plan {
         Ok(self.run_with(inputs, &RunOptions::default())?.0)
     }
 
+    /// A value environment holding the graph inputs, checked against the planned shapes.
+    fn bind(&self, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+        let g = &self.graph;
+        if inputs.len() != g.inputs.len() {
+            return Err(Error::Usage(format!(
+                "model takes {} inputs, got {}",
+                g.inputs.len(),
+                inputs.len()
+            )));
+        }
+        let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        for (gi, x) in g.inputs.iter().zip(inputs) {
+            let want = g.values[gi.value].shape.as_deref().unwrap();
+            if x.dims() != want {
+                return Err(Error::Usage(format!(
+                    "input '{}' has shape {:?}, the model expects {want:?}",
+                    g.values[gi.value].name,
+                    x.dims()
+                )));
+            }
+            env[gi.value] = Some(x.clone());
+        }
+        Ok(env)
+    }
+
     /// Compute step `si` from the values in `env` (constants and overrides filled in).
     fn step(
         &self,
@@ -205,18 +230,7 @@ impl Plan {
 
     /// Run once and keep every value computed (the cache [`Plan::run_from`] starts from).
     pub fn run_keep_all(&self, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
-        let g = &self.graph;
-        if inputs.len() != g.inputs.len() {
-            return Err(Error::Usage(format!(
-                "model takes {} inputs, got {}",
-                g.inputs.len(),
-                inputs.len()
-            )));
-        }
-        let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
-        for (gi, x) in g.inputs.iter().zip(inputs) {
-            env[gi.value] = Some(x.clone());
-        }
+        let mut env = self.bind(inputs)?;
         for si in 0..self.steps.len() {
             self.step(si, &mut env, None)?;
         }
@@ -265,25 +279,7 @@ impl Plan {
         opts: &RunOptions,
     ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         let g = &self.graph;
-        if inputs.len() != g.inputs.len() {
-            return Err(Error::Usage(format!(
-                "model takes {} inputs, got {}",
-                g.inputs.len(),
-                inputs.len()
-            )));
-        }
-        let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
-        for (gi, x) in g.inputs.iter().zip(inputs) {
-            let want = g.values[gi.value].shape.as_deref().unwrap();
-            if x.dims() != want {
-                return Err(Error::Usage(format!(
-                    "input '{}' has shape {:?}, the model expects {want:?}",
-                    g.values[gi.value].name,
-                    x.dims()
-                )));
-            }
-            env[gi.value] = Some(x.clone());
-        }
+        let mut env = self.bind(inputs)?;
         let keep: std::collections::HashSet<ValueId> =
             g.outputs.iter().chain(opts.taps.iter()).copied().collect();
         let get = |env: &Vec<Option<Tensor>>, v: ValueId| -> Option<Tensor> {
