@@ -887,6 +887,37 @@ fn search(
 
 type Built = (Graph, Vec<LayerReport>, usize, usize);
 
+/// A constant integer tensor `qt` dequantized along axis 0 (zero points 0 of its type) by a new
+/// DequantizeLinear node appended to `nodes`; returns the float value it produces.
+fn dq_const(
+    q: &mut Graph,
+    nodes: &mut Vec<Node>,
+    name: &str,
+    qt: Tensor,
+    scale_shape: Vec<usize>,
+    scales: Vec<f32>,
+) -> ValueId {
+    let (dt, shape, nz) = (qt.dtype, qt.shape.clone(), scales.len());
+    let qid = q.add_const(format!("{name}_quantized"), qt);
+    let sid = q.add_const(
+        format!("{name}_scale"),
+        Tensor::f32(scale_shape.clone(), scales),
+    );
+    let zid = q.add_const(
+        format!("{name}_zero_point"),
+        Tensor::f32(scale_shape, vec![0.0; nz]).cast(dt),
+    );
+    let d = q.add_value(format!("{name}_dequantized"), DType::F32);
+    q.values[d].shape = Some(shape);
+    nodes.push(Node {
+        name: format!("{name}_DequantizeLinear"),
+        op: Op::DequantizeLinear { axis: 0 },
+        inputs: vec![Some(qid), Some(sid), Some(zid)],
+        outputs: vec![d],
+    });
+    d
+}
+
 /// Insert QuantizeLinear/DequantizeLinear: per-tensor uint8 on activations, per-channel (or
 /// per-tensor) signed weights, int32 biases with scale = input scale x weight scale.
 /// The expected output shift a weight's quantization error causes: for each output channel,
@@ -1043,24 +1074,15 @@ fn build_qdq(
                         shape: w.shape.clone(),
                         data: crate::ir::Data::I64(wq.q.iter().map(|&v| i64::from(v)).collect()),
                     };
-                    let wid = q.add_const(format!("{wname}_quantized"), qt);
                     let sshape = if per_channel { vec![m] } else { vec![] };
-                    let sid = q.add_const(
-                        format!("{wname}_scale"),
-                        Tensor::f32(sshape.clone(), wq.scales.clone()),
+                    let wd = dq_const(
+                        &mut q,
+                        &mut new_nodes,
+                        &wname,
+                        qt,
+                        sshape,
+                        wq.scales.clone(),
                     );
-                    let zid = q.add_const(
-                        format!("{wname}_zero_point"),
-                        Tensor::f32(sshape.clone(), vec![0.0; m]).cast(wdt),
-                    );
-                    let wd = q.add_value(format!("{wname}_dequantized"), DType::F32);
-                    q.values[wd].shape = Some(w.shape.clone());
-                    new_nodes.push(Node {
-                        name: format!("{wname}_DequantizeLinear"),
-                        op: Op::DequantizeLinear { axis: 0 },
-                        inputs: vec![Some(wid), Some(sid), Some(zid)],
-                        outputs: vec![wd],
-                    });
                     n2.inputs[1] = Some(wd);
                     q_bytes += (params * bits as usize).div_ceil(8) + m * 4;
                     // Bias: int32, scale = x_scale * w_scale.
@@ -1097,34 +1119,17 @@ fn build_qdq(
                             })
                             .collect();
                         let bname = format!("{}_bias", n.name);
-                        let bid = q.add_const(
-                            format!("{bname}_quantized"),
-                            Tensor {
-                                dtype: DType::I32,
-                                shape: b.shape.clone(),
-                                data: crate::ir::Data::I64(bq),
-                            },
-                        );
+                        let bq = Tensor {
+                            dtype: DType::I32,
+                            shape: b.shape.clone(),
+                            data: crate::ir::Data::I64(bq),
+                        };
                         let (bsh, bsv) = if per_channel {
                             (b.shape.clone(), bs.clone())
                         } else {
                             (vec![], vec![bs[0]])
                         };
-                        let nz = bsv.len();
-                        let bsid =
-                            q.add_const(format!("{bname}_scale"), Tensor::f32(bsh.clone(), bsv));
-                        let bzid = q.add_const(
-                            format!("{bname}_zero_point"),
-                            Tensor::f32(bsh, vec![0.0; nz]).cast(DType::I32),
-                        );
-                        let bd = q.add_value(format!("{bname}_dequantized"), DType::F32);
-                        q.values[bd].shape = Some(b.shape.clone());
-                        new_nodes.push(Node {
-                            name: format!("{bname}_DequantizeLinear"),
-                            op: Op::DequantizeLinear { axis: 0 },
-                            inputs: vec![Some(bid), Some(bsid), Some(bzid)],
-                            outputs: vec![bd],
-                        });
+                        let bd = dq_const(&mut q, &mut new_nodes, &bname, bq, bsh, bsv);
                         n2.inputs[2] = Some(bd);
                         q_bytes += nb * 4;
                     }
