@@ -599,3 +599,21 @@ fn pareto_with_float16_candidates_bops_budget_and_plot() {
     ])
     .assert_error("--plot");
 }
+
+#[test]
+fn same_seed_same_model_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let run = |name: &str| {
+        let out = t.path().join(name);
+        let mut a = vec!["quantize", s(&m), "-o", s(&out), "--seed", "5"];
+        a.extend_from_slice(&DIGITS);
+        let o = zq(&a);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        std::fs::read(out).unwrap()
+    };
+    assert!(
+        run("a.onnx") == run("b.onnx"),
+        "the same seed must give the same file"
+    );
+}
