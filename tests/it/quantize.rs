@@ -607,7 +607,7 @@ fn same_seed_same_model_bytes() {
     let run = |name: &str| {
         let out = t.path().join(name);
         let mut a = vec!["quantize", s(&m), "-o", s(&out), "--seed", "5"];
-        a.extend_from_slice(&DIGITS);
+        a.extend_from_slice(DIGITS);
         let o = zq(&a);
         assert_eq!(o.code, 0, "{}", o.stderr);
         std::fs::read(out).unwrap()
