@@ -736,3 +736,16 @@ pub fn argmax_rows(y: &Tensor) -> candle_core::Result<Vec<usize>> {
         })
         .collect())
 }
+
+/// d<y, r>/dx for unit tests of differentiable ops.
+#[cfg(test)]
+pub(crate) fn grad_along(
+    x: &candle_core::Var,
+    y: &Tensor,
+    r: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let g = (y * r)?.sum_all()?.backward()?;
+    g.get(x.as_tensor())
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("no gradient reached x".into()))
+}

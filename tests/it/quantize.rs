@@ -383,22 +383,25 @@ fn safetensors_output_holds_the_same_packed_weights_as_the_onnx_output() {
     assert!(!plan["activations"].as_array().unwrap().is_empty());
 }
 
+/// Calibration flags of the Pareto tests on the digits fixture.
+const PARETO_CALIB: [&str; 10] = [
+    "--mean",
+    "0.5",
+    "--std",
+    "0.5",
+    "--num",
+    "32",
+    "--iters",
+    "100",
+    "--holdout",
+    "0",
+];
+
 #[test]
 fn pareto_fits_the_budget_with_the_predicted_size() {
     let t = tempfile::tempdir().unwrap();
     let m = fixture("digits_bn/model.onnx");
-    let calib = [
-        "--mean",
-        "0.5",
-        "--std",
-        "0.5",
-        "--num",
-        "32",
-        "--iters",
-        "100",
-        "--holdout",
-        "0",
-    ];
+    let calib = PARETO_CALIB;
     for (fmt, budget) in [("onnx", "14.5KB"), ("safetensors", "9.5KB")] {
         let out = t.path().join(format!("p.{fmt}"));
         let fr = t.path().join(format!("f-{fmt}.json"));
@@ -499,18 +502,7 @@ fn pareto_fits_the_budget_with_the_predicted_size() {
 fn pareto_with_float16_candidates_bops_budget_and_plot() {
     let t = tempfile::tempdir().unwrap();
     let m = fixture("digits_bn/model.onnx");
-    let calib = [
-        "--mean",
-        "0.5",
-        "--std",
-        "0.5",
-        "--num",
-        "32",
-        "--iters",
-        "100",
-        "--holdout",
-        "0",
-    ];
+    let calib = PARETO_CALIB;
     let out = t.path().join("p.onnx");
     let svg = t.path().join("f.svg");
     let mut a = vec![
