@@ -9,13 +9,24 @@ fn softmax(row: &[f32]) -> Vec<f64> {
     e.into_iter().map(|x| x / s).collect()
 }
 
-/// Mean over rows of KL(softmax(p) || softmax(q)) for `[N, k]` logits.
+/// A row of model output as a probability distribution: used as it is when it already is one
+/// (non-negative, summing to 1: a Softmax output), otherwise the softmax of the logits.
+pub fn distribution(row: &[f32]) -> Vec<f64> {
+    let s: f32 = row.iter().sum();
+    if row.iter().all(|&v| v >= 0.0) && (s - 1.0).abs() < 1e-3 {
+        row.iter().map(|&v| f64::from(v)).collect()
+    } else {
+        softmax(row)
+    }
+}
+
+/// Mean over rows of KL(p || q) for `[N, k]` outputs (logits or probabilities).
 pub fn kl_divergence(p: &[f32], q: &[f32], k: usize) -> f64 {
     assert!(k > 0 && p.len() == q.len() && p.len().is_multiple_of(k));
     let rows = p.len() / k;
     let mut total = 0.0;
     for (a, b) in p.chunks(k).zip(q.chunks(k)) {
-        let (pa, pb) = (softmax(a), softmax(b));
+        let (pa, pb) = (distribution(a), distribution(b));
         total += pa
             .iter()
             .zip(&pb)
@@ -29,6 +40,29 @@ pub fn kl_divergence(p: &[f32], q: &[f32], k: usize) -> f64 {
             .sum::<f64>();
     }
     total / rows as f64
+}
+
+/// Index of the largest entry (the first on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |m, (j, &v)| if v > m.1 { (j, v) } else { m },
+        )
+        .0
+}
+
+/// Fraction of rows of two `[N, k]` outputs whose argmax agrees.
+pub fn agreement(p: &[f32], q: &[f32], k: usize) -> f64 {
+    assert!(k > 0 && p.len() == q.len() && p.len().is_multiple_of(k));
+    let rows = p.len() / k;
+    let same = p
+        .chunks(k)
+        .zip(q.chunks(k))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    same as f64 / rows.max(1) as f64
 }
 
 /// Omega_i(k) for every layer i and bit width k: a `[layers][bits]` table.
@@ -80,6 +114,22 @@ mod tests {
                 .collect();
             Ok(ws[0].iter().zip(&ws[1]).map(|(a, b)| a * 3.0 + b).collect())
         }
+    }
+
+    #[test]
+    fn probabilities_are_taken_as_they_are() {
+        // A Softmax output row is already a distribution; logits go through softmax.
+        assert_eq!(distribution(&[0.25, 0.75]), vec![0.25, 0.75]);
+        let d = distribution(&[0.0, 2f32.ln()]);
+        assert!((d[0] - 1.0 / 3.0).abs() < 1e-9 && (d[1] - 2.0 / 3.0).abs() < 1e-9);
+        // KL of two distributions is computed on them directly.
+        let kl = kl_divergence(&[0.5, 0.5], &[0.25, 0.75], 2);
+        let want = 0.5 * (0.5f64 / 0.25).ln() + 0.5 * (0.5f64 / 0.75).ln();
+        assert!((kl - want).abs() < 1e-9, "{kl} vs {want}");
+        assert_eq!(
+            agreement(&[1.0, 2.0, 3.0, 0.0], &[0.0, 5.0, 1.0, 2.0], 2),
+            0.5
+        );
     }
 
     #[test]

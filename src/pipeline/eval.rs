@@ -62,13 +62,34 @@ pub fn chw_of(g: &crate::ir::Graph, path: &Path) -> Result<[usize; 3]> {
 
 impl ZqClassifier {
     pub fn open(path: &Path) -> Result<Self> {
-        let graph = read_model(path)?.graph;
+        Self::new(read_model(path)?.graph, path)
+    }
+
+    /// A classifier for a graph in memory (`path` names it in errors).
+    pub fn new(graph: crate::ir::Graph, path: &Path) -> Result<Self> {
         let chw = chw_of(&graph, path)?;
         // Specialise once now so a broken model fails before any image is read.
         let plan = Plan::new(&graph, 1)?;
         let mut plans = HashMap::new();
         plans.insert(1, plan);
         Ok(ZqClassifier { graph, plans, chw })
+    }
+
+    /// The model's first output for `n` inputs, as a flat [n, K] table, and K.
+    pub fn scores(&mut self, data: &[f32], n: usize) -> Result<(Vec<f32>, usize)> {
+        let y = self.run(data, n)?;
+        let k = y.elem_count() / n.max(1);
+        Ok((y.flatten_all()?.to_vec1::<f32>()?, k))
+    }
+
+    fn run(&mut self, data: &[f32], n: usize) -> Result<Tensor> {
+        if !self.plans.contains_key(&n) {
+            self.plans.insert(n, Plan::new(&self.graph, n)?);
+        }
+        let plan = &self.plans[&n];
+        let [c, h, w] = self.chw;
+        let x = Tensor::from_slice(data, (n, c, h, w), plan.device())?;
+        Ok(plan.run(&[x])?.remove(0))
     }
 }
 
@@ -77,14 +98,8 @@ impl Classifier for ZqClassifier {
         self.chw
     }
     fn predict(&mut self, data: Vec<f32>, n: usize) -> Result<Vec<usize>> {
-        if !self.plans.contains_key(&n) {
-            self.plans.insert(n, Plan::new(&self.graph, n)?);
-        }
-        let plan = &self.plans[&n];
-        let [c, h, w] = self.chw;
-        let x = Tensor::from_vec(data, (n, c, h, w), plan.device())?;
-        let y = plan.run(&[x])?;
-        Ok(argmax_rows(&y[0])?)
+        let y = self.run(&data, n)?;
+        Ok(argmax_rows(&y)?)
     }
 }
 

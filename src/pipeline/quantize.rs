@@ -190,15 +190,11 @@ fn build_final(
 /// Error raised when no assignment fits the budget (the CLI maps it to exit code 1).
 pub const INFEASIBLE: &str = "infeasible budget";
 
-fn bad_flag(msg: String) -> Error {
-    Error::Usage(msg)
-}
-
 impl QuantizeOptions {
     pub fn validate(&self, g: &Graph) -> Result<()> {
         let ok = |b: u8| (2..=8).contains(&b) || b == 16;
         if !ok(self.wbits) {
-            return Err(bad_flag(format!(
+            return Err(Error::Usage(format!(
                 "--wbits must be between 2 and 8, or 16 (float16), got {}",
                 self.wbits
             )));
@@ -211,19 +207,19 @@ impl QuantizeOptions {
             .collect();
         for (name, &b) in &self.layer_bits {
             if !layers.contains(name.as_str()) {
-                return Err(bad_flag(format!(
+                return Err(Error::Usage(format!(
                     "--layer-bits: no quantizable layer named '{name}' (zq inspect lists them)"
                 )));
             }
             if !ok(b) {
-                return Err(bad_flag(format!(
+                return Err(Error::Usage(format!(
                     "--layer-bits {name}={b}: bits must be between 2 and 8, or 16 (float16)"
                 )));
             }
         }
         for name in &self.keep_float {
             if !layers.contains(name.as_str()) {
-                return Err(bad_flag(format!(
+                return Err(Error::Usage(format!(
                     "--keep-float: no quantizable layer named '{name}' (zq inspect lists them)"
                 )));
             }
@@ -392,80 +388,27 @@ fn uint8_params(lo: f32, hi: f32) -> (f32, u8) {
     m.uint8_params().unwrap_or((1.0, 0))
 }
 
-/// Run `plan` on `x` in batches, returning logits [N, K] flattened and K.
-fn logits(g: &Graph, x: &[f32], n: usize, chw: [usize; 3]) -> Result<(Vec<f32>, usize)> {
-    let b = n.min(64);
-    let per = chw.iter().product::<usize>();
-    let mut plans: HashMap<usize, Plan> = HashMap::new();
-    let mut out = Vec::new();
-    let mut k = 0;
-    for s in (0..n).step_by(b) {
-        let m = b.min(n - s);
-        let p = match plans.entry(m) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(Plan::new(g, m)?),
-        };
-        let t = CTensor::from_slice(
-            &x[s * per..(s + m) * per],
-            (m, chw[0], chw[1], chw[2]),
-            p.device(),
-        )?;
-        let y = p.run(&[t])?.remove(0);
-        k = y.elem_count() / m;
-        out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+/// Run `g` on `n` images `x` in batches of up to 64; returns [n, K] scores flattened and K.
+fn logits(g: &Graph, path: &Path, x: &[f32], n: usize) -> Result<(Vec<f32>, usize)> {
+    let mut clf = crate::pipeline::eval::ZqClassifier::new(g.clone(), path)?;
+    let per = x.len() / n.max(1);
+    let (mut out, mut k) = (Vec::with_capacity(x.len()), 0);
+    for s in (0..n).step_by(64) {
+        let m = 64.min(n - s);
+        let (y, kk) = clf.scores(&x[s * per..(s + m) * per], m)?;
+        out.extend(y);
+        k = kk;
     }
     Ok((out, k))
 }
 
-fn softmax(v: &[f32]) -> Vec<f64> {
-    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f64> = v.iter().map(|&x| f64::from(x - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.iter().map(|x| x / s).collect()
-}
-
-/// Argmax agreement and mean KL(p || q) between two [N, K] score tables. Outputs that are
-/// already probabilities (rows summing to 1, non-negative) are used as they are.
+/// Argmax agreement and mean KL(p || q) between two [N, K] output tables.
 pub fn compare(a: &[f32], b: &[f32], k: usize) -> Quality {
-    let n = a.len() / k.max(1);
-    let probs = |r: &[f32]| -> Vec<f64> {
-        let s: f32 = r.iter().sum();
-        if r.iter().all(|&v| v >= 0.0) && (s - 1.0).abs() < 1e-3 {
-            r.iter().map(|&v| f64::from(v)).collect()
-        } else {
-            softmax(r)
-        }
-    };
-    let (mut agree, mut kl) = (0usize, 0f64);
-    for i in 0..n {
-        let (ra, rb) = (&a[i * k..(i + 1) * k], &b[i * k..(i + 1) * k]);
-        let am = |r: &[f32]| {
-            r.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |m, (j, &v)| if v > m.1 { (j, v) } else { m },
-                )
-                .0
-        };
-        agree += usize::from(am(ra) == am(rb));
-        let (p, q) = (probs(ra), probs(rb));
-        kl += p
-            .iter()
-            .zip(&q)
-            .map(|(&p, &q)| {
-                if p > 0.0 {
-                    p * (p / q.max(1e-12)).ln()
-                } else {
-                    0.0
-                }
-            })
-            .sum::<f64>();
-    }
+    use zq_quant::sensitivity::{agreement, kl_divergence};
     Quality {
-        images: n,
-        agreement: agree as f64 / n.max(1) as f64,
-        kl: kl / n.max(1) as f64,
+        images: a.len() / k.max(1),
+        agreement: agreement(a, b, k),
+        kl: kl_divergence(a, b, k),
     }
 }
 
@@ -622,8 +565,8 @@ pub fn quantize(
     let quality = match &holdout {
         Some((hx, hn)) => {
             progress("estimating quality", 0, 1);
-            let (a, k) = logits(g0, hx, *hn, chw)?;
-            let (b, _) = logits(&qg, hx, *hn, chw)?;
+            let (a, k) = logits(g0, path, hx, *hn)?;
+            let (b, _) = logits(&qg, path, hx, *hn)?;
             Some(compare(&a, &b, k))
         }
         None => None,

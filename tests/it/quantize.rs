@@ -10,21 +10,6 @@ use zq::onnx::read_model;
 
 use crate::util::*;
 
-/// Argmax per row.
-fn argmax(v: &[f32], k: usize) -> Vec<usize> {
-    v.chunks(k)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |m, (i, &x)| if x > m.1 { (i, x) } else { m },
-                )
-                .0
-        })
-        .collect()
-}
-
 /// Predictions of `model` by zq's executor and by ONNX Runtime on `x` [n, c, h, w]:
 /// (fraction where they agree, max abs score difference).
 pub fn zq_vs_ort(model: &Path, x: &[f32], shape: [usize; 4], lib: &Path) -> (f64, f32) {
@@ -54,8 +39,7 @@ pub fn zq_vs_ort(model: &Path, x: &[f32], shape: [usize; 4], lib: &Path) -> (f64
         theirs.extend(ort.run(xs, &[m, c, h, w]).unwrap().1);
     }
     let k = ours.len() / n;
-    let (a, b) = (argmax(&ours, k), argmax(&theirs, k));
-    let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / n as f64;
+    let agree = zq_quant::sensitivity::agreement(&ours, &theirs, k);
     (agree, max_abs_diff(&ours, &theirs))
 }
 
