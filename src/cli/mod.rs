@@ -202,21 +202,16 @@ fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let model = crate::onnx::read_model(&a.model)?;
-    let bar = std::cell::RefCell::new(None::<indicatif::ProgressBar>);
+    let mut bar = p.stages();
     // Steady-state time per step: from the end of the first step to the end of the last.
     let mut first_last: (Option<std::time::Instant>, Option<std::time::Instant>) = (None, None);
     let d = distill::distill(&model.graph, &a.model, &opts, &mut |done, total, loss| {
         let now = std::time::Instant::now();
         first_last.0.get_or_insert(now);
         first_last.1 = Some(now);
-        let mut b = bar.borrow_mut();
-        let b = b.get_or_insert_with(|| p.progress(total as u64, "steps"));
-        b.set_position(done as u64);
-        b.set_message(format!("loss {loss:.4}"));
+        bar.update("distilling", done, total, &format!("loss {loss:.4}"));
     })?;
-    if let Some(b) = bar.borrow_mut().take() {
-        b.finish_and_clear();
-    }
+    drop(bar);
     let bytes = distill::to_safetensors(&d)?;
     if let Some(dir) = &a.png {
         distill::write_pngs(&d, dir)?;
@@ -394,24 +389,11 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
             prepare_output(f, "--plot")?;
         }
     }
-    let bar = std::cell::RefCell::new(None::<(String, indicatif::ProgressBar)>);
+    let mut bar = p.stages();
     let q = quantize::quantize(&model.graph, &a.model, &opts, &mut |stage, done, total| {
-        let mut b = bar.borrow_mut();
-        if b.as_ref().map(|(s, _)| s.as_str()) != Some(stage) {
-            if let Some((_, old)) = b.take() {
-                old.finish_and_clear();
-            }
-            let pb = p.progress(total as u64, "steps");
-            pb.set_message(stage.to_string());
-            *b = Some((stage.to_string(), pb));
-        }
-        if let Some((_, pb)) = b.as_ref() {
-            pb.set_position(done as u64);
-        }
+        bar.update(stage, done, total, "")
     });
-    if let Some((_, b)) = bar.borrow_mut().take() {
-        b.finish_and_clear();
-    }
+    drop(bar);
     let q = match q {
         Err(crate::error::Error::Usage(m)) if m.starts_with(quantize::INFEASIBLE) => {
             eprintln!("zq: {m}; nothing written");

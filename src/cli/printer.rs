@@ -36,6 +36,14 @@ impl Printer {
         pb
     }
 
+    /// Progress of a run in named stages, one bar per stage (hidden off a terminal).
+    pub fn stages(&self) -> Stages<'_> {
+        Stages {
+            printer: self,
+            current: None,
+        }
+    }
+
     /// An informational line on stderr (suppressed by --quiet and --json).
     pub fn info(&self, msg: &str) {
         if !self.quiet && !self.json {
@@ -46,6 +54,41 @@ impl Printer {
     pub fn json<T: serde::Serialize>(&self, v: &T) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(v)?);
         Ok(())
+    }
+}
+
+/// See [`Printer::stages`]. The bar is cleared when the stage changes and when this is dropped.
+pub struct Stages<'a> {
+    printer: &'a Printer,
+    current: Option<(String, ProgressBar)>,
+}
+
+impl Stages<'_> {
+    /// `done` of `total` steps of `stage`; `detail` (e.g. the current loss) follows its name.
+    pub fn update(&mut self, stage: &str, done: usize, total: usize, detail: &str) {
+        if self.current.as_ref().map(|(s, _)| s.as_str()) != Some(stage) {
+            if let Some((_, old)) = self.current.take() {
+                old.finish_and_clear();
+            }
+            let pb = self.printer.progress(total as u64, "steps");
+            self.current = Some((stage.to_string(), pb));
+        }
+        if let Some((_, pb)) = &self.current {
+            pb.set_position(done as u64);
+            pb.set_message(if detail.is_empty() {
+                stage.to_string()
+            } else {
+                format!("{stage}, {detail}")
+            });
+        }
+    }
+}
+
+impl Drop for Stages<'_> {
+    fn drop(&mut self) {
+        if let Some((_, pb)) = self.current.take() {
+            pb.finish_and_clear();
+        }
     }
 }
 
