@@ -2,9 +2,10 @@
 //! (each BN's own input value), so pairing never depends on layer order.
 
 use candle_core::Tensor;
-use zq_synth::{BnTarget, TapModel};
+use zq_synth::{Autograd, BnTarget, Coeffs, Moments, TapGrad, TapModel};
 
 use crate::error::{Error, Result};
+use crate::exec::tape::Tape;
 use crate::exec::{Plan, RunOptions};
 use crate::ir::{Graph, Op, ValueId};
 
@@ -53,6 +54,46 @@ impl PlanTaps {
             taps,
             targets,
         })
+    }
+}
+
+impl PlanTaps {
+    /// The engine distillation steps through: the tape when it runs every op on the way to the
+    /// BatchNormalization inputs, else candle's autograd over the general executor.
+    pub fn engine(&self) -> Box<dyn TapGrad + '_> {
+        match self.tape() {
+            Ok(t) => Box::new(t),
+            Err(_) => Box::new(Autograd::new(self)),
+        }
+    }
+
+    /// The tape engine alone; `Err` names what it does not run.
+    pub fn tape(&self) -> std::result::Result<TapeTaps<'_>, String> {
+        Ok(TapeTaps {
+            tape: Tape::new(&self.plan, &self.taps)?,
+            model: self,
+        })
+    }
+}
+
+/// [`Tape`] as a [`TapGrad`].
+pub struct TapeTaps<'a> {
+    tape: Tape,
+    model: &'a PlanTaps,
+}
+
+impl TapGrad for TapeTaps<'_> {
+    fn input_shape(&self) -> Vec<usize> {
+        self.model.input_shape()
+    }
+    fn bn_targets(&self) -> &[BnTarget] {
+        &self.model.targets
+    }
+    fn forward(&mut self, x: &[f32]) -> candle_core::Result<Vec<Moments>> {
+        Ok(self.tape.forward(x))
+    }
+    fn backward(&mut self, coeffs: &[Coeffs]) -> candle_core::Result<Vec<f32>> {
+        Ok(self.tape.backward(coeffs))
     }
 }
 

@@ -108,20 +108,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: &ConvGeom) 
             x.dims()
         );
     }
-    let w = &g.win;
-    let geo = Geo {
-        n,
-        c,
-        h,
-        w: wd,
-        k: [kh, kw],
-        s: [w.strides[0], w.strides[1]],
-        d: [w.dilations[0], w.dilations[1]],
-        p: [w.pad_begin[0], w.pad_begin[1]],
-        o: [w.out[0], w.out[1]],
-        groups,
-        m,
-    };
+    let geo = Geo::new(n, c, h, wd, [m, cg, kh, kw], g);
     let kg = cg * kh * kw;
     let wv = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     debug_assert_eq!(wv.len(), m * kg);
@@ -137,31 +124,48 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: &ConvGeom) 
 
 /// Everything im2col and col2im need, fixed when the op is built.
 #[derive(Debug)]
-struct Geo {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    k: [usize; 2],
-    s: [usize; 2],
-    d: [usize; 2],
-    p: [usize; 2],
-    o: [usize; 2],
-    groups: usize,
-    m: usize,
+pub(super) struct Geo {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) k: [usize; 2],
+    pub(super) s: [usize; 2],
+    pub(super) d: [usize; 2],
+    pub(super) p: [usize; 2],
+    pub(super) o: [usize; 2],
+    pub(super) groups: usize,
+    pub(super) m: usize,
 }
 
 impl Geo {
-    fn cg(&self) -> usize {
+    /// Input `[n, c, h, w]`, weight `[m, c/groups, kh, kw]` (checked by the caller).
+    pub(super) fn new(n: usize, c: usize, h: usize, w: usize, wd: [usize; 4], g: &ConvGeom) -> Geo {
+        let win = &g.win;
+        Geo {
+            n,
+            c,
+            h,
+            w,
+            k: [wd[2], wd[3]],
+            s: [win.strides[0], win.strides[1]],
+            d: [win.dilations[0], win.dilations[1]],
+            p: [win.pad_begin[0], win.pad_begin[1]],
+            o: [win.out[0], win.out[1]],
+            groups: g.group,
+            m: wd[0],
+        }
+    }
+    pub(super) fn cg(&self) -> usize {
         self.c / self.groups
     }
-    fn mg(&self) -> usize {
+    pub(super) fn mg(&self) -> usize {
         self.m / self.groups
     }
-    fn kg(&self) -> usize {
+    pub(super) fn kg(&self) -> usize {
         self.cg() * self.k[0] * self.k[1]
     }
-    fn l(&self) -> usize {
+    pub(super) fn l(&self) -> usize {
         self.o[0] * self.o[1]
     }
     /// Output positions along `axis` whose input index for kernel offset `ki` lies inside the
@@ -183,7 +187,7 @@ impl Geo {
 }
 
 /// im2col for one image and group: `cols` is [Kg, L], row (c, ki, kj), column (oh, ow).
-fn im2col(x: &[f32], g: &Geo, group: usize, cols: &mut [f32]) {
+pub(super) fn im2col(x: &[f32], g: &Geo, group: usize, cols: &mut [f32]) {
     let l = g.l();
     let (kh, kw) = (g.k[0], g.k[1]);
     let sw = g.s[1];
@@ -216,7 +220,7 @@ fn im2col(x: &[f32], g: &Geo, group: usize, cols: &mut [f32]) {
 }
 
 /// col2im for one image and group, the adjoint of `im2col`: adds `cols` [Kg, L] into `dx` [C, H, W].
-fn col2im(cols: &[f32], g: &Geo, group: usize, dx: &mut [f32]) {
+pub(super) fn col2im(cols: &[f32], g: &Geo, group: usize, dx: &mut [f32]) {
     let l = g.l();
     let (kh, kw, hw) = (g.k[0], g.k[1], g.h * g.w);
     let sw = g.s[1];
@@ -274,7 +278,7 @@ struct ConvOp {
 }
 
 impl Geo {
-    fn pointwise(&self) -> bool {
+    pub(super) fn pointwise(&self) -> bool {
         self.k == [1, 1] && self.s == [1, 1] && self.p == [0, 0] && self.o == [self.h, self.w]
     }
 }

@@ -4,6 +4,8 @@
 pub mod conv;
 pub mod fused;
 pub mod ort;
+pub mod tape;
+pub mod wino;
 
 use std::collections::HashMap;
 

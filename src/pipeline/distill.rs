@@ -4,9 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
 use serde::Serialize;
-use zq_synth::{zeroq, TapModel};
+use zq_synth::{zeroq, TapGrad, TapModel};
 
 use crate::data::Preprocess;
 use crate::error::{Error, Result};
@@ -168,8 +167,15 @@ pub fn distill(
             stats: opts.stats,
         };
         let done = b * opts.iters;
-        let r = zeroq::distill(tm, &cfg, &mut |i, l| progress(done + i, total_steps, l))?;
-        let noise = noise_loss(tm, batch_seed(opts.seed ^ 0x6E6F_6973_6521, b), opts.stats)?;
+        let mut engine = tm.engine();
+        let r = zeroq::distill(&mut *engine, &cfg, &mut |i, l| {
+            progress(done + i, total_steps, l)
+        })?;
+        let noise = noise_loss(
+            &mut *engine,
+            batch_seed(opts.seed ^ 0x6E6F_6973_6521, b),
+            opts.stats,
+        )?;
         // Each batch's loss is a mean over its images: weight by size for the mean over all.
         let wgt = size as f64 / opts.num as f64;
         l0 += wgt * f64::from(r.bn_loss_initial);
@@ -212,16 +218,10 @@ pub fn distill(
 }
 
 /// Per-layer BN loss of standard Gaussian noise shaped like the model's input batch.
-fn noise_loss(tm: &PlanTaps, seed: u64, stats: zeroq::Stats) -> Result<Vec<f32>> {
-    let shape = tm.input_shape();
-    let n = shape.iter().product();
-    let x = Tensor::from_vec(
-        zq_synth::adam::normal(n, seed),
-        shape.as_slice(),
-        tm.plan.device(),
-    )?;
-    let taps = tm.forward_taps(&x)?;
-    let (_, per) = zeroq::loss_with(&x, &taps, tm.bn_targets(), stats)?;
+fn noise_loss(engine: &mut dyn TapGrad, seed: u64, stats: zeroq::Stats) -> Result<Vec<f32>> {
+    let n = engine.input_shape().iter().product();
+    let x = zq_synth::adam::normal(n, seed);
+    let (_, per, _) = zeroq::loss_and_grad(engine, &x, stats, false)?;
     Ok(per)
 }
 

@@ -7,7 +7,10 @@
 #![forbid(unsafe_code)]
 
 pub mod adam;
+pub mod engine;
 pub mod zeroq;
+
+pub use engine::{Autograd, Coeffs, Moments, TapGrad};
 
 use candle_core::{Result, Tensor};
 

@@ -3,6 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::engine::{Coeffs, Moments, TapGrad};
 use crate::BnTarget;
 
 /// Per-sample, per-channel mean and std (unbiased variance + eps, then sqrt) over the spatial
@@ -276,6 +277,79 @@ mod tests {
         Ok(())
     }
 
+    /// Taps: the input itself and a nonlinear function of it.
+    struct Toy {
+        shape: Vec<usize>,
+        targets: Vec<BnTarget>,
+    }
+
+    impl crate::TapModel for Toy {
+        fn input_shape(&self) -> Vec<usize> {
+            self.shape.clone()
+        }
+        fn bn_targets(&self) -> &[BnTarget] {
+            &self.targets
+        }
+        fn forward_taps(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+            Ok(vec![x.clone(), ((x.relu()? * 1.5)? + x.sqr()?)?])
+        }
+    }
+
+    #[test]
+    fn moment_gradients_match_autograd_of_the_loss() -> Result<()> {
+        let dev = Device::Cpu;
+        let shape = vec![3usize, 2, 4, 5];
+        let target = |m: Vec<f32>, s: Vec<f32>| BnTarget {
+            name: "bn".into(),
+            mean: m,
+            std: s,
+            eps: 1e-3,
+        };
+        let toy = Toy {
+            shape: shape.clone(),
+            targets: vec![
+                target(vec![0.3, -0.2], vec![0.8, 1.4]),
+                target(vec![1.0, 0.5], vec![2.0, 0.7]),
+            ],
+        };
+        let xv: Vec<f32> = crate::adam::normal(shape.iter().product(), 5);
+        for stats in [Stats::PerSample, Stats::Batch] {
+            let mut eng = crate::Autograd::new(&toy);
+            let (l, per, g) = loss_and_grad(&mut eng, &xv, stats, true)?;
+            let x = Var::from_tensor(&Tensor::from_slice(&xv, shape.as_slice(), &dev)?)?;
+            let taps = crate::TapModel::forward_taps(&toy, x.as_tensor())?;
+            let (total, per_ref) = loss_with(x.as_tensor(), &taps, &toy.targets, stats)?;
+            let g_ref: Vec<f32> = total
+                .backward()?
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()?
+                .to_vec1()?;
+            let lr = total.to_scalar::<f32>()?;
+            assert!(
+                (l - lr).abs() < 1e-4 * lr.abs().max(1.0),
+                "{stats:?}: {l} vs {lr}"
+            );
+            for (a, b) in per.iter().zip(&per_ref) {
+                assert!(
+                    (a - b).abs() < 1e-4 * b.abs().max(1.0),
+                    "{stats:?}: {a} vs {b}"
+                );
+            }
+            let e = g
+                .iter()
+                .zip(&g_ref)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let scale = g_ref.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(
+                e < 1e-4 * scale.max(1.0),
+                "{stats:?}: gradient differs by {e}"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn gradient_descends() -> Result<()> {
         let dev = Device::Cpu;
@@ -326,14 +400,124 @@ fn project(x: &mut [f32], bounds: &[(f32, f32)], hw: usize) {
     }
 }
 
+/// The BatchNormalization loss of one layer from its tap's moments, and the gradient at the tap.
+/// Same definition as [`layer_loss_with`] (unbiased variance plus eps, then sqrt; squared errors
+/// summed over channels and divided by the batch size).
+pub fn layer_loss_moments(m: &Moments, target: &BnTarget, stats: Stats) -> (f64, Coeffs) {
+    let (n, c, hw) = (m.n, m.c, m.hw);
+    let eps = f64::from(target.eps);
+    let mut a = vec![0f32; n * c];
+    let mut b = vec![0f32; n * c];
+    let mut loss = 0f64;
+    match stats {
+        Stats::PerSample => {
+            let denom = (hw.max(2) - 1) as f64;
+            let nn = n as f64;
+            for k in 0..n * c {
+                let ch = k % c;
+                let mean = m.mean[k];
+                let s = (m.m2[k] / denom + eps).sqrt();
+                let dm = mean - f64::from(target.mean[ch]);
+                let ds = s - f64::from(target.std[ch]);
+                loss += (dm * dm + ds * ds) / nn;
+                a[k] = (2.0 * dm / (nn * hw.max(1) as f64)) as f32;
+                b[k] = if s > 0.0 {
+                    (2.0 * ds / (nn * denom * s)) as f32
+                } else {
+                    0.0
+                };
+            }
+        }
+        Stats::Batch => {
+            // Chan et al.'s pairwise combination of the per-image moments.
+            let total = (n * hw) as f64;
+            let denom = ((n * hw).max(2) - 1) as f64;
+            for ch in 0..c {
+                let mean = (0..n).map(|i| m.mean[i * c + ch]).sum::<f64>() / n as f64;
+                let m2 = (0..n)
+                    .map(|i| m.m2[i * c + ch] + hw as f64 * (m.mean[i * c + ch] - mean).powi(2))
+                    .sum::<f64>();
+                let s = (m2 / denom + eps).sqrt();
+                let dm = mean - f64::from(target.mean[ch]);
+                let ds = s - f64::from(target.std[ch]);
+                loss += dm * dm + ds * ds;
+                let bb = if s > 0.0 { 2.0 * ds / (denom * s) } else { 0.0 };
+                for i in 0..n {
+                    let k = i * c + ch;
+                    b[k] = bb as f32;
+                    a[k] = (2.0 * dm / total + bb * (m.mean[k] - mean)) as f32;
+                }
+            }
+        }
+    }
+    (loss, Coeffs { a, b })
+}
+
+/// The input term from the input's moments: each image's per-channel mean pulled to 0, std to 1.
+pub fn input_loss_moments(m: &Moments) -> (f64, Coeffs) {
+    let target = BnTarget {
+        name: String::new(),
+        mean: vec![0.0; m.c],
+        std: vec![1.0; m.c],
+        eps: 0.0,
+    };
+    layer_loss_moments(m, &target, Stats::PerSample)
+}
+
+/// One evaluation of the ZeroQ loss at `x` and, when `grad`, its gradient: (total, per-layer BN
+/// terms, gradient).
+pub fn loss_and_grad(
+    model: &mut dyn TapGrad,
+    x: &[f32],
+    stats: Stats,
+    grad: bool,
+) -> Result<(f32, Vec<f32>, Vec<f32>)> {
+    let shape = model.input_shape();
+    let moments = model.forward(x)?;
+    let targets = model.bn_targets();
+    if moments.len() != targets.len() {
+        candle_core::bail!(
+            "{} taps for {} BatchNormalization targets",
+            moments.len(),
+            targets.len()
+        );
+    }
+    let mut per_layer = Vec::with_capacity(moments.len());
+    let mut coeffs = Vec::with_capacity(moments.len());
+    let mut total = 0f64;
+    for (m, t) in moments.iter().zip(targets) {
+        if m.c != t.mean.len() {
+            candle_core::bail!(
+                "{}: {} channels at the input, {} running statistics",
+                t.name,
+                m.c,
+                t.mean.len()
+            );
+        }
+        let (l, k) = layer_loss_moments(m, t, stats);
+        total += l;
+        per_layer.push(l as f32);
+        coeffs.push(k);
+    }
+    let (n, c, hw) = (shape[0], shape[1], shape[2..].iter().product::<usize>());
+    let xm = Moments::of(x, n, c, hw);
+    let (li, ki) = input_loss_moments(&xm);
+    total += li;
+    if !grad {
+        return Ok((total as f32, per_layer, Vec::new()));
+    }
+    let mut g = model.backward(&coeffs)?;
+    ki.add_grad(x, &xm, &mut g);
+    Ok((total as f32, per_layer, g))
+}
+
 /// Distil one batch for `model` with projected Adam on the pixels. `progress(iter, loss)` is
 /// called after every step.
 pub fn distill(
-    model: &dyn crate::TapModel,
+    model: &mut dyn TapGrad,
     cfg: &ZeroQConfig,
     progress: &mut dyn FnMut(usize, f32),
 ) -> Result<Distilled> {
-    use candle_core::{Device, Var};
     let shape = model.input_shape();
     if shape.len() != 4 || cfg.bounds.len() != shape[1] {
         candle_core::bail!(
@@ -348,30 +532,16 @@ pub fn distill(
     project(&mut x, &cfg.bounds, hw);
     let mut opt = crate::adam::Adam::new(n, cfg.lr);
     let mut sched = crate::adam::Plateau::new(100, 1e-4);
-    let dev = Device::Cpu;
-    let bn_of = |x: &[f32]| -> Result<(Tensor, Vec<f32>, Var)> {
-        let v = Var::from_tensor(&Tensor::from_slice(x, shape.as_slice(), &dev)?)?;
-        let taps = model.forward_taps(v.as_tensor())?;
-        let (total, per) = loss_with(v.as_tensor(), &taps, model.bn_targets(), cfg.stats)?;
-        Ok((total, per, v))
-    };
-    let (_, per0, _) = bn_of(&x)?;
+    let (_, per0, _) = loss_and_grad(model, &x, cfg.stats, false)?;
     let bn_loss_initial: f32 = per0.iter().sum();
     for it in 0..cfg.iters {
-        let (total, _, v) = bn_of(&x)?;
-        let grads = total.backward()?;
-        let g: Vec<f32> = grads
-            .get(v.as_tensor())
-            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the input".into()))?
-            .flatten_all()?
-            .to_vec1()?;
-        let l = total.to_scalar::<f32>()?;
+        let (l, _, g) = loss_and_grad(model, &x, cfg.stats, true)?;
         opt.step(&mut x, &g);
         project(&mut x, &cfg.bounds, hw);
         opt.lr = sched.observe(l, opt.lr);
         progress(it + 1, l);
     }
-    let (_, per_layer, _) = bn_of(&x)?;
+    let (_, per_layer, _) = loss_and_grad(model, &x, cfg.stats, false)?;
     Ok(Distilled {
         images: x,
         bn_loss_initial,

@@ -22,6 +22,18 @@ fn inspect_resnet20() {
 }
 
 #[test]
+fn resnet20_tape_engine_matches_autograd() {
+    let Some(sh) = shared() else { return };
+    for m in MODELS {
+        let g = read_model(&sh.join("models").join(m)).unwrap().graph;
+        assert!(
+            crate::synth::tape_matches_autograd(&g, m, 2),
+            "{m}: the tape must run ResNet-20"
+        );
+    }
+}
+
+#[test]
 fn resnet20_logits_match_onnx_runtime() {
     let Some(sh) = shared() else { return };
     let Some(lib) = ort_lib() else { return };

@@ -68,7 +68,7 @@ fn zeroq_distillation_matches_statistics_inside_the_box() {
         bounds: vec![(-1.0, 1.0)],
         stats: zeroq::Stats::PerSample,
     };
-    let a = zeroq::distill(&tm, &cfg, &mut |_, _| {}).unwrap();
+    let a = zeroq::distill(&mut *tm.engine(), &cfg, &mut |_, _| {}).unwrap();
     assert!(a.images.iter().all(|v| (-1.0..=1.0).contains(v)));
     // Gaussian noise of the same shape, scored the same way.
     let dev = tm.plan.device().clone();
@@ -86,6 +86,61 @@ fn zeroq_distillation_matches_statistics_inside_the_box() {
     );
     assert!(a.bn_loss_final < a.bn_loss_initial);
     // Same seed, same result, bit for bit.
-    let b = zeroq::distill(&tm, &cfg, &mut |_, _| {}).unwrap();
+    let b = zeroq::distill(&mut *tm.engine(), &cfg, &mut |_, _| {}).unwrap();
     assert_eq!(a.images, b.images);
+}
+
+/// Compare the tape engine's loss, per-layer terms and input gradient with candle's autograd over
+/// the general executor, in both statistics modes. `false` when the tape does not run the model.
+pub fn tape_matches_autograd(g: &zq::ir::Graph, name: &str, batch: usize) -> bool {
+    let tm = PlanTaps::new(g, batch).unwrap();
+    let mut tape = match tm.tape() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{name}: general executor ({e})");
+            return false;
+        }
+    };
+    let mut auto = zq_synth::Autograd::new(&tm);
+    let n: usize = tm.input_shape().iter().product();
+    let x = zq_synth::adam::normal(n, 11);
+    for stats in [zeroq::Stats::PerSample, zeroq::Stats::Batch] {
+        let (la, pa, ga) = zeroq::loss_and_grad(&mut tape, &x, stats, true).unwrap();
+        let (lb, pb, gb) = zeroq::loss_and_grad(&mut auto, &x, stats, true).unwrap();
+        assert!(
+            (la - lb).abs() <= 1e-4 * lb.abs().max(1.0),
+            "{name} {stats:?}: loss {la} vs {lb}"
+        );
+        for (a, b) in pa.iter().zip(&pb) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{name} {stats:?}: {a} vs {b}"
+            );
+        }
+        let scale = gb.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let err = ga
+            .iter()
+            .zip(&gb)
+            .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+        assert!(
+            scale > 0.0 && err <= 1e-3 * scale,
+            "{name} {stats:?}: gradient differs by {err} (scale {scale})"
+        );
+    }
+    true
+}
+
+/// The tape engine against autograd on every fixture with BatchNormalization it runs.
+#[test]
+fn tape_engine_matches_autograd() {
+    let mut covered = Vec::new();
+    for m in ["digits_bn", "mobile_dw", "ops_zoo_op11", "ops_zoo_op21"] {
+        let g = read_model(&fixture(&format!("{m}/model.onnx")))
+            .unwrap()
+            .graph;
+        if tape_matches_autograd(&g, m, 3) {
+            covered.push(m);
+        }
+    }
+    assert!(covered.contains(&"digits_bn"), "the tape must run digits_bn");
 }
