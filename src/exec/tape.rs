@@ -20,15 +20,16 @@ use zq_quant::kernels::gemm::{sgemm, MatMut, MatRef};
 use zq_quant::kernels::simd::{vectorize, Kernel};
 use zq_synth::{Coeffs, Moments};
 
-use super::conv::{col2im, im2col, Geo};
+use super::conv::Geo;
 use super::wino::{Wino, WinoShape};
 use super::{Kind, Plan};
 use crate::ir::{Op, ValueId};
 
-/// One op on per-image slots (indices into an image's buffers).
+/// One op on per-image slots (indices into an image's buffers). Every slot is channels-last:
+/// `[positions, channels]`.
 #[derive(Debug)]
 enum TOp {
-    /// `w` is `[M, Kg]` row-major, group g owning rows `g*Mg..(g+1)*Mg`.
+    /// `w` is `[groups][Kg][Mg]` with `Kg` ordered (ki, kj, input channel of the group).
     Conv {
         x: usize,
         y: usize,
@@ -64,6 +65,28 @@ enum TOp {
         y: usize,
         relu: bool,
     },
+    /// Pooling over windows that are the same in every channel plane: output position `i` reads
+    /// plane offsets `idx[ptr[i]..ptr[i+1]]`; the maximum, or the sum times `wgt[i]`.
+    Pool {
+        x: usize,
+        y: usize,
+        max: bool,
+        ptr: Vec<u32>,
+        idx: Vec<u32>,
+        wgt: Vec<f32>,
+    },
+    /// An elementwise activation.
+    Unary {
+        x: usize,
+        y: usize,
+        act: Act,
+    },
+    /// `y = a * b`; `b` is either the same shape as `a` or one value per channel (`[N, C, 1, 1]`).
+    Mul {
+        a: usize,
+        b: usize,
+        y: usize,
+    },
     /// Data movement within an image (Slice, Pad, Transpose, reshapes): `y[i] = x[map[i]]`, or
     /// `fill` where `map[i] == NONE`.
     Gather {
@@ -75,6 +98,97 @@ enum TOp {
 }
 
 const NONE: u32 = u32::MAX;
+
+/// Elementwise activations: value and derivative from the input.
+#[derive(Debug, Clone)]
+enum Act {
+    LeakyRelu(f32),
+    /// Slope per channel.
+    PRelu(Vec<f32>),
+    HardSigmoid(f32, f32),
+    HardSwish,
+    Sigmoid,
+    Tanh,
+}
+
+impl Act {
+    /// `(f(v), f'(v))` for channel `c`.
+    #[inline(always)]
+    fn eval(&self, v: f32, c: usize) -> (f32, f32) {
+        match self {
+            Act::LeakyRelu(a) => {
+                if v > 0.0 {
+                    (v, 1.0)
+                } else {
+                    (a * v, *a)
+                }
+            }
+            Act::PRelu(s) => {
+                if v > 0.0 {
+                    (v, 1.0)
+                } else {
+                    (s[c] * v, s[c])
+                }
+            }
+            Act::HardSigmoid(a, b) => {
+                let t = a * v + b;
+                if t <= 0.0 {
+                    (0.0, 0.0)
+                } else if t >= 1.0 {
+                    (1.0, 0.0)
+                } else {
+                    (t, *a)
+                }
+            }
+            Act::HardSwish => {
+                let t = v / 6.0 + 0.5;
+                if t <= 0.0 {
+                    (0.0, 0.0)
+                } else if t >= 1.0 {
+                    (v, 1.0)
+                } else {
+                    (v * t, t + v / 6.0)
+                }
+            }
+            Act::Sigmoid => {
+                let s = 1.0 / (1.0 + (-v).exp());
+                (s, s * (1.0 - s))
+            }
+            Act::Tanh => {
+                let t = v.tanh();
+                (t, 1.0 - t * t)
+            }
+        }
+    }
+}
+
+/// The windows of a pooling node on one channel plane (`[h, w]` into `[oh, ow]`), in CSR form.
+fn pool_windows(win: &crate::ir::infer::Window, h: usize, w: usize) -> (Vec<u32>, Vec<u32>) {
+    let (oh, ow) = (win.out[0], win.out[1]);
+    let mut ptr = Vec::with_capacity(oh * ow + 1);
+    let mut idx = Vec::new();
+    ptr.push(0);
+    for oy in 0..oh {
+        for ox in 0..ow {
+            for ki in 0..win.kernel[0] {
+                let iy = (oy * win.strides[0] + ki * win.dilations[0]) as isize
+                    - win.pad_begin[0] as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kj in 0..win.kernel[1] {
+                    let ix = (ox * win.strides[1] + kj * win.dilations[1]) as isize
+                        - win.pad_begin[1] as isize;
+                    if ix >= 0 && ix < w as isize {
+                        idx.push((iy as usize * w + ix as usize) as u32);
+                    }
+                }
+            }
+            ptr.push(idx.len() as u32);
+        }
+    }
+    (ptr, idx)
+}
 
 /// Fold each ReLU into the Affine or Add that feeds it, when nothing else reads that value (and it
 /// is not tapped): one pass instead of two, and the ReLU's own output serves as its mask.
@@ -113,8 +227,10 @@ impl TOp {
             | TOp::Affine { x, .. }
             | TOp::Relu { x, .. }
             | TOp::Clip { x, .. }
+            | TOp::Pool { x, .. }
+            | TOp::Unary { x, .. }
             | TOp::Gather { x, .. } => vec![*x],
-            TOp::Add { a, b, .. } => vec![*a, *b],
+            TOp::Add { a, b, .. } | TOp::Mul { a, b, .. } => vec![*a, *b],
         }
     }
 
@@ -132,6 +248,9 @@ impl TOp {
             | TOp::Relu { y, .. }
             | TOp::Clip { y, .. }
             | TOp::Add { y, .. }
+            | TOp::Pool { y, .. }
+            | TOp::Unary { y, .. }
+            | TOp::Mul { y, .. }
             | TOp::Gather { y, .. } => *y,
         }
     }
@@ -143,6 +262,9 @@ impl TOp {
             | TOp::Relu { y, .. }
             | TOp::Clip { y, .. }
             | TOp::Add { y, .. }
+            | TOp::Pool { y, .. }
+            | TOp::Unary { y, .. }
+            | TOp::Mul { y, .. }
             | TOp::Gather { y, .. } => y,
         }
     }
@@ -427,11 +549,28 @@ impl Tape {
                     } else {
                         (None, None)
                     };
+                    // [M, Cg, kh, kw] -> per group [(ki, kj, cl), ml].
+                    let (cg, mg, kh, kw) = (geo.cg(), geo.mg(), geo.k[0], geo.k[1]);
+                    let kg = kh * kw * cg;
+                    let mut wt = vec![0f32; geo.groups * kg * mg];
+                    for grp in 0..geo.groups {
+                        for ml in 0..mg {
+                            for cl in 0..cg {
+                                for ki in 0..kh {
+                                    for kj in 0..kw {
+                                        let src = (((grp * mg + ml) * cg + cl) * kh + ki) * kw + kj;
+                                        let row = (ki * kw + kj) * cg + cl;
+                                        wt[(grp * kg + row) * mg + ml] = w[src];
+                                    }
+                                }
+                            }
+                        }
+                    }
                     TOp::Conv {
                         x,
                         y: 0,
                         geo,
-                        w,
+                        w: wt,
                         bias,
                         wino,
                         wino_grad,
@@ -468,6 +607,97 @@ impl Tape {
                     x: slot(node.input(0).unwrap())?,
                     y: 0,
                 },
+                (
+                    Op::LeakyRelu { .. }
+                    | Op::PRelu
+                    | Op::HardSigmoid { .. }
+                    | Op::HardSwish
+                    | Op::Sigmoid
+                    | Op::Tanh,
+                    _,
+                ) if dynamic.len() == 1 && node.input(0) == Some(dynamic[0]) => {
+                    let act = match &node.op {
+                        Op::LeakyRelu { alpha } => Act::LeakyRelu(*alpha),
+                        Op::PRelu => {
+                            let c = y_shape[1];
+                            let slope = konst(1)
+                                .and_then(|t| per_channel(t, c, y_shape.len()))
+                                .ok_or_else(|| format!("{}: slope is not per channel", what()))?;
+                            Act::PRelu(slope)
+                        }
+                        Op::HardSigmoid { alpha, beta } => Act::HardSigmoid(*alpha, *beta),
+                        Op::HardSwish => Act::HardSwish,
+                        Op::Sigmoid => Act::Sigmoid,
+                        _ => Act::Tanh,
+                    };
+                    TOp::Unary {
+                        x: slot(dynamic[0])?,
+                        y: 0,
+                        act,
+                    }
+                }
+                (Op::MaxPool(_), Kind::MaxPool(win, _))
+                | (Op::AveragePool(_), Kind::AvgPool(win, _, _))
+                    if dynamic.len() == 1 =>
+                {
+                    let xs = shape_of(dynamic[0])?;
+                    let (h, w) = match xs.len() {
+                        3 => (1, xs[2]),
+                        4 => (xs[2], xs[3]),
+                        _ => return Err(format!("{}: input {xs:?}", what())),
+                    };
+                    let (ptr, idx) = pool_windows(win, h, w);
+                    let (max, wgt) = match &plan.steps[i].kind {
+                        Kind::AvgPool(_, _, div) => {
+                            let d: Vec<f32> = div
+                                .flatten_all()
+                                .and_then(|t| t.to_vec1())
+                                .map_err(|e| e.to_string())?;
+                            (false, d.iter().map(|v| 1.0 / v).collect())
+                        }
+                        _ => (true, Vec::new()),
+                    };
+                    TOp::Pool {
+                        x: slot(dynamic[0])?,
+                        y: 0,
+                        max,
+                        ptr,
+                        idx,
+                        wgt,
+                    }
+                }
+                (Op::GlobalAveragePool | Op::GlobalMaxPool, _) if dynamic.len() == 1 => {
+                    let xs = shape_of(dynamic[0])?;
+                    let hw: usize = xs[2..].iter().product();
+                    TOp::Pool {
+                        x: slot(dynamic[0])?,
+                        y: 0,
+                        max: matches!(node.op, Op::GlobalMaxPool),
+                        ptr: vec![0, hw as u32],
+                        idx: (0..hw as u32).collect(),
+                        wgt: vec![1.0 / hw.max(1) as f32],
+                    }
+                }
+                (Op::Mul, _) if dynamic.len() == 2 => {
+                    let (sa, sb) = (shape_of(dynamic[0])?, shape_of(dynamic[1])?);
+                    let per_ch = |s: &[usize]| {
+                        s.len() == y_shape.len()
+                            && s[..2] == y_shape[..2]
+                            && s[2..].iter().all(|&k| k == 1)
+                    };
+                    let (a, b) = if sa == y_shape && (sb == y_shape || per_ch(&sb)) {
+                        (dynamic[0], dynamic[1])
+                    } else if sb == y_shape && per_ch(&sa) {
+                        (dynamic[1], dynamic[0])
+                    } else {
+                        return Err(format!("{}: broadcasting product", what()));
+                    };
+                    TOp::Mul {
+                        a: slot(a)?,
+                        b: slot(b)?,
+                        y: 0,
+                    }
+                }
                 (Op::Clip, Kind::Clip(lo, hi)) => TOp::Clip {
                     x: slot(node.input(0).unwrap())?,
                     y: 0,
@@ -534,6 +764,21 @@ impl Tape {
                     let in_len: usize = shape_of(xv)?[1..].iter().product();
                     let out_len: usize = y_shape[1..].iter().product();
                     let (map, fill) = gather_map(plan, i, xv, n, in_len, out_len)?;
+                    // Channels-first indices to channels-last ones.
+                    let (cx, cy) = (shape_of(xv)?[1], y_shape[1]);
+                    let (hx, hy) = (in_len / cx.max(1), out_len / cy.max(1));
+                    let map = (0..out_len)
+                        .map(|i| {
+                            let (p, c) = (i / cy, i % cy);
+                            let k = map[c * hy + p];
+                            if k == NONE {
+                                NONE
+                            } else {
+                                let (c2, p2) = (k as usize / hx, k as usize % hx);
+                                (p2 * cx + c2) as u32
+                            }
+                        })
+                        .collect();
                     TOp::Gather {
                         x: slot(xv)?,
                         y: 0,
@@ -564,6 +809,31 @@ impl Tape {
                 TOp::Add { a, b, y, .. } => {
                     let len = |s: usize| slots[s].c * slots[s].hw;
                     len(*a) == len(*y) && len(*b) == len(*y)
+                }
+                TOp::Pool {
+                    x,
+                    y,
+                    max,
+                    ptr,
+                    idx,
+                    wgt,
+                } => {
+                    let out = ptr.len() - 1;
+                    slots[*x].c == slots[*y].c
+                        && slots[*y].hw == out
+                        && (*max || wgt.len() == out)
+                        && idx.iter().all(|&k| (k as usize) < slots[*x].hw)
+                }
+                TOp::Unary { x, y, act } => {
+                    slots[*x].c * slots[*x].hw == slots[*y].c * slots[*y].hw
+                        && match act {
+                            Act::PRelu(s) => s.len() == slots[*x].c,
+                            _ => true,
+                        }
+                }
+                TOp::Mul { a, b, y } => {
+                    let len = |s: usize| slots[s].c * slots[s].hw;
+                    len(*a) == len(*y) && (len(*b) == len(*y) || slots[*b].c == slots[*y].c)
                 }
                 TOp::Gather { x, y, map, .. } => {
                     let lx = slots[*x].c * slots[*x].hw;
@@ -657,9 +927,10 @@ impl Tape {
         })
     }
 
-    /// Run the batch `x` (`[N, ...]` flattened) and return the moments of every tap.
+    /// Run the batch `x` (`[N, C, ...]` flattened) and return the moments of every tap.
     pub fn forward(&mut self, x: &[f32]) -> Vec<Moments> {
-        let len0 = self.slots[0].c * self.slots[0].hw;
+        let s0 = self.slots[0];
+        let len0 = s0.c * s0.hw;
         assert_eq!(x.len(), self.n * len0, "tape input of the wrong size");
         let (ops, slots, taps) = (&self.ops, &self.slots, &self.taps);
         let mut first = 0;
@@ -674,7 +945,10 @@ impl Tape {
             .collect();
         jobs.into_par_iter().for_each(|(f, w)| {
             for (k, img) in w.images.iter_mut().enumerate() {
-                img.vals[0].copy_from_slice(&x[(f + k) * len0..][..len0]);
+                let src = &x[(f + k) * len0..][..len0];
+                for (i, v) in img.vals[0].iter_mut().enumerate() {
+                    *v = src[(i % s0.c) * s0.hw + i / s0.c];
+                }
                 vectorize(Forward {
                     ops,
                     slots,
@@ -705,10 +979,12 @@ impl Tape {
             .collect()
     }
 
-    /// After [`Tape::forward`]: the gradient at the input, given the loss gradient at every tap.
+    /// After [`Tape::forward`]: the gradient at the input (`[N, C, ...]`), given the loss gradient
+    /// at every tap.
     pub fn backward(&mut self, coeffs: &[Coeffs]) -> Vec<f32> {
         assert_eq!(coeffs.len(), self.taps.len(), "one gradient per tap");
-        let len0 = self.slots[0].c * self.slots[0].hw;
+        let s0 = self.slots[0];
+        let len0 = s0.c * s0.hw;
         let (ops, slots, taps) = (&self.ops, &self.slots, &self.taps);
         let mut out = vec![0f32; self.n * len0];
         let mut chunks = out.chunks_mut(len0);
@@ -734,9 +1010,15 @@ impl Tape {
                     coeffs,
                     b: f + k,
                     img,
-                    out: o,
                     cols: &mut w.cols,
                 });
+                if img.live[0] {
+                    for (i, v) in o.iter_mut().enumerate() {
+                        *v = img.grads[0][(i % s0.hw) * s0.c + i / s0.hw];
+                    }
+                } else {
+                    o.fill(0.0);
+                }
             }
         });
         out
@@ -752,6 +1034,26 @@ struct Forward<'a> {
     cols: &'a mut [f32],
 }
 
+/// Sum of `f(row)` over the rows of a `[rows, c]` buffer, per channel: blocks of 64 rows in f32
+/// (so the loop vectorises over channels), blocks combined in f64.
+#[inline(always)]
+fn column_sums(x: &[f32], c: usize, f: impl Fn(usize, f32) -> f32) -> Vec<f64> {
+    let mut total = vec![0f64; c];
+    let mut acc = vec![0f32; c];
+    for block in x.chunks(64 * c.max(1)) {
+        acc.fill(0.0);
+        for row in block.chunks_exact(c.max(1)) {
+            for (ch, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
+                *a += f(ch, v);
+            }
+        }
+        for (t, &a) in total.iter_mut().zip(&acc) {
+            *t += f64::from(a);
+        }
+    }
+    total
+}
+
 impl Kernel for Forward<'_> {
     type Output = ();
     #[inline(always)]
@@ -763,12 +1065,20 @@ impl Kernel for Forward<'_> {
             img,
             cols,
         } = self;
-        forward_image(ops, img, cols);
+        forward_image(ops, slots, img, cols);
         for (t, &s) in taps.iter().enumerate() {
-            let hw = slots[s].hw;
-            let (mean, m2) = &mut img.moments[t];
-            for (c, p) in img.vals[s].chunks_exact(hw.max(1)).enumerate() {
-                (mean[c], m2[c]) = zq_synth::engine::plane_moments(&p[..hw]);
+            let Slot { c, hw } = slots[s];
+            let x = &img.vals[s];
+            let sums = column_sums(x, c, |_, v| v);
+            let mean: Vec<f64> = sums.iter().map(|v| v / hw.max(1) as f64).collect();
+            let mf: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+            let sq = column_sums(x, c, |ch, v| (v - mf[ch]) * (v - mf[ch]));
+            let (om, o2) = &mut img.moments[t];
+            for ch in 0..c {
+                // Centred on the f32-rounded mean: correct by n (m - mf)^2.
+                let shift = mean[ch] - f64::from(mf[ch]);
+                om[ch] = mean[ch];
+                o2[ch] = (sq[ch] - hw as f64 * shift * shift).max(0.0);
             }
         }
     }
@@ -782,7 +1092,6 @@ struct Backward<'a> {
     coeffs: &'a [Coeffs],
     b: usize,
     img: &'a mut Image,
-    out: &'a mut [f32],
     cols: &'a mut [f32],
 }
 
@@ -797,43 +1106,26 @@ impl Kernel for Backward<'_> {
             coeffs,
             b,
             img,
-            out: o,
             cols,
         } = self;
-        {
-            {
-                img.live.fill(false);
-                for (t, &s) in taps.iter().enumerate() {
-                    let (c, hw) = (slots[s].c, slots[s].hw);
-                    let base = b * c;
-                    let (a, b) = (&coeffs[t].a[base..][..c], &coeffs[t].b[base..][..c]);
-                    let mean = &img.moments[t].0;
-                    let live = img.live[s];
-                    let (vals, grads) = (&img.vals[s], &mut img.grads[s]);
-                    for ch in 0..c {
-                        let (a, b, m) = (a[ch], b[ch], mean[ch] as f32);
-                        let xs = &vals[ch * hw..][..hw];
-                        let gs = &mut grads[ch * hw..][..hw];
-                        if live {
-                            for (g, &v) in gs.iter_mut().zip(xs) {
-                                *g += a + b * (v - m);
-                            }
-                        } else {
-                            for (g, &v) in gs.iter_mut().zip(xs) {
-                                *g = a + b * (v - m);
-                            }
-                        }
-                    }
-                    img.live[s] = true;
-                }
-                backward_image(ops, slots, img, cols);
-                if img.live[0] {
-                    o.copy_from_slice(&img.grads[0]);
-                } else {
-                    o.fill(0.0);
-                }
+        img.live.fill(false);
+        for (t, &s) in taps.iter().enumerate() {
+            let c = slots[s].c;
+            let base = b * c;
+            let (ka, kb) = (&coeffs[t].a[base..][..c], &coeffs[t].b[base..][..c]);
+            let mean: Vec<f32> = img.moments[t].0.iter().map(|&m| m as f32).collect();
+            let live = img.live[s];
+            let (vals, grads) = (&img.vals[s], &mut img.grads[s]);
+            for (gs, xs) in grads.chunks_exact_mut(c).zip(vals.chunks_exact(c)) {
+                let src = xs
+                    .iter()
+                    .zip(ka.iter().zip(kb).zip(&mean))
+                    .map(|(&v, ((&a, &b), &m))| a + b * (v - m));
+                put(gs, src, live);
             }
+            img.live[s] = true;
         }
+        backward_image(ops, slots, img, cols);
     }
 }
 
@@ -851,93 +1143,173 @@ fn put(dst: &mut [f32], src: impl Iterator<Item = f32>, live: bool) {
     }
 }
 
+/// Input row/column of output `o` at kernel offset `k` along one axis, if inside the input.
 #[inline(always)]
-fn forward_image(ops: &[TOp], img: &mut Image, cols: &mut [f32]) {
+fn tap_pos(geo: &Geo, axis: usize, o: usize, k: usize) -> Option<usize> {
+    let len = if axis == 0 { geo.h } else { geo.w };
+    let i = (o * geo.s[axis] + k * geo.d[axis]) as isize - geo.p[axis] as isize;
+    (i >= 0 && (i as usize) < len).then_some(i as usize)
+}
+
+/// Channels-last im2col of one group: `cols[l][(ki, kj, cl)]`.
+#[inline(always)]
+fn im2col_hwc(x: &[f32], geo: &Geo, grp: usize, cols: &mut [f32]) {
+    let (c, cg, kh, kw) = (geo.c, geo.cg(), geo.k[0], geo.k[1]);
+    let kg = kh * kw * cg;
+    for oy in 0..geo.o[0] {
+        for ox in 0..geo.o[1] {
+            let row = &mut cols[(oy * geo.o[1] + ox) * kg..][..kg];
+            for ki in 0..kh {
+                let iy = tap_pos(geo, 0, oy, ki);
+                for kj in 0..kw {
+                    let dst = &mut row[(ki * kw + kj) * cg..][..cg];
+                    match (iy, tap_pos(geo, 1, ox, kj)) {
+                        (Some(iy), Some(ix)) => {
+                            dst.copy_from_slice(&x[(iy * geo.w + ix) * c + grp * cg..][..cg])
+                        }
+                        _ => dst.fill(0.0),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col_hwc`]: adds `cols` into `dx`.
+#[inline(always)]
+fn col2im_hwc(cols: &[f32], geo: &Geo, grp: usize, dx: &mut [f32]) {
+    let (c, cg, kh, kw) = (geo.c, geo.cg(), geo.k[0], geo.k[1]);
+    let kg = kh * kw * cg;
+    for oy in 0..geo.o[0] {
+        for ox in 0..geo.o[1] {
+            let row = &cols[(oy * geo.o[1] + ox) * kg..][..kg];
+            for ki in 0..kh {
+                let Some(iy) = tap_pos(geo, 0, oy, ki) else {
+                    continue;
+                };
+                for kj in 0..kw {
+                    let Some(ix) = tap_pos(geo, 1, ox, kj) else {
+                        continue;
+                    };
+                    let src = &row[(ki * kw + kj) * cg..][..cg];
+                    let dst = &mut dx[(iy * geo.w + ix) * c + grp * cg..][..cg];
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Columns `first..first + cols` of a row-major `[rows, stride]` matrix.
+fn cols_of(data: &[f32], rows: usize, stride: usize, first: usize, cols: usize) -> MatRef<'_> {
+    MatRef {
+        data: &data[first..],
+        rows,
+        cols,
+        rs: stride,
+        cs: 1,
+    }
+}
+
+fn cols_of_mut(
+    data: &mut [f32],
+    rows: usize,
+    stride: usize,
+    first: usize,
+    cols: usize,
+) -> MatMut<'_> {
+    MatMut {
+        data: &mut data[first..],
+        rows,
+        cols,
+        rs: stride,
+        cs: 1,
+    }
+}
+
+#[inline(always)]
+fn forward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]) {
     for op in ops {
+        let y = op.out();
+        let mut out = std::mem::take(&mut img.vals[y]);
         match op {
             TOp::Conv {
                 x,
-                y,
                 geo,
                 w,
                 bias,
                 wino,
                 ..
             } => {
-                let mut out = std::mem::take(&mut img.vals[*y]);
                 let xin = &img.vals[*x];
-                let (mg, kg, l) = (geo.mg(), geo.kg(), geo.l());
+                let (c, m, l) = (geo.c, geo.m, geo.l());
+                let (cg, mg) = (geo.cg(), geo.mg());
+                let kg = geo.k[0] * geo.k[1] * cg;
                 if let Some(f) = wino {
                     f.run(xin, &mut out, false, cols);
-                }
-                for grp in 0..geo.groups {
-                    if wino.is_some() {
-                        break;
-                    }
-                    let rhs = if geo.pointwise() {
-                        MatRef::rows(&xin[grp * kg * l..][..kg * l], kg, l)
-                    } else {
-                        im2col(xin, geo, grp, &mut cols[..kg * l]);
-                        MatRef::rows(&cols[..kg * l], kg, l)
-                    };
+                } else if geo.pointwise() && geo.groups == 1 {
                     sgemm(
-                        MatMut::rows(&mut out[grp * mg * l..][..mg * l], mg, l),
-                        MatRef::rows(&w[grp * mg * kg..][..mg * kg], mg, kg),
-                        rhs,
+                        MatMut::rows(&mut out, l, m),
+                        MatRef::rows(xin, l, c),
+                        MatRef::rows(w, c, m),
                         false,
                         1,
                     );
-                }
-                if let Some(b) = bias {
-                    for (plane, &bv) in out.chunks_exact_mut(l.max(1)).zip(b) {
-                        plane.iter_mut().for_each(|v| *v += bv);
+                } else {
+                    for grp in 0..geo.groups {
+                        let cs = &mut cols[..l * kg];
+                        im2col_hwc(xin, geo, grp, cs);
+                        sgemm(
+                            cols_of_mut(&mut out, l, m, grp * mg, mg),
+                            MatRef::rows(cs, l, kg),
+                            MatRef::rows(&w[grp * kg * mg..][..kg * mg], kg, mg),
+                            false,
+                            1,
+                        );
                     }
                 }
-                img.vals[*y] = out;
+                if let Some(b) = bias {
+                    for row in out.chunks_exact_mut(m) {
+                        for (v, &bv) in row.iter_mut().zip(b) {
+                            *v += bv;
+                        }
+                    }
+                }
             }
             TOp::Affine {
                 x,
-                y,
                 scale,
                 shift,
                 relu,
+                ..
             } => {
-                let mut out = std::mem::take(&mut img.vals[*y]);
-                let hw = out.len() / scale.len().max(1);
-                for (c, (o, i)) in out
-                    .chunks_exact_mut(hw.max(1))
-                    .zip(img.vals[*x].chunks_exact(hw.max(1)))
-                    .enumerate()
-                {
-                    let (s, t) = (scale[c], shift[c]);
+                let c = scale.len().max(1);
+                for (o, i) in out.chunks_exact_mut(c).zip(img.vals[*x].chunks_exact(c)) {
+                    let it = o.iter_mut().zip(i).zip(scale.iter().zip(shift));
                     if *relu {
-                        for (o, &v) in o.iter_mut().zip(i) {
+                        for ((o, &v), (&s, &t)) in it {
                             *o = (v * s + t).max(0.0);
                         }
                     } else {
-                        for (o, &v) in o.iter_mut().zip(i) {
+                        for ((o, &v), (&s, &t)) in it {
                             *o = v * s + t;
                         }
                     }
                 }
-                img.vals[*y] = out;
             }
-            TOp::Relu { x, y } => {
-                let mut out = std::mem::take(&mut img.vals[*y]);
+            TOp::Relu { x, .. } => {
                 for (o, &v) in out.iter_mut().zip(&img.vals[*x]) {
                     *o = v.max(0.0);
                 }
-                img.vals[*y] = out;
             }
-            TOp::Clip { x, y, lo, hi } => {
-                let mut out = std::mem::take(&mut img.vals[*y]);
+            TOp::Clip { x, lo, hi, .. } => {
                 for (o, &v) in out.iter_mut().zip(&img.vals[*x]) {
                     *o = v.clamp(*lo, *hi);
                 }
-                img.vals[*y] = out;
             }
-            TOp::Add { a, b, y, relu } => {
-                let mut out = std::mem::take(&mut img.vals[*y]);
+            TOp::Add { a, b, relu, .. } => {
                 let it = out.iter_mut().zip(&img.vals[*a]).zip(&img.vals[*b]);
                 if *relu {
                     for ((o, &u), &v) in it {
@@ -948,94 +1320,140 @@ fn forward_image(ops: &[TOp], img: &mut Image, cols: &mut [f32]) {
                         *o = u + v;
                     }
                 }
-                img.vals[*y] = out;
             }
-            TOp::Gather { x, y, map, fill } => {
-                let mut out = std::mem::take(&mut img.vals[*y]);
+            TOp::Pool {
+                x,
+                max,
+                ptr,
+                idx,
+                wgt,
+                ..
+            } => {
+                let c = slots[*x].c.max(1);
+                let xin = &img.vals[*x];
+                for (i, o) in out.chunks_exact_mut(c).enumerate() {
+                    let win = &idx[ptr[i] as usize..ptr[i + 1] as usize];
+                    if *max {
+                        o.fill(f32::NEG_INFINITY);
+                        for &p in win {
+                            for (o, &v) in o.iter_mut().zip(&xin[p as usize * c..][..c]) {
+                                *o = o.max(v);
+                            }
+                        }
+                    } else {
+                        o.fill(0.0);
+                        for &p in win {
+                            for (o, &v) in o.iter_mut().zip(&xin[p as usize * c..][..c]) {
+                                *o += v;
+                            }
+                        }
+                        let k = wgt[i];
+                        o.iter_mut().for_each(|v| *v *= k);
+                    }
+                }
+            }
+            TOp::Unary { x, act, .. } => {
+                let c = slots[*x].c.max(1);
+                for (o, i) in out.chunks_exact_mut(c).zip(img.vals[*x].chunks_exact(c)) {
+                    for (ch, (o, &v)) in o.iter_mut().zip(i).enumerate() {
+                        *o = act.eval(v, ch).0;
+                    }
+                }
+            }
+            TOp::Mul { a, b, .. } => {
+                let (va, vb) = (&img.vals[*a], &img.vals[*b]);
+                if vb.len() == out.len() {
+                    for ((o, &u), &v) in out.iter_mut().zip(va).zip(vb) {
+                        *o = u * v;
+                    }
+                } else {
+                    let c = vb.len().max(1);
+                    for (o, p) in out.chunks_exact_mut(c).zip(va.chunks_exact(c)) {
+                        for ((o, &u), &v) in o.iter_mut().zip(p).zip(vb) {
+                            *o = u * v;
+                        }
+                    }
+                }
+            }
+            TOp::Gather { x, map, fill, .. } => {
                 let xin = &img.vals[*x];
                 for (o, &k) in out.iter_mut().zip(map) {
                     *o = if k == NONE { *fill } else { xin[k as usize] };
                 }
-                img.vals[*y] = out;
             }
         }
+        img.vals[y] = out;
     }
 }
 
 #[inline(always)]
 fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]) {
     for op in ops.iter().rev() {
-        let y = match op {
-            TOp::Conv { y, .. }
-            | TOp::Affine { y, .. }
-            | TOp::Relu { y, .. }
-            | TOp::Clip { y, .. }
-            | TOp::Add { y, .. }
-            | TOp::Gather { y, .. } => *y,
-        };
+        let y = op.out();
         if !img.live[y] {
             continue; // nothing downstream reaches a tap through this value
         }
-        let gy = std::mem::take(&mut img.grads[y]);
+        let mut gy = std::mem::take(&mut img.grads[y]);
+        let yv = std::mem::take(&mut img.vals[y]);
         match op {
             TOp::Conv {
                 x,
                 geo,
                 w,
-                wino_grad: Some(f),
+                wino_grad,
                 ..
             } => {
-                let _ = (geo, w);
-                let live = img.live[*x];
-                f.run(&gy, &mut img.grads[*x], live, cols);
-                img.live[*x] = true;
-            }
-            TOp::Conv { x, geo, w, .. } => {
-                let (mg, kg, l) = (geo.mg(), geo.kg(), geo.l());
                 let live = img.live[*x];
                 let gx = &mut img.grads[*x];
-                if !geo.pointwise() && !live {
-                    gx.fill(0.0);
-                }
-                for grp in 0..geo.groups {
-                    let wt = MatRef::transposed(&w[grp * mg * kg..][..mg * kg], mg, kg);
-                    let rhs = MatRef::rows(&gy[grp * mg * l..][..mg * l], mg, l);
-                    if geo.pointwise() {
-                        let dst = &mut gx[grp * kg * l..][..kg * l];
-                        sgemm(MatMut::rows(dst, kg, l), wt, rhs, live, 1);
-                    } else {
-                        let dc = &mut cols[..kg * l];
-                        sgemm(MatMut::rows(dc, kg, l), wt, rhs, false, 1);
-                        col2im(dc, geo, grp, gx);
+                let (c, m, l) = (geo.c, geo.m, geo.l());
+                let (cg, mg) = (geo.cg(), geo.mg());
+                let kg = geo.k[0] * geo.k[1] * cg;
+                if let Some(f) = wino_grad {
+                    f.run(&gy, gx, live, cols);
+                } else if geo.pointwise() && geo.groups == 1 {
+                    sgemm(
+                        MatMut::rows(gx, l, c),
+                        MatRef::rows(&gy, l, m),
+                        MatRef::transposed(w, c, m),
+                        live,
+                        1,
+                    );
+                } else {
+                    if !live {
+                        gx.fill(0.0);
+                    }
+                    for grp in 0..geo.groups {
+                        let dc = &mut cols[..l * kg];
+                        sgemm(
+                            MatMut::rows(dc, l, kg),
+                            cols_of(&gy, l, m, grp * mg, mg),
+                            MatRef::transposed(&w[grp * kg * mg..][..kg * mg], kg, mg),
+                            false,
+                            1,
+                        );
+                        col2im_hwc(dc, geo, grp, gx);
                     }
                 }
                 img.live[*x] = true;
             }
-            TOp::Affine {
-                x,
-                y: yo,
-                scale,
-                relu,
-                ..
-            } => {
+            TOp::Affine { x, scale, relu, .. } => {
                 let live = img.live[*x];
-                let hw = slots[*x].hw.max(1);
-                let (gx, yv) = (&mut img.grads[*x], &img.vals[*yo]);
-                for (c, ((d, g), yy)) in gx
-                    .chunks_exact_mut(hw)
-                    .zip(gy.chunks_exact(hw))
-                    .zip(yv.chunks_exact(hw))
-                    .enumerate()
+                let c = scale.len().max(1);
+                let gx = &mut img.grads[*x];
+                for ((d, g), yy) in gx
+                    .chunks_exact_mut(c)
+                    .zip(gy.chunks_exact(c))
+                    .zip(yv.chunks_exact(c))
                 {
-                    let s = scale[c];
                     if *relu {
-                        let src = g
-                            .iter()
-                            .zip(yy)
-                            .map(|(&g, &v)| if v > 0.0 { g * s } else { 0.0 });
+                        let src =
+                            g.iter()
+                                .zip(yy)
+                                .zip(scale)
+                                .map(|((&g, &v), &s)| if v > 0.0 { g * s } else { 0.0 });
                         put(d, src, live);
                     } else {
-                        put(d, g.iter().map(|g| g * s), live);
+                        put(d, g.iter().zip(scale).map(|(&g, &s)| g * s), live);
                     }
                 }
                 img.live[*x] = true;
@@ -1060,10 +1478,9 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                 put(grads, src, live);
                 img.live[*x] = true;
             }
-            TOp::Add { a, b, y: yo, relu } => {
-                let mut gy = gy;
+            TOp::Add { a, b, relu, .. } => {
                 if *relu {
-                    for (g, &v) in gy.iter_mut().zip(&img.vals[*yo]) {
+                    for (g, &v) in gy.iter_mut().zip(&yv) {
                         if v <= 0.0 {
                             *g = 0.0;
                         }
@@ -1074,8 +1491,103 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                     put(&mut img.grads[s], gy.iter().copied(), live);
                     img.live[s] = true;
                 }
-                img.grads[y] = gy;
-                continue;
+            }
+            TOp::Pool {
+                x,
+                max,
+                ptr,
+                idx,
+                wgt,
+                ..
+            } => {
+                let c = slots[*x].c.max(1);
+                let (gx, vx) = (&mut img.grads[*x], &img.vals[*x]);
+                if !img.live[*x] {
+                    gx.fill(0.0);
+                }
+                let mut best = vec![0f32; c];
+                let mut arg = vec![0u32; c];
+                for (i, g) in gy.chunks_exact(c).enumerate() {
+                    let win = &idx[ptr[i] as usize..ptr[i + 1] as usize];
+                    if *max {
+                        // The first position holding the maximum takes the gradient.
+                        let Some(&p0) = win.first() else { continue };
+                        best.copy_from_slice(&vx[p0 as usize * c..][..c]);
+                        arg.fill(p0);
+                        for &p in &win[1..] {
+                            let row = &vx[p as usize * c..][..c];
+                            for ((b, a), &v) in best.iter_mut().zip(arg.iter_mut()).zip(row) {
+                                if v > *b {
+                                    *b = v;
+                                    *a = p;
+                                }
+                            }
+                        }
+                        for (ch, (&a, &g)) in arg.iter().zip(g).enumerate() {
+                            gx[a as usize * c + ch] += g;
+                        }
+                    } else {
+                        let k = wgt[i];
+                        for &p in win {
+                            for (d, &g) in gx[p as usize * c..][..c].iter_mut().zip(g) {
+                                *d += g * k;
+                            }
+                        }
+                    }
+                }
+                img.live[*x] = true;
+            }
+            TOp::Unary { x, act, .. } => {
+                let live = img.live[*x];
+                let c = slots[*x].c.max(1);
+                let (gx, vx) = (&mut img.grads[*x], &img.vals[*x]);
+                for ((d, p), g) in gx
+                    .chunks_exact_mut(c)
+                    .zip(vx.chunks_exact(c))
+                    .zip(gy.chunks_exact(c))
+                {
+                    let src = g
+                        .iter()
+                        .zip(p)
+                        .enumerate()
+                        .map(|(ch, (&g, &v))| g * act.eval(v, ch).1);
+                    put(d, src, live);
+                }
+                img.live[*x] = true;
+            }
+            TOp::Mul { a, b, .. } => {
+                let same = img.vals[*b].len() == gy.len();
+                let c = img.vals[*b].len().max(1);
+                // d a = gy * b
+                {
+                    let live = img.live[*a];
+                    let (ga, vb) = (&mut img.grads[*a], &img.vals[*b]);
+                    if same {
+                        put(ga, gy.iter().zip(vb).map(|(&g, &v)| g * v), live);
+                    } else {
+                        for (d, g) in ga.chunks_exact_mut(c).zip(gy.chunks_exact(c)) {
+                            put(d, g.iter().zip(vb).map(|(&g, &v)| g * v), live);
+                        }
+                    }
+                    img.live[*a] = true;
+                }
+                // d b = gy * a (summed over the positions when b is per channel)
+                {
+                    let live = img.live[*b];
+                    let (gb, va) = (&mut img.grads[*b], &img.vals[*a]);
+                    if same {
+                        put(gb, gy.iter().zip(va).map(|(&g, &v)| g * v), live);
+                    } else {
+                        let mut sums = vec![0f32; c];
+                        for (g, p) in gy.chunks_exact(c).zip(va.chunks_exact(c)) {
+                            for ((s, &g), &v) in sums.iter_mut().zip(g).zip(p) {
+                                *s += g * v;
+                            }
+                        }
+                        put(gb, sums.into_iter(), live);
+                    }
+                    img.live[*b] = true;
+                }
             }
             TOp::Gather { x, map, .. } => {
                 let gx = &mut img.grads[*x];
@@ -1091,5 +1603,6 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
             }
         }
         img.grads[y] = gy;
+        img.vals[y] = yv;
     }
 }

@@ -1,10 +1,11 @@
-//! Winograd F(2x2, 3x3) convolution for one image: 3x3 kernels, stride 1, dilation 1, one group.
+//! Winograd F(2x2, 3x3) convolution for one channels-last image (`[h, w, c]`): 3x3 kernels,
+//! stride 1, dilation 1, one group.
 //!
 //! Each 2x2 output tile is computed from a 4x4 input tile with 16 multiplications per channel pair
 //! instead of 36, so the GEMMs shrink by 2.25x (Lavin & Gray 2016). The input gradient of such a
 //! convolution is again one (with the kernel flipped and transposed and the padding mirrored), so
-//! distillation's backward pass uses the same code. The transforms work on whole rows, so they
-//! vectorise; the 16 products are GEMMs `[M, C] x [C, tiles]`.
+//! distillation's backward pass uses the same code. With channels innermost, the transforms of a
+//! tile are arithmetic on vectors of 8 channels; the 16 products are GEMMs `[tiles, C] x [C, M]`.
 
 use zq_quant::kernels::gemm::{sgemm, MatMut, MatRef};
 
@@ -31,8 +32,64 @@ pub struct Wino {
     oh: usize,
     ow: usize,
     pad: [usize; 2],
-    /// Transformed weights, `[16][m][c]`.
+    /// Transformed weights, `[16][c][m]`.
     u: Vec<f32>,
+}
+
+/// Eight channels of one tile position.
+type V8 = [f32; 8];
+
+#[inline(always)]
+fn add(a: V8, b: V8) -> V8 {
+    let mut r = [0f32; 8];
+    for i in 0..8 {
+        r[i] = a[i] + b[i];
+    }
+    r
+}
+
+#[inline(always)]
+fn sub(a: V8, b: V8) -> V8 {
+    let mut r = [0f32; 8];
+    for i in 0..8 {
+        r[i] = a[i] - b[i];
+    }
+    r
+}
+
+/// `n <= 8` floats from `x[at..]`, zero-filled (a full vector is one unaligned load).
+#[inline(always)]
+fn load(x: &[f32], at: usize, n: usize) -> V8 {
+    if n == 8 {
+        x[at..at + 8].try_into().unwrap()
+    } else {
+        let mut r = [0f32; 8];
+        for (d, &v) in r.iter_mut().zip(&x[at..at + n]) {
+            *d = v;
+        }
+        r
+    }
+}
+
+/// Store (or add, when `acc`) the first `n` lanes of `v` at `y[at..]`.
+#[inline(always)]
+fn store(y: &mut [f32], at: usize, n: usize, v: V8, acc: bool) {
+    if n == 8 {
+        let d: &mut V8 = (&mut y[at..at + 8]).try_into().unwrap();
+        if acc {
+            *d = add(*d, v);
+        } else {
+            *d = v;
+        }
+    } else {
+        for (d, &s) in y[at..at + n].iter_mut().zip(&v) {
+            if acc {
+                *d += s;
+            } else {
+                *d = s;
+            }
+        }
+    }
 }
 
 impl Wino {
@@ -65,7 +122,7 @@ impl Wino {
                     let (a, b, d) = (row[0], row[1], row[2]);
                     let r = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
                     for (j, v) in r.into_iter().enumerate() {
-                        u[((i * 4 + j) * m + mi) * c + ci] = v;
+                        u[((i * 4 + j) * c + ci) * m + mi] = v;
                     }
                 }
             }
@@ -125,10 +182,10 @@ impl Wino {
     /// Scratch floats [`Wino::run`] needs.
     pub fn scratch_len(&self) -> usize {
         let (th, tw) = self.tiles();
-        16 * th * tw * (self.c + self.m) + 4 * (2 * tw + 2) + 2 * (tw + 1) + 8 * tw
+        16 * th * tw * (self.c + self.m)
     }
 
-    /// `y = conv(x)`, or `y += conv(x)` when `accumulate`.
+    /// `y = conv(x)`, or `y += conv(x)` when `accumulate`; both channels-last.
     #[inline(always)]
     pub fn run(&self, x: &[f32], y: &mut [f32], accumulate: bool, scratch: &mut [f32]) {
         let (th, tw) = self.tiles();
@@ -137,86 +194,64 @@ impl Wino {
         assert_eq!(x.len(), c * self.h * self.w);
         assert_eq!(y.len(), m * self.oh * self.ow);
         let (v, rest) = scratch.split_at_mut(16 * c * t);
-        let (mx, rows) = rest.split_at_mut(16 * m * t);
-        self.transform_input(x, v, rows);
+        let mx = &mut rest[..16 * m * t];
+        self.transform_input(x, v);
         for xi in 0..16 {
             sgemm(
-                MatMut::rows(&mut mx[xi * m * t..][..m * t], m, t),
-                MatRef::rows(&self.u[xi * m * c..][..m * c], m, c),
-                MatRef::rows(&v[xi * c * t..][..c * t], c, t),
+                MatMut::rows(&mut mx[xi * t * m..][..t * m], t, m),
+                MatRef::rows(&v[xi * t * c..][..t * c], t, c),
+                MatRef::rows(&self.u[xi * c * m..][..c * m], c, m),
                 false,
                 1,
             );
         }
-        self.transform_output(mx, y, accumulate, rows);
+        self.transform_output(mx, y, accumulate);
     }
 
-    /// `V[xi][c][tile] = (B^T d B)[xi]` for every channel and 4x4 input tile `d`.
+    /// `V[xi][tile][c] = (B^T d B)[xi]` for every 4x4 input tile `d` (vectors of channels).
     #[inline(always)]
-    fn transform_input(&self, x: &[f32], v: &mut [f32], rows: &mut [f32]) {
+    fn transform_input(&self, x: &[f32], v: &mut [f32]) {
         let (th, tw) = self.tiles();
         let t = th * tw;
-        let (h, w, pw) = (self.h, self.w, self.pad[1]);
-        let span = 2 * tw + 2; // input columns a row of tiles reads
-        let (r, eo) = rows.split_at_mut(4 * span);
-        let (e, o) = eo.split_at_mut(tw + 1);
-        let o = &mut o[..tw + 1];
-        // Columns of a padded row that come from the input.
-        let (c0, c1) = (pw.min(span), (pw + w).min(span));
-        for ci in 0..self.c {
-            let plane = &x[ci * h * w..][..h * w];
-            for ty in 0..th {
-                // The four input rows of this tile row, zero padded: r[i][k] = x[iy][k - pad_w].
-                for i in 0..4 {
+        let c = self.c;
+        let (h, w) = (self.h as isize, self.w as isize);
+        for ty in 0..th {
+            for tx in 0..tw {
+                let tile = ty * tw + tx;
+                // Input rows/columns of the tile; None outside the image (zero padding).
+                let pos = |i: usize, j: usize| -> Option<usize> {
                     let iy = (2 * ty + i) as isize - self.pad[0] as isize;
-                    let dst = &mut r[i * span..][..span];
-                    if iy < 0 || iy >= h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * w..][..w];
-                    dst[..c0].fill(0.0);
-                    dst[c0..c1].copy_from_slice(&src[..c1 - c0]);
-                    dst[c1..].fill(0.0);
+                    let ix = (2 * tx + j) as isize - self.pad[1] as isize;
+                    (iy >= 0 && iy < h && ix >= 0 && ix < w).then(|| (iy * w + ix) as usize * c)
+                };
+                let mut at = [None; 16];
+                for (k, a) in at.iter_mut().enumerate() {
+                    *a = pos(k / 4, k % 4);
                 }
-                let (r0, rest) = r.split_at(span);
-                let (r1, rest) = rest.split_at(span);
-                let (r2, r3) = rest.split_at(span);
-                // Vertical B^T, then horizontal B on even/odd columns.
-                for i in 0..4 {
-                    let (p, q, sign) = match i {
-                        0 => (r0, r2, -1.0),
-                        1 => (r1, r2, 1.0),
-                        2 => (r2, r1, -1.0),
-                        _ => (r1, r3, -1.0),
-                    };
-                    for (((ev, od), pp), qq) in e
-                        .iter_mut()
-                        .zip(o.iter_mut())
-                        .zip(p.chunks_exact(2))
-                        .zip(q.chunks_exact(2))
-                    {
-                        *ev = pp[0] + sign * qq[0];
-                        *od = pp[1] + sign * qq[1];
+                for cb in (0..c).step_by(8) {
+                    let n = (c - cb).min(8);
+                    let mut d = [[0f32; 8]; 16];
+                    for (dk, a) in d.iter_mut().zip(&at) {
+                        if let Some(o) = *a {
+                            *dk = load(x, o + cb, n);
+                        }
                     }
-                    let base = ty * tw;
-                    let seg = |j: usize| (4 * i + j) * self.c * t + ci * t + base;
-                    let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
-                    let out = &mut v[seg(0)..][..tw];
-                    for (d, (a, b)) in out.iter_mut().zip(e0.iter().zip(e1)) {
-                        *d = a - b;
+                    // Rows: B^T d.
+                    let mut r = [[0f32; 8]; 16];
+                    for j in 0..4 {
+                        let (d0, d1, d2, d3) = (d[j], d[4 + j], d[8 + j], d[12 + j]);
+                        r[j] = sub(d0, d2);
+                        r[4 + j] = add(d1, d2);
+                        r[8 + j] = sub(d2, d1);
+                        r[12 + j] = sub(d1, d3);
                     }
-                    let out = &mut v[seg(1)..][..tw];
-                    for (d, (a, b)) in out.iter_mut().zip(o0.iter().zip(e1)) {
-                        *d = a + b;
-                    }
-                    let out = &mut v[seg(2)..][..tw];
-                    for (d, (a, b)) in out.iter_mut().zip(e1.iter().zip(o0)) {
-                        *d = a - b;
-                    }
-                    let out = &mut v[seg(3)..][..tw];
-                    for (d, (a, b)) in out.iter_mut().zip(o0.iter().zip(o1)) {
-                        *d = a - b;
+                    // Columns: (B^T d) B.
+                    for i in 0..4 {
+                        let (a0, a1, a2, a3) = (r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3]);
+                        let out = [sub(a0, a2), add(a1, a2), sub(a2, a1), sub(a1, a3)];
+                        for (j, o) in out.iter().enumerate() {
+                            store(v, ((4 * i + j) * t + tile) * c + cb, n, *o, false);
+                        }
                     }
                 }
             }
@@ -225,57 +260,39 @@ impl Wino {
 
     /// `y[2ty+a][2tx+b] = (A^T M A)[a][b]`, cropped to the output size.
     #[inline(always)]
-    fn transform_output(&self, mx: &[f32], y: &mut [f32], accumulate: bool, rows: &mut [f32]) {
+    fn transform_output(&self, mx: &[f32], y: &mut [f32], accumulate: bool) {
         let (th, tw) = self.tiles();
         let t = th * tw;
-        let (oh, ow) = (self.oh, self.ow);
-        let (t0, rest) = rows.split_at_mut(4 * tw);
-        let t1 = &mut rest[..4 * tw];
-        for mi in 0..self.m {
-            let plane = &mut y[mi * oh * ow..][..oh * ow];
-            for ty in 0..th {
-                let seg = |xi: usize| &mx[xi * self.m * t + mi * t + ty * tw..][..tw];
-                // Vertical A^T: t0[j] = m0j + m1j + m2j, t1[j] = m1j - m2j - m3j.
-                for j in 0..4 {
-                    let (a, b, c, d) = (seg(j), seg(4 + j), seg(8 + j), seg(12 + j));
-                    let p = &mut t0[j * tw..][..tw];
-                    for (p, ((a, b), c)) in p.iter_mut().zip(a.iter().zip(b).zip(c)) {
-                        *p = a + b + c;
+        let (m, oh, ow) = (self.m, self.oh, self.ow);
+        for ty in 0..th {
+            for tx in 0..tw {
+                let tile = ty * tw + tx;
+                for mb in (0..m).step_by(8) {
+                    let n = (m - mb).min(8);
+                    let mut g = [[0f32; 8]; 16];
+                    for (k, gk) in g.iter_mut().enumerate() {
+                        *gk = load(mx, (k * t + tile) * m + mb, n);
                     }
-                    let q = &mut t1[j * tw..][..tw];
-                    for (q, ((b, c), d)) in q.iter_mut().zip(b.iter().zip(c).zip(d)) {
-                        *q = b - c - d;
+                    // A^T g: two rows of four.
+                    let mut r = [[0f32; 8]; 8];
+                    for j in 0..4 {
+                        let (g0, g1, g2, g3) = (g[j], g[4 + j], g[8 + j], g[12 + j]);
+                        r[j] = add(add(g0, g1), g2);
+                        r[4 + j] = sub(sub(g1, g2), g3);
                     }
-                }
-                for (a, tt) in [&*t0, &*t1].into_iter().enumerate() {
-                    let oy = 2 * ty + a;
-                    if oy >= oh {
-                        continue;
-                    }
-                    let row = &mut plane[oy * ow..][..ow];
-                    let (c0, rest) = tt.split_at(tw);
-                    let (c1, rest) = rest.split_at(tw);
-                    let (c2, c3) = rest.split_at(tw);
-                    let pairs = ow / 2;
-                    let it = c0.iter().zip(c1).zip(c2).zip(c3);
-                    if accumulate {
-                        for (d, (((a, b), c), e)) in row.chunks_exact_mut(2).zip(it) {
-                            d[0] += a + b + c;
-                            d[1] += b - c - e;
+                    for a in 0..2 {
+                        let oy = 2 * ty + a;
+                        if oy >= oh {
+                            continue;
                         }
-                    } else {
-                        for (d, (((a, b), c), e)) in row.chunks_exact_mut(2).zip(it) {
-                            d[0] = a + b + c;
-                            d[1] = b - c - e;
-                        }
-                    }
-                    if ow % 2 == 1 {
-                        let k = pairs;
-                        let v = c0[k] + c1[k] + c2[k];
-                        if accumulate {
-                            row[ow - 1] += v;
-                        } else {
-                            row[ow - 1] = v;
+                        let (r0, r1, r2, r3) = (r[4 * a], r[4 * a + 1], r[4 * a + 2], r[4 * a + 3]);
+                        let out = [add(add(r0, r1), r2), sub(sub(r1, r2), r3)];
+                        for (b, o) in out.iter().enumerate() {
+                            let ox = 2 * tx + b;
+                            if ox >= ow {
+                                continue;
+                            }
+                            store(y, (oy * ow + ox) * m + mb, n, *o, accumulate);
                         }
                     }
                 }
@@ -323,6 +340,14 @@ mod tests {
         y
     }
 
+    fn hwc(x: &[f32], c: usize, hw: usize) -> Vec<f32> {
+        (0..c * hw).map(|k| x[(k % c) * hw + k / c]).collect()
+    }
+
+    fn chw(x: &[f32], c: usize, hw: usize) -> Vec<f32> {
+        (0..c * hw).map(|k| x[(k % hw) * c + k / hw]).collect()
+    }
+
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         zq_synth::adam::normal(n, seed)
     }
@@ -336,6 +361,7 @@ mod tests {
             (2, 3, 6, 9, 0, 0),
             (2, 2, 5, 4, 2, 1),
             (1, 1, 3, 3, 1, 0),
+            (19, 10, 6, 5, 1, 1),
         ] {
             let oh = h + 2 * ph - 2;
             let ow = w + 2 * pw - 2;
@@ -353,7 +379,8 @@ mod tests {
             let f = Wino::new(&wt, sh);
             let mut scratch = vec![0f32; f.scratch_len()];
             let mut y = vec![7f32; m * oh * ow];
-            f.run(&x, &mut y, false, &mut scratch);
+            f.run(&hwc(&x, c, h * w), &mut y, false, &mut scratch);
+            let y = chw(&y, m, oh * ow);
             let r = direct(&x, &wt, sh);
             let e = y
                 .iter()
@@ -366,7 +393,8 @@ mod tests {
             let b = Wino::input_grad(&wt, sh).unwrap();
             let mut scratch = vec![0f32; b.scratch_len()];
             let mut gx = vec![1f32; c * h * w];
-            b.run(&g, &mut gx, true, &mut scratch);
+            b.run(&hwc(&g, m, oh * ow), &mut gx, true, &mut scratch);
+            let gx = chw(&gx, c, h * w);
             let lhs: f32 = y.iter().zip(&g).map(|(a, b)| a * b).sum();
             let rhs: f32 = x.iter().zip(&gx).map(|(a, b)| a * (b - 1.0)).sum();
             assert!(

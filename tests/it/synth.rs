@@ -142,5 +142,8 @@ fn tape_engine_matches_autograd() {
             covered.push(m);
         }
     }
-    assert!(covered.contains(&"digits_bn"), "the tape must run digits_bn");
+    assert!(
+        covered.contains(&"digits_bn"),
+        "the tape must run digits_bn"
+    );
 }
