@@ -1,13 +1,19 @@
-//! Winograd F(2x2, 3x3) convolution for one channels-last image (`[h, w, c]`): 3x3 kernels,
+//! Winograd F(4x4, 3x3) convolution for one channels-last image (`[h, w, c]`): 3x3 kernels,
 //! stride 1, dilation 1, one group.
 //!
-//! Each 2x2 output tile is computed from a 4x4 input tile with 16 multiplications per channel pair
-//! instead of 36, so the GEMMs shrink by 2.25x (Lavin & Gray 2016). The input gradient of such a
-//! convolution is again one (with the kernel flipped and transposed and the padding mirrored), so
-//! distillation's backward pass uses the same code. With channels innermost, the transforms of a
-//! tile are arithmetic on vectors of 8 channels; the 16 products are GEMMs `[tiles, C] x [C, M]`.
+//! Each 4x4 output tile is computed from a 6x6 input tile with 36 multiplications per channel pair
+//! instead of 144, so the GEMMs shrink by 4x (Lavin & Gray 2016; the transforms are theirs). The
+//! input gradient of such a convolution is again one (with the kernel flipped and transposed and
+//! the padding mirrored), so distillation's backward pass uses the same code. With channels
+//! innermost, the transforms of a tile are arithmetic on vectors of 8 channels; the 36 products
+//! are GEMMs `[tiles, C] x [C, M]`.
 
 use zq_quant::kernels::gemm::{sgemm, MatMut, MatRef};
+
+/// Input tile side, output tile side, transformed points.
+const TI: usize = 6;
+const TO: usize = 4;
+const P: usize = TI * TI;
 
 /// The geometry of a 3x3 stride-1 convolution of a `[c, h, w]` image into `[m, oh, ow]`, with
 /// `pad` rows/columns of zeros before the input (after it, as many as the output size needs).
@@ -32,7 +38,7 @@ pub struct Wino {
     oh: usize,
     ow: usize,
     pad: [usize; 2],
-    /// Transformed weights, `[16][c][m]`.
+    /// Transformed weights, `[36][c][m]`.
     u: Vec<f32>,
 }
 
@@ -105,24 +111,32 @@ impl Wino {
             pad,
         } = shape;
         assert_eq!(weight.len(), m * c * 9);
-        let mut u = vec![0f32; 16 * m * c];
+        let mut u = vec![0f32; P * m * c];
+        // G (6x3) of F(4x4, 3x3).
+        const G: [[f32; 3]; TI] = [
+            [0.25, 0.0, 0.0],
+            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+            [0.0, 0.0, 1.0],
+        ];
         for mi in 0..m {
             for ci in 0..c {
                 let g = &weight[(mi * c + ci) * 9..][..9];
-                // G g G^T with G = [[1,0,0],[.5,.5,.5],[.5,-.5,.5],[0,0,1]].
-                let mut t = [[0f32; 3]; 4]; // G g
-                for j in 0..3 {
-                    let (a, b, d) = (g[j], g[3 + j], g[6 + j]);
-                    t[0][j] = a;
-                    t[1][j] = 0.5 * (a + b + d);
-                    t[2][j] = 0.5 * (a - b + d);
-                    t[3][j] = d;
+                // G g G^T, in f64 so the transformed weights are exact to f32 rounding.
+                let mut t = [[0f64; 3]; TI]; // G g
+                for (i, gr) in G.iter().enumerate() {
+                    for j in 0..3 {
+                        t[i][j] = (0..3)
+                            .map(|k| f64::from(gr[k]) * f64::from(g[3 * k + j]))
+                            .sum();
+                    }
                 }
                 for (i, row) in t.iter().enumerate() {
-                    let (a, b, d) = (row[0], row[1], row[2]);
-                    let r = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
-                    for (j, v) in r.into_iter().enumerate() {
-                        u[((i * 4 + j) * c + ci) * m + mi] = v;
+                    for (j, gr) in G.iter().enumerate() {
+                        let v: f64 = (0..3).map(|k| row[k] * f64::from(gr[k])).sum();
+                        u[((i * TI + j) * c + ci) * m + mi] = v as f32;
                     }
                 }
             }
@@ -176,13 +190,13 @@ impl Wino {
     }
 
     fn tiles(&self) -> (usize, usize) {
-        (self.oh.div_ceil(2), self.ow.div_ceil(2))
+        (self.oh.div_ceil(TO), self.ow.div_ceil(TO))
     }
 
     /// Scratch floats [`Wino::run`] needs.
     pub fn scratch_len(&self) -> usize {
         let (th, tw) = self.tiles();
-        16 * th * tw * (self.c + self.m)
+        P * th * tw * (self.c + self.m)
     }
 
     /// `y = conv(x)`, or `y += conv(x)` when `accumulate`; both channels-last.
@@ -193,10 +207,10 @@ impl Wino {
         let (c, m) = (self.c, self.m);
         assert_eq!(x.len(), c * self.h * self.w);
         assert_eq!(y.len(), m * self.oh * self.ow);
-        let (v, rest) = scratch.split_at_mut(16 * c * t);
-        let mx = &mut rest[..16 * m * t];
+        let (v, rest) = scratch.split_at_mut(P * c * t);
+        let mx = &mut rest[..P * m * t];
         self.transform_input(x, v);
-        for xi in 0..16 {
+        for xi in 0..P {
             sgemm(
                 MatMut::rows(&mut mx[xi * t * m..][..t * m], t, m),
                 MatRef::rows(&v[xi * t * c..][..t * c], t, c),
@@ -208,49 +222,51 @@ impl Wino {
         self.transform_output(mx, y, accumulate);
     }
 
-    /// `V[xi][tile][c] = (B^T d B)[xi]` for every 4x4 input tile `d` (vectors of channels).
+    /// `V[xi][tile][c] = (B^T d B)[xi]` for every 6x6 input tile `d` (vectors of channels).
     #[inline(always)]
     fn transform_input(&self, x: &[f32], v: &mut [f32]) {
         let (th, tw) = self.tiles();
         let t = th * tw;
         let c = self.c;
         let (h, w) = (self.h as isize, self.w as isize);
+        let mut at = [None; P];
         for ty in 0..th {
             for tx in 0..tw {
                 let tile = ty * tw + tx;
-                // Input rows/columns of the tile; None outside the image (zero padding).
-                let pos = |i: usize, j: usize| -> Option<usize> {
-                    let iy = (2 * ty + i) as isize - self.pad[0] as isize;
-                    let ix = (2 * tx + j) as isize - self.pad[1] as isize;
-                    (iy >= 0 && iy < h && ix >= 0 && ix < w).then(|| (iy * w + ix) as usize * c)
-                };
-                let mut at = [None; 16];
+                // Offsets of the tile's inputs; None outside the image (zero padding).
                 for (k, a) in at.iter_mut().enumerate() {
-                    *a = pos(k / 4, k % 4);
+                    let iy = (TO * ty + k / TI) as isize - self.pad[0] as isize;
+                    let ix = (TO * tx + k % TI) as isize - self.pad[1] as isize;
+                    *a = (iy >= 0 && iy < h && ix >= 0 && ix < w)
+                        .then(|| (iy * w + ix) as usize * c);
                 }
                 for cb in (0..c).step_by(8) {
                     let n = (c - cb).min(8);
-                    let mut d = [[0f32; 8]; 16];
+                    let mut d = [[0f32; 8]; P];
                     for (dk, a) in d.iter_mut().zip(&at) {
                         if let Some(o) = *a {
                             *dk = load(x, o + cb, n);
                         }
                     }
-                    // Rows: B^T d.
-                    let mut r = [[0f32; 8]; 16];
-                    for j in 0..4 {
-                        let (d0, d1, d2, d3) = (d[j], d[4 + j], d[8 + j], d[12 + j]);
-                        r[j] = sub(d0, d2);
-                        r[4 + j] = add(d1, d2);
-                        r[8 + j] = sub(d2, d1);
-                        r[12 + j] = sub(d1, d3);
+                    // Columns: B^T d, then rows: (B^T d) B.
+                    let mut r = [[0f32; 8]; P];
+                    for j in 0..TI {
+                        let col = bt([d[j], d[6 + j], d[12 + j], d[18 + j], d[24 + j], d[30 + j]]);
+                        for (i, v) in col.into_iter().enumerate() {
+                            r[i * TI + j] = v;
+                        }
                     }
-                    // Columns: (B^T d) B.
-                    for i in 0..4 {
-                        let (a0, a1, a2, a3) = (r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3]);
-                        let out = [sub(a0, a2), add(a1, a2), sub(a2, a1), sub(a1, a3)];
-                        for (j, o) in out.iter().enumerate() {
-                            store(v, ((4 * i + j) * t + tile) * c + cb, n, *o, false);
+                    for i in 0..TI {
+                        let row = bt([
+                            r[i * TI],
+                            r[i * TI + 1],
+                            r[i * TI + 2],
+                            r[i * TI + 3],
+                            r[i * TI + 4],
+                            r[i * TI + 5],
+                        ]);
+                        for (j, o) in row.into_iter().enumerate() {
+                            store(v, ((i * TI + j) * t + tile) * c + cb, n, o, false);
                         }
                     }
                 }
@@ -258,7 +274,7 @@ impl Wino {
         }
     }
 
-    /// `y[2ty+a][2tx+b] = (A^T M A)[a][b]`, cropped to the output size.
+    /// `y[4ty+a][4tx+b] = (A^T M A)[a][b]`, cropped to the output size.
     #[inline(always)]
     fn transform_output(&self, mx: &[f32], y: &mut [f32], accumulate: bool) {
         let (th, tw) = self.tiles();
@@ -269,36 +285,85 @@ impl Wino {
                 let tile = ty * tw + tx;
                 for mb in (0..m).step_by(8) {
                     let n = (m - mb).min(8);
-                    let mut g = [[0f32; 8]; 16];
+                    let mut g = [[0f32; 8]; P];
                     for (k, gk) in g.iter_mut().enumerate() {
                         *gk = load(mx, (k * t + tile) * m + mb, n);
                     }
-                    // A^T g: two rows of four.
-                    let mut r = [[0f32; 8]; 8];
-                    for j in 0..4 {
-                        let (g0, g1, g2, g3) = (g[j], g[4 + j], g[8 + j], g[12 + j]);
-                        r[j] = add(add(g0, g1), g2);
-                        r[4 + j] = sub(sub(g1, g2), g3);
-                    }
-                    for a in 0..2 {
-                        let oy = 2 * ty + a;
-                        if oy >= oh {
-                            continue;
+                    // Columns: A^T g (4 rows of 6), then rows.
+                    let mut r = [[0f32; 8]; TO * TI];
+                    for j in 0..TI {
+                        let col = a_t([g[j], g[6 + j], g[12 + j], g[18 + j], g[24 + j], g[30 + j]]);
+                        for (a, v) in col.into_iter().enumerate() {
+                            r[a * TI + j] = v;
                         }
-                        let (r0, r1, r2, r3) = (r[4 * a], r[4 * a + 1], r[4 * a + 2], r[4 * a + 3]);
-                        let out = [add(add(r0, r1), r2), sub(sub(r1, r2), r3)];
-                        for (b, o) in out.iter().enumerate() {
-                            let ox = 2 * tx + b;
+                    }
+                    for a in 0..TO {
+                        let oy = TO * ty + a;
+                        if oy >= oh {
+                            break;
+                        }
+                        let row = a_t([
+                            r[a * TI],
+                            r[a * TI + 1],
+                            r[a * TI + 2],
+                            r[a * TI + 3],
+                            r[a * TI + 4],
+                            r[a * TI + 5],
+                        ]);
+                        for (b, o) in row.into_iter().enumerate() {
+                            let ox = TO * tx + b;
                             if ox >= ow {
-                                continue;
+                                break;
                             }
-                            store(y, (oy * ow + ox) * m + mb, n, *o, accumulate);
+                            store(y, (oy * ow + ox) * m + mb, n, o, accumulate);
                         }
                     }
                 }
             }
         }
     }
+}
+
+#[inline(always)]
+fn scale(a: V8, k: f32) -> V8 {
+    let mut r = [0f32; 8];
+    for i in 0..8 {
+        r[i] = a[i] * k;
+    }
+    r
+}
+
+/// `B^T d` for one column of six.
+#[inline(always)]
+fn bt(d: [V8; 6]) -> [V8; 6] {
+    let [d0, d1, d2, d3, d4, d5] = d;
+    // Shared terms: 4 d1 and 4 d2 etc.
+    let t0 = sub(d4, scale(d2, 4.0)); // d4 - 4 d2
+    let t1 = sub(d3, scale(d1, 4.0)); // d3 - 4 d1
+    let t2 = sub(d4, d2); // d4 - d2
+    let t3 = scale(sub(d3, d1), 2.0); // 2 (d3 - d1)
+    [
+        add(sub(scale(d0, 4.0), scale(d2, 5.0)), d4),
+        add(t0, t1),
+        sub(t0, t1),
+        add(t2, t3),
+        sub(t2, t3),
+        add(sub(scale(d1, 4.0), scale(d3, 5.0)), d5),
+    ]
+}
+
+/// `A^T m` for one column of six: four outputs.
+#[inline(always)]
+fn a_t(m: [V8; 6]) -> [V8; 4] {
+    let [m0, m1, m2, m3, m4, m5] = m;
+    let (s12, d12) = (add(m1, m2), sub(m1, m2));
+    let (s34, d34) = (add(m3, m4), sub(m3, m4));
+    [
+        add(add(m0, s12), s34),
+        add(d12, scale(d34, 2.0)),
+        add(s12, scale(s34, 4.0)),
+        add(add(d12, scale(d34, 8.0)), m5),
+    ]
 }
 
 #[cfg(test)]
