@@ -61,9 +61,14 @@ impl PlanTaps {
     /// The engine distillation steps through: the tape when it runs every op on the way to the
     /// BatchNormalization inputs, else candle's autograd over the general executor.
     pub fn engine(&self) -> Box<dyn TapGrad + '_> {
+        self.engine_named().0
+    }
+
+    /// [`PlanTaps::engine`] and its name for reports: `tape`, or `autograd (<why not the tape>)`.
+    pub fn engine_named(&self) -> (Box<dyn TapGrad + '_>, String) {
         match self.tape() {
-            Ok(t) => Box::new(t),
-            Err(_) => Box::new(Autograd::new(self)),
+            Ok(t) => (Box::new(t), "tape".into()),
+            Err(e) => (Box::new(Autograd::new(self)), format!("autograd ({e})")),
         }
     }
 

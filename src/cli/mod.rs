@@ -177,6 +177,8 @@ struct DistillReport {
     seconds: f64,
     /// Steady-state time of one optimisation step (the first step, which warms up, excluded).
     seconds_per_iter: f64,
+    /// What computed the gradients: `tape`, or `autograd (<op the tape does not run>)`.
+    engine: String,
 }
 
 fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
@@ -229,6 +231,7 @@ fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
         seconds: d.seconds,
         seconds_per_iter,
         meta: d.meta,
+        engine: d.engine,
     };
     if p.json {
         p.json(&r)?;

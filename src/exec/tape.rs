@@ -362,16 +362,23 @@ struct Slot {
 /// One image's buffers.
 struct Image {
     vals: Vec<Vec<f32>>,
-    grads: Vec<Vec<f32>>,
-    /// Whether `grads[s]` holds a value in the current backward pass (else it is stale).
-    live: Vec<bool>,
+
     /// Per tap: per-channel mean and sum of squared deviations.
     moments: Vec<(Vec<f64>, Vec<f64>)>,
 }
 
-/// A thread's share of the batch and its im2col scratch.
+/// Gradient buffers, one per slot, shared by the images of a worker (the backward pass runs one
+/// image at a time).
+struct Grads {
+    grads: Vec<Vec<f32>>,
+    /// Whether `grads[s]` holds a value in the current backward pass (else it is stale).
+    live: Vec<bool>,
+}
+
+/// A thread's share of the batch, its gradient buffers and its im2col scratch.
 struct Worker {
     images: Vec<Image>,
+    grads: Grads,
     cols: Vec<f32>,
 }
 
@@ -905,14 +912,16 @@ impl Tape {
                     images: (0..count)
                         .map(|_| Image {
                             vals: (0..slots.len()).map(buf).collect(),
-                            grads: (0..slots.len()).map(buf).collect(),
-                            live: vec![false; slots.len()],
                             moments: tap_slots
                                 .iter()
                                 .map(|&s| (vec![0.0; slots[s].c], vec![0.0; slots[s].c]))
                                 .collect(),
                         })
                         .collect(),
+                    grads: Grads {
+                        grads: (0..slots.len()).map(buf).collect(),
+                        live: vec![false; slots.len()],
+                    },
                     cols: vec![0f32; cols],
                 }
             })
@@ -1010,11 +1019,12 @@ impl Tape {
                     coeffs,
                     b: f + k,
                     img,
+                    g: &mut w.grads,
                     cols: &mut w.cols,
                 });
-                if img.live[0] {
+                if w.grads.live[0] {
                     for (i, v) in o.iter_mut().enumerate() {
-                        *v = img.grads[0][(i % s0.hw) * s0.c + i / s0.hw];
+                        *v = w.grads.grads[0][(i % s0.hw) * s0.c + i / s0.hw];
                     }
                 } else {
                     o.fill(0.0);
@@ -1092,6 +1102,7 @@ struct Backward<'a> {
     coeffs: &'a [Coeffs],
     b: usize,
     img: &'a mut Image,
+    g: &'a mut Grads,
     cols: &'a mut [f32],
 }
 
@@ -1106,16 +1117,17 @@ impl Kernel for Backward<'_> {
             coeffs,
             b,
             img,
+            g: gr,
             cols,
         } = self;
-        img.live.fill(false);
+        gr.live.fill(false);
         for (t, &s) in taps.iter().enumerate() {
             let c = slots[s].c;
             let base = b * c;
             let (ka, kb) = (&coeffs[t].a[base..][..c], &coeffs[t].b[base..][..c]);
             let mean: Vec<f32> = img.moments[t].0.iter().map(|&m| m as f32).collect();
-            let live = img.live[s];
-            let (vals, grads) = (&img.vals[s], &mut img.grads[s]);
+            let live = gr.live[s];
+            let (vals, grads) = (&img.vals[s], &mut gr.grads[s]);
             for (gs, xs) in grads.chunks_exact_mut(c).zip(vals.chunks_exact(c)) {
                 let src = xs
                     .iter()
@@ -1123,9 +1135,9 @@ impl Kernel for Backward<'_> {
                     .map(|(&v, ((&a, &b), &m))| a + b * (v - m));
                 put(gs, src, live);
             }
-            img.live[s] = true;
+            gr.live[s] = true;
         }
-        backward_image(ops, slots, img, cols);
+        backward_image(ops, slots, img, gr, cols);
     }
 }
 
@@ -1387,13 +1399,13 @@ fn forward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32])
 }
 
 #[inline(always)]
-fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]) {
+fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, gr: &mut Grads, cols: &mut [f32]) {
     for op in ops.iter().rev() {
         let y = op.out();
-        if !img.live[y] {
+        if !gr.live[y] {
             continue; // nothing downstream reaches a tap through this value
         }
-        let mut gy = std::mem::take(&mut img.grads[y]);
+        let mut gy = std::mem::take(&mut gr.grads[y]);
         let yv = std::mem::take(&mut img.vals[y]);
         match op {
             TOp::Conv {
@@ -1403,8 +1415,8 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                 wino_grad,
                 ..
             } => {
-                let live = img.live[*x];
-                let gx = &mut img.grads[*x];
+                let live = gr.live[*x];
+                let gx = &mut gr.grads[*x];
                 let (c, m, l) = (geo.c, geo.m, geo.l());
                 let (cg, mg) = (geo.cg(), geo.mg());
                 let kg = geo.k[0] * geo.k[1] * cg;
@@ -1434,12 +1446,12 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                         col2im_hwc(dc, geo, grp, gx);
                     }
                 }
-                img.live[*x] = true;
+                gr.live[*x] = true;
             }
             TOp::Affine { x, scale, relu, .. } => {
-                let live = img.live[*x];
+                let live = gr.live[*x];
                 let c = scale.len().max(1);
-                let gx = &mut img.grads[*x];
+                let gx = &mut gr.grads[*x];
                 for ((d, g), yy) in gx
                     .chunks_exact_mut(c)
                     .zip(gy.chunks_exact(c))
@@ -1456,27 +1468,27 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                         put(d, g.iter().zip(scale).map(|(&g, &s)| g * s), live);
                     }
                 }
-                img.live[*x] = true;
+                gr.live[*x] = true;
             }
             TOp::Relu { x, .. } => {
-                let live = img.live[*x];
-                let (vals, grads) = (&img.vals[*x], &mut img.grads[*x]);
+                let live = gr.live[*x];
+                let (vals, grads) = (&img.vals[*x], &mut gr.grads[*x]);
                 let src = gy
                     .iter()
                     .zip(vals)
                     .map(|(&g, &v)| if v > 0.0 { g } else { 0.0 });
                 put(grads, src, live);
-                img.live[*x] = true;
+                gr.live[*x] = true;
             }
             TOp::Clip { x, lo, hi, .. } => {
-                let live = img.live[*x];
-                let (vals, grads) = (&img.vals[*x], &mut img.grads[*x]);
+                let live = gr.live[*x];
+                let (vals, grads) = (&img.vals[*x], &mut gr.grads[*x]);
                 let src = gy
                     .iter()
                     .zip(vals)
                     .map(|(&g, &v)| if v >= *lo && v <= *hi { g } else { 0.0 });
                 put(grads, src, live);
-                img.live[*x] = true;
+                gr.live[*x] = true;
             }
             TOp::Add { a, b, relu, .. } => {
                 if *relu {
@@ -1487,9 +1499,9 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                     }
                 }
                 for s in [*a, *b] {
-                    let live = img.live[s];
-                    put(&mut img.grads[s], gy.iter().copied(), live);
-                    img.live[s] = true;
+                    let live = gr.live[s];
+                    put(&mut gr.grads[s], gy.iter().copied(), live);
+                    gr.live[s] = true;
                 }
             }
             TOp::Pool {
@@ -1501,8 +1513,8 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                 ..
             } => {
                 let c = slots[*x].c.max(1);
-                let (gx, vx) = (&mut img.grads[*x], &img.vals[*x]);
-                if !img.live[*x] {
+                let (gx, vx) = (&mut gr.grads[*x], &img.vals[*x]);
+                if !gr.live[*x] {
                     gx.fill(0.0);
                 }
                 let mut best = vec![0f32; c];
@@ -1535,12 +1547,12 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                         }
                     }
                 }
-                img.live[*x] = true;
+                gr.live[*x] = true;
             }
             TOp::Unary { x, act, .. } => {
-                let live = img.live[*x];
+                let live = gr.live[*x];
                 let c = slots[*x].c.max(1);
-                let (gx, vx) = (&mut img.grads[*x], &img.vals[*x]);
+                let (gx, vx) = (&mut gr.grads[*x], &img.vals[*x]);
                 for ((d, p), g) in gx
                     .chunks_exact_mut(c)
                     .zip(vx.chunks_exact(c))
@@ -1553,15 +1565,15 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                         .map(|(ch, (&g, &v))| g * act.eval(v, ch).1);
                     put(d, src, live);
                 }
-                img.live[*x] = true;
+                gr.live[*x] = true;
             }
             TOp::Mul { a, b, .. } => {
                 let same = img.vals[*b].len() == gy.len();
                 let c = img.vals[*b].len().max(1);
                 // d a = gy * b
                 {
-                    let live = img.live[*a];
-                    let (ga, vb) = (&mut img.grads[*a], &img.vals[*b]);
+                    let live = gr.live[*a];
+                    let (ga, vb) = (&mut gr.grads[*a], &img.vals[*b]);
                     if same {
                         put(ga, gy.iter().zip(vb).map(|(&g, &v)| g * v), live);
                     } else {
@@ -1569,12 +1581,12 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                             put(d, g.iter().zip(vb).map(|(&g, &v)| g * v), live);
                         }
                     }
-                    img.live[*a] = true;
+                    gr.live[*a] = true;
                 }
                 // d b = gy * a (summed over the positions when b is per channel)
                 {
-                    let live = img.live[*b];
-                    let (gb, va) = (&mut img.grads[*b], &img.vals[*a]);
+                    let live = gr.live[*b];
+                    let (gb, va) = (&mut gr.grads[*b], &img.vals[*a]);
                     if same {
                         put(gb, gy.iter().zip(va).map(|(&g, &v)| g * v), live);
                     } else {
@@ -1586,12 +1598,12 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                         }
                         put(gb, sums.into_iter(), live);
                     }
-                    img.live[*b] = true;
+                    gr.live[*b] = true;
                 }
             }
             TOp::Gather { x, map, .. } => {
-                let gx = &mut img.grads[*x];
-                if !img.live[*x] {
+                let gx = &mut gr.grads[*x];
+                if !gr.live[*x] {
                     gx.fill(0.0);
                 }
                 for (&g, &k) in gy.iter().zip(map) {
@@ -1599,10 +1611,10 @@ fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                         gx[k as usize] += g;
                     }
                 }
-                img.live[*x] = true;
+                gr.live[*x] = true;
             }
         }
-        img.grads[y] = gy;
+        gr.grads[y] = gy;
         img.vals[y] = yv;
     }
 }

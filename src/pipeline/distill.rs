@@ -89,6 +89,8 @@ pub struct Distilled {
     pub images: Vec<f32>,
     pub meta: DistillMeta,
     pub seconds: f64,
+    /// The engine that computed the gradients (`tape`, or `autograd (reason)`).
+    pub engine: String,
 }
 
 /// Identifies the tensor layout and metadata version of distilled-data files.
@@ -142,6 +144,7 @@ pub fn distill(
     let (mut l0, mut l1, mut ln) = (0f64, 0f64, 0f64);
     let mut layers: Vec<LayerLoss> = Vec::new();
     let mut plan: Option<PlanTaps> = None;
+    let mut engine_name = String::new();
     for b in 0..nb {
         let size = opts.batch.min(opts.num - b * opts.batch);
         if plan.as_ref().map(|p| p.input_shape()[0]) != Some(size) {
@@ -167,7 +170,8 @@ pub fn distill(
             stats: opts.stats,
         };
         let done = b * opts.iters;
-        let mut engine = tm.engine();
+        let (mut engine, name) = tm.engine_named();
+        engine_name = name;
         let r = zeroq::distill(&mut *engine, &cfg, &mut |i, l| {
             progress(done + i, total_steps, l)
         })?;
@@ -214,6 +218,7 @@ pub fn distill(
         images,
         meta,
         seconds: t0.elapsed().as_secs_f64(),
+        engine: engine_name,
     })
 }
 

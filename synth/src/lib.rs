@@ -1,8 +1,10 @@
 //! zq-synth: data-free synthesis of calibration inputs (ZeroQ; Genie to follow).
 //!
-//! The crate knows nothing of files or ONNX. A model is anything implementing [`TapModel`]: it runs
-//! a batch and hands back the input of every BatchNormalization layer, differentiably, together with
-//! the running statistics those inputs should match. The `zq` crate implements it for its executor.
+//! The crate knows nothing of files or ONNX. Distillation steps through [`TapGrad`]: a forward pass
+//! that reports the per-channel moments of every BatchNormalization input, and a backward pass that
+//! turns the loss gradient at those inputs into the gradient at the model input. [`Autograd`]
+//! provides it for any [`TapModel`] (a model that hands back the BN inputs as candle tensors); the
+//! `zq` crate implements both, the former with its own tape engine.
 
 #![forbid(unsafe_code)]
 

@@ -374,7 +374,7 @@ pub struct ZeroQConfig {
     pub iters: usize,
     pub lr: f32,
     pub seed: u64,
-    /// Per-channel valid input box `[lo, hi]` (pixels in [0,1] mapped through the preprocessing);
+    /// Per-channel valid input box `[lo, hi]` (pixels in `[0, 1]` mapped through the preprocessing);
     /// iterates are projected into it after every step.
     pub bounds: Vec<(f32, f32)>,
     /// Which BatchNormalization statistics are matched.

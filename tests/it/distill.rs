@@ -94,6 +94,8 @@ pub fn distil_and_check(
     let d = read_distilled(&out).unwrap();
     let [n, c, h, w] = d.shape;
     assert_eq!(j["shape"], serde_json::json!([n, c, h, w]));
+    // Every fixture runs on the tape engine (the fallback is reported with its reason).
+    assert_eq!(j["engine"], "tape", "{}", j["engine"]);
     // Every pixel inside the box the preprocessing defines.
     let hw = h * w;
     for (i, v) in d.images.iter().enumerate() {
