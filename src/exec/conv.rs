@@ -187,7 +187,7 @@ impl Geo {
 }
 
 /// im2col for one image and group: `cols` is [Kg, L], row (c, ki, kj), column (oh, ow).
-pub(super) fn im2col(x: &[f32], g: &Geo, group: usize, cols: &mut [f32]) {
+fn im2col(x: &[f32], g: &Geo, group: usize, cols: &mut [f32]) {
     let l = g.l();
     let (kh, kw) = (g.k[0], g.k[1]);
     let sw = g.s[1];
@@ -220,7 +220,7 @@ pub(super) fn im2col(x: &[f32], g: &Geo, group: usize, cols: &mut [f32]) {
 }
 
 /// col2im for one image and group, the adjoint of `im2col`: adds `cols` [Kg, L] into `dx` [C, H, W].
-pub(super) fn col2im(cols: &[f32], g: &Geo, group: usize, dx: &mut [f32]) {
+fn col2im(cols: &[f32], g: &Geo, group: usize, dx: &mut [f32]) {
     let l = g.l();
     let (kh, kw, hw) = (g.k[0], g.k[1], g.h * g.w);
     let sw = g.s[1];

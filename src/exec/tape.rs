@@ -25,14 +25,20 @@ use super::wino::{Wino, WinoShape};
 use super::{Kind, Plan};
 use crate::ir::{Op, ValueId};
 
-/// One op on per-image slots (indices into an image's buffers). Every slot is channels-last:
-/// `[positions, channels]`.
+/// One op of the tape and the slot it writes.
+#[derive(Debug)]
+struct Step {
+    op: TOp,
+    y: usize,
+}
+
+/// What an op computes from its input slots (indices into an image's buffers). Every slot is
+/// channels-last: `[positions, channels]`.
 #[derive(Debug)]
 enum TOp {
     /// `w` is `[groups][Kg][Mg]` with `Kg` ordered (ki, kj, input channel of the group).
     Conv {
         x: usize,
-        y: usize,
         geo: Geo,
         w: Vec<f32>,
         bias: Option<Vec<f32>>,
@@ -43,18 +49,15 @@ enum TOp {
     /// `y[c] = x[c] * scale[c] + shift[c]`, then ReLU when `relu` (a following ReLU fused in).
     Affine {
         x: usize,
-        y: usize,
         scale: Vec<f32>,
         shift: Vec<f32>,
         relu: bool,
     },
     Relu {
         x: usize,
-        y: usize,
     },
     Clip {
         x: usize,
-        y: usize,
         lo: f32,
         hi: f32,
     },
@@ -62,14 +65,12 @@ enum TOp {
     Add {
         a: usize,
         b: usize,
-        y: usize,
         relu: bool,
     },
     /// Pooling over windows that are the same in every channel plane: output position `i` reads
     /// plane offsets `idx[ptr[i]..ptr[i+1]]`; the maximum, or the sum times `wgt[i]`.
     Pool {
         x: usize,
-        y: usize,
         max: bool,
         ptr: Vec<u32>,
         idx: Vec<u32>,
@@ -78,20 +79,17 @@ enum TOp {
     /// An elementwise activation.
     Unary {
         x: usize,
-        y: usize,
         act: Act,
     },
     /// `y = a * b`; `b` is either the same shape as `a` or one value per channel (`[N, C, 1, 1]`).
     Mul {
         a: usize,
         b: usize,
-        y: usize,
     },
     /// Data movement within an image (Slice, Pad, Transpose, reshapes): `y[i] = x[map[i]]`, or
     /// `fill` where `map[i] == NONE`.
     Gather {
         x: usize,
-        y: usize,
         map: Vec<u32>,
         fill: f32,
     },
@@ -192,29 +190,29 @@ fn pool_windows(win: &crate::ir::infer::Window, h: usize, w: usize) -> (Vec<u32>
 
 /// Fold each ReLU into the Affine or Add that feeds it, when nothing else reads that value (and it
 /// is not tapped): one pass instead of two, and the ReLU's own output serves as its mask.
-fn fuse_relu(ops: Vec<TOp>, tapped: &[usize]) -> Vec<TOp> {
+fn fuse_relu(steps: Vec<Step>, tapped: &[usize]) -> Vec<Step> {
     let mut readers: HashMap<usize, usize> = HashMap::new();
-    for op in &ops {
-        for s in op.inputs() {
+    for st in &steps {
+        for s in st.op.inputs() {
             *readers.entry(s).or_default() += 1;
         }
     }
-    let mut out: Vec<TOp> = Vec::with_capacity(ops.len());
-    for op in ops {
-        if let TOp::Relu { x, y } = op {
+    let mut out: Vec<Step> = Vec::with_capacity(steps.len());
+    for st in steps {
+        if let TOp::Relu { x } = st.op {
             if readers.get(&x) == Some(&1) && !tapped.contains(&x) {
-                if let Some(prev) = out.iter_mut().rev().find(|p| p.out() == x) {
-                    if let TOp::Affine { relu, .. } | TOp::Add { relu, .. } = prev {
+                if let Some(prev) = out.iter_mut().rev().find(|p| p.y == x) {
+                    if let TOp::Affine { relu, .. } | TOp::Add { relu, .. } = &mut prev.op {
                         if !*relu {
                             *relu = true;
-                            *prev.out_mut() = y;
+                            prev.y = st.y;
                             continue;
                         }
                     }
                 }
             }
         }
-        out.push(op);
+        out.push(st);
     }
     out
 }
@@ -231,41 +229,6 @@ impl TOp {
             | TOp::Unary { x, .. }
             | TOp::Gather { x, .. } => vec![*x],
             TOp::Add { a, b, .. } | TOp::Mul { a, b, .. } => vec![*a, *b],
-        }
-    }
-
-    /// The slots the op reads and writes.
-    fn operands(&self) -> Vec<usize> {
-        let mut v = self.inputs();
-        v.push(self.out());
-        v
-    }
-
-    fn out(&self) -> usize {
-        match self {
-            TOp::Conv { y, .. }
-            | TOp::Affine { y, .. }
-            | TOp::Relu { y, .. }
-            | TOp::Clip { y, .. }
-            | TOp::Add { y, .. }
-            | TOp::Pool { y, .. }
-            | TOp::Unary { y, .. }
-            | TOp::Mul { y, .. }
-            | TOp::Gather { y, .. } => *y,
-        }
-    }
-
-    fn out_mut(&mut self) -> &mut usize {
-        match self {
-            TOp::Conv { y, .. }
-            | TOp::Affine { y, .. }
-            | TOp::Relu { y, .. }
-            | TOp::Clip { y, .. }
-            | TOp::Add { y, .. }
-            | TOp::Pool { y, .. }
-            | TOp::Unary { y, .. }
-            | TOp::Mul { y, .. }
-            | TOp::Gather { y, .. } => y,
         }
     }
 }
@@ -386,7 +349,7 @@ struct Worker {
 pub struct Tape {
     n: usize,
     slots: Vec<Slot>,
-    ops: Vec<TOp>,
+    ops: Vec<Step>,
     taps: Vec<usize>,
     workers: Vec<Worker>,
 }
@@ -402,8 +365,8 @@ fn per_channel(t: &crate::ir::Tensor, c: usize, rank: usize) -> Option<Vec<f32>>
     if d.len() > rank || d.len() + 1 < rank {
         return None;
     }
-    // Right-aligned: the channel axis of the activation is axis `rank - d.len()` ... in `d`, axis
-    // `d.len() - (rank - 1)`.
+    // Numpy broadcasting aligns shapes on the right: the activation's channel axis (1 of `rank`)
+    // is axis `d.len() + 1 - rank` of the constant.
     let ch = d.len() + 1 - rank;
     let only_channel = d
         .iter()
@@ -575,7 +538,6 @@ impl Tape {
                     }
                     TOp::Conv {
                         x,
-                        y: 0,
                         geo,
                         w: wt,
                         bias,
@@ -604,7 +566,6 @@ impl Tape {
                         .collect();
                     TOp::Affine {
                         x,
-                        y: 0,
                         scale,
                         shift,
                         relu: false,
@@ -612,7 +573,6 @@ impl Tape {
                 }
                 (Op::Relu, _) => TOp::Relu {
                     x: slot(node.input(0).unwrap())?,
-                    y: 0,
                 },
                 (
                     Op::LeakyRelu { .. }
@@ -639,7 +599,6 @@ impl Tape {
                     };
                     TOp::Unary {
                         x: slot(dynamic[0])?,
-                        y: 0,
                         act,
                     }
                 }
@@ -666,7 +625,6 @@ impl Tape {
                     };
                     TOp::Pool {
                         x: slot(dynamic[0])?,
-                        y: 0,
                         max,
                         ptr,
                         idx,
@@ -678,7 +636,6 @@ impl Tape {
                     let hw: usize = xs[2..].iter().product();
                     TOp::Pool {
                         x: slot(dynamic[0])?,
-                        y: 0,
                         max: matches!(node.op, Op::GlobalMaxPool),
                         ptr: vec![0, hw as u32],
                         idx: (0..hw as u32).collect(),
@@ -702,12 +659,10 @@ impl Tape {
                     TOp::Mul {
                         a: slot(a)?,
                         b: slot(b)?,
-                        y: 0,
                     }
                 }
                 (Op::Clip, Kind::Clip(lo, hi)) => TOp::Clip {
                     x: slot(node.input(0).unwrap())?,
-                    y: 0,
                     lo: *lo,
                     hi: *hi,
                 },
@@ -719,7 +674,6 @@ impl Tape {
                     TOp::Add {
                         a: slot(a)?,
                         b: slot(b)?,
-                        y: 0,
                         relu: false,
                     }
                 }
@@ -751,7 +705,6 @@ impl Tape {
                     };
                     TOp::Affine {
                         x: slot(xv)?,
-                        y: 0,
                         scale,
                         shift,
                         relu: false,
@@ -788,7 +741,6 @@ impl Tape {
                         .collect();
                     TOp::Gather {
                         x: slot(xv)?,
-                        y: 0,
                         map,
                         fill,
                     }
@@ -796,30 +748,24 @@ impl Tape {
                 _ => return Err(format!("{} is not supported", what())),
             };
             let y = new_slot(y_val, &mut slot_of)?;
-            let mut op = op;
-            *op.out_mut() = y;
-            ops.push(op);
+            ops.push(Step { op, y });
         }
         // Shapes of every op's operands agree with its slots.
-        for op in &ops {
-            let ok = match op {
-                TOp::Conv { x, y, geo, .. } => {
+        for st in &ops {
+            let y = &st.y;
+            let len = |s: usize| slots[s].c * slots[s].hw;
+            let ok = match &st.op {
+                TOp::Conv { x, geo, .. } => {
                     slots[*x].c * slots[*x].hw == geo.c * geo.h * geo.w
                         && slots[*y].c * slots[*y].hw == geo.m * geo.l()
                 }
-                TOp::Affine { x, y, scale, .. } => {
+                TOp::Affine { x, scale, .. } => {
                     scale.len() == slots[*x].c && slots[*x].c == slots[*y].c
                 }
-                TOp::Relu { x, y } | TOp::Clip { x, y, .. } => {
-                    slots[*x].c * slots[*x].hw == slots[*y].c * slots[*y].hw
-                }
-                TOp::Add { a, b, y, .. } => {
-                    let len = |s: usize| slots[s].c * slots[s].hw;
-                    len(*a) == len(*y) && len(*b) == len(*y)
-                }
+                TOp::Relu { x } | TOp::Clip { x, .. } => len(*x) == len(*y),
+                TOp::Add { a, b, .. } => len(*a) == len(*y) && len(*b) == len(*y),
                 TOp::Pool {
                     x,
-                    y,
                     max,
                     ptr,
                     idx,
@@ -831,21 +777,18 @@ impl Tape {
                         && (*max || wgt.len() == out)
                         && idx.iter().all(|&k| (k as usize) < slots[*x].hw)
                 }
-                TOp::Unary { x, y, act } => {
-                    slots[*x].c * slots[*x].hw == slots[*y].c * slots[*y].hw
+                TOp::Unary { x, act } => {
+                    len(*x) == len(*y)
                         && match act {
                             Act::PRelu(s) => s.len() == slots[*x].c,
                             _ => true,
                         }
                 }
-                TOp::Mul { a, b, y } => {
-                    let len = |s: usize| slots[s].c * slots[s].hw;
+                TOp::Mul { a, b } => {
                     len(*a) == len(*y) && (len(*b) == len(*y) || slots[*b].c == slots[*y].c)
                 }
-                TOp::Gather { x, y, map, .. } => {
-                    let lx = slots[*x].c * slots[*x].hw;
-                    map.len() == slots[*y].c * slots[*y].hw
-                        && map.iter().all(|&k| k == NONE || (k as usize) < lx)
+                TOp::Gather { x, map, .. } => {
+                    map.len() == len(*y) && map.iter().all(|&k| k == NONE || (k as usize) < len(*x))
                 }
             };
             if !ok {
@@ -868,7 +811,7 @@ impl Tape {
             .collect::<Result<Vec<_>, _>>()?;
         let cols = ops
             .iter()
-            .map(|op| match op {
+            .map(|st| match &st.op {
                 TOp::Conv {
                     geo,
                     wino,
@@ -891,8 +834,9 @@ impl Tape {
         // Slots a fusion removed keep no buffers.
         let mut used = vec![false; slots.len()];
         used[0] = true;
-        for op in &ops {
-            for s in op.operands() {
+        for st in &ops {
+            used[st.y] = true;
+            for s in st.op.inputs() {
                 used[s] = true;
             }
         }
@@ -1037,7 +981,7 @@ impl Tape {
 
 /// The forward pass of one image and the moments of its taps.
 struct Forward<'a> {
-    ops: &'a [TOp],
+    ops: &'a [Step],
     slots: &'a [Slot],
     taps: &'a [usize],
     img: &'a mut Image,
@@ -1096,7 +1040,7 @@ impl Kernel for Forward<'_> {
 
 /// The backward pass of image `b`: loss gradients at the taps, then every op in reverse.
 struct Backward<'a> {
-    ops: &'a [TOp],
+    ops: &'a [Step],
     slots: &'a [Slot],
     taps: &'a [usize],
     coeffs: &'a [Coeffs],
@@ -1242,9 +1186,9 @@ fn cols_of_mut(
 }
 
 #[inline(always)]
-fn forward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32]) {
-    for op in ops {
-        let y = op.out();
+fn forward_image(ops: &[Step], slots: &[Slot], img: &mut Image, cols: &mut [f32]) {
+    for Step { op, y } in ops {
+        let y = *y;
         let mut out = std::mem::take(&mut img.vals[y]);
         match op {
             TOp::Conv {
@@ -1399,9 +1343,9 @@ fn forward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, cols: &mut [f32])
 }
 
 #[inline(always)]
-fn backward_image(ops: &[TOp], slots: &[Slot], img: &mut Image, gr: &mut Grads, cols: &mut [f32]) {
-    for op in ops.iter().rev() {
-        let y = op.out();
+fn backward_image(ops: &[Step], slots: &[Slot], img: &mut Image, gr: &mut Grads, cols: &mut [f32]) {
+    for Step { op, y } in ops.iter().rev() {
+        let y = *y;
         if !gr.live[y] {
             continue; // nothing downstream reaches a tap through this value
         }

@@ -251,20 +251,13 @@ impl Wino {
                     // Columns: B^T d, then rows: (B^T d) B.
                     let mut r = [[0f32; 8]; P];
                     for j in 0..TI {
-                        let col = bt([d[j], d[6 + j], d[12 + j], d[18 + j], d[24 + j], d[30 + j]]);
+                        let col = bt(six(&d, j, TI));
                         for (i, v) in col.into_iter().enumerate() {
                             r[i * TI + j] = v;
                         }
                     }
                     for i in 0..TI {
-                        let row = bt([
-                            r[i * TI],
-                            r[i * TI + 1],
-                            r[i * TI + 2],
-                            r[i * TI + 3],
-                            r[i * TI + 4],
-                            r[i * TI + 5],
-                        ]);
+                        let row = bt(six(&r, i * TI, 1));
                         for (j, o) in row.into_iter().enumerate() {
                             store(v, ((i * TI + j) * t + tile) * c + cb, n, o, false);
                         }
@@ -292,7 +285,7 @@ impl Wino {
                     // Columns: A^T g (4 rows of 6), then rows.
                     let mut r = [[0f32; 8]; TO * TI];
                     for j in 0..TI {
-                        let col = a_t([g[j], g[6 + j], g[12 + j], g[18 + j], g[24 + j], g[30 + j]]);
+                        let col = a_t(six(&g, j, TI));
                         for (a, v) in col.into_iter().enumerate() {
                             r[a * TI + j] = v;
                         }
@@ -302,14 +295,7 @@ impl Wino {
                         if oy >= oh {
                             break;
                         }
-                        let row = a_t([
-                            r[a * TI],
-                            r[a * TI + 1],
-                            r[a * TI + 2],
-                            r[a * TI + 3],
-                            r[a * TI + 4],
-                            r[a * TI + 5],
-                        ]);
+                        let row = a_t(six(&r, a * TI, 1));
                         for (b, o) in row.into_iter().enumerate() {
                             let ox = TO * tx + b;
                             if ox >= ow {
@@ -322,6 +308,19 @@ impl Wino {
             }
         }
     }
+}
+
+/// Six vectors `a[first + k * step]`: a row or column of a 6x6 tile.
+#[inline(always)]
+fn six(a: &[V8], first: usize, step: usize) -> [V8; 6] {
+    [
+        a[first],
+        a[first + step],
+        a[first + 2 * step],
+        a[first + 3 * step],
+        a[first + 4 * step],
+        a[first + 5 * step],
+    ]
 }
 
 #[inline(always)]
