@@ -120,3 +120,86 @@ impl TapModel for PlanTaps {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{DType, Dim, GraphInput, Node, Tensor};
+
+    /// `X -> Slice(axis, step) -> BatchNormalization`, X of shape [3, 2, 4, 4].
+    fn sliced_bn(axis: i64, start: i64, step: i64) -> Graph {
+        let mut g = Graph {
+            name: "t".into(),
+            values: Vec::new(),
+            nodes: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            opset: 13,
+            producer: String::new(),
+        };
+        let x = g.add_value("x".into(), DType::F32);
+        g.inputs.push(GraphInput {
+            value: x,
+            dims: [3, 2, 4, 4].into_iter().map(Dim::Fixed).collect(),
+        });
+        let i =
+            |g: &mut Graph, n: &str, v: i64| g.add_const(n.into(), Tensor::i64(vec![1], vec![v]));
+        let starts = i(&mut g, "starts", start);
+        let ends = i(&mut g, "ends", if step < 0 { i64::MIN } else { i64::MAX });
+        let axes = i(&mut g, "axes", axis);
+        let steps = i(&mut g, "steps", step);
+        let y = g.add_value("y".into(), DType::F32);
+        g.nodes.push(Node {
+            name: "slice".into(),
+            op: Op::Slice,
+            inputs: vec![Some(x), Some(starts), Some(ends), Some(axes), Some(steps)],
+            outputs: vec![y],
+        });
+        let p = |g: &mut Graph, n: &str, v: [f32; 2]| {
+            g.add_const(n.into(), Tensor::f32(vec![2], v.to_vec()))
+        };
+        let (s, b, m, v) = (
+            p(&mut g, "s", [1.0, 2.0]),
+            p(&mut g, "b", [0.0, 0.5]),
+            p(&mut g, "m", [0.1, -0.2]),
+            p(&mut g, "v", [1.0, 0.5]),
+        );
+        let z = g.add_value("z".into(), DType::F32);
+        g.nodes.push(Node {
+            name: "bn".into(),
+            op: Op::BatchNorm { epsilon: 1e-5 },
+            inputs: vec![Some(y), Some(s), Some(b), Some(m), Some(v)],
+            outputs: vec![z],
+        });
+        g.outputs.push(z);
+        g
+    }
+
+    #[test]
+    fn the_tape_refuses_nodes_that_mix_images_and_runs_the_others() {
+        // Reversing the batch moves data between images: the tape must not take it for a
+        // per-image index map (every image's indices look alike).
+        let reversed = PlanTaps::new(&sliced_bn(0, -1, -1), 3).unwrap();
+        let e = reversed
+            .tape()
+            .err()
+            .expect("the batch-reversing slice must be refused");
+        assert!(e.contains("mixes images"), "{e}");
+        let (_, name) = reversed.engine_named();
+        assert!(name.starts_with("autograd"), "{name}");
+        // A spatial slice stays within each image: the tape runs it, and agrees with autograd.
+        let spatial = PlanTaps::new(&sliced_bn(3, 0, 2), 3).unwrap();
+        let mut tape = spatial.tape().unwrap();
+        let mut auto = Autograd::new(&spatial);
+        let x = zq_synth::adam::normal(3 * 2 * 4 * 4, 5);
+        let stats = zq_synth::zeroq::Stats::PerSample;
+        let (la, _, ga) = zq_synth::zeroq::loss_and_grad(&mut tape, &x, stats, true).unwrap();
+        let (lb, _, gb) = zq_synth::zeroq::loss_and_grad(&mut auto, &x, stats, true).unwrap();
+        assert!((la - lb).abs() < 1e-4 * lb.abs().max(1.0), "{la} vs {lb}");
+        let err = ga
+            .iter()
+            .zip(&gb)
+            .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+        assert!(err < 1e-4, "gradient differs by {err}");
+    }
+}

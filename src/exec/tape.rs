@@ -253,9 +253,9 @@ fn gather_map(
         ));
     }
     let shape = plan.graph.values[x].shape.clone().unwrap_or_default();
-    let run = |offset: f32| -> Result<Vec<f32>, String> {
+    let run = |value: &dyn Fn(usize, usize) -> f32| -> Result<Vec<f32>, String> {
         let idx: Vec<f32> = (0..n)
-            .flat_map(|_| (0..in_len).map(move |k| k as f32 + offset))
+            .flat_map(|img| (0..in_len).map(move |k| value(img, k)))
             .collect();
         let t = candle_core::Tensor::from_vec(idx, shape.as_slice(), &plan.device)
             .map_err(|e| e.to_string())?;
@@ -277,7 +277,7 @@ fn gather_map(
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(|e| e.to_string())
     };
-    let (a, b) = (run(0.0)?, run(0.5)?);
+    let (a, b) = (run(&|_, k| k as f32)?, run(&|_, k| k as f32 + 0.5)?);
     if a.len() != n * out_len {
         return Err(format!(
             "{} node '{}' mixes images",
@@ -302,9 +302,16 @@ fn gather_map(
             map.push(NONE);
         }
     }
-    // Every image must move the same way (the batch axis is untouched).
-    for img in 1..n {
-        if a[img * out_len..][..out_len] != a[..out_len] {
+    // Every image must move the same way, and only within itself (the batch axis is untouched:
+    // a third run marks each input image with its number).
+    let owner = run(&|img, _| img as f32)?;
+    for img in 0..n {
+        let same_map = a[img * out_len..][..out_len] == a[..out_len];
+        let own = map
+            .iter()
+            .zip(&owner[img * out_len..][..out_len])
+            .all(|(&k, &o)| k == NONE || o == img as f32);
+        if !same_map || !own {
             return Err(format!(
                 "{} node '{}' mixes images",
                 node.op.name(),
