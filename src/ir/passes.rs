@@ -15,6 +15,10 @@ fn node_err(n: &Node, msg: String) -> Error {
     Error::node(&n.name, n.op.name(), msg)
 }
 
+/// The most elements any value may have (2^30: 4 GiB of f32), checked during specialisation so
+/// that absurd declared sizes are an error rather than an allocation failure.
+pub const MAX_ELEMENTS: usize = 1 << 30;
+
 /// Fix the batch size, infer every shape, fold shape arithmetic and constant subgraphs, and drop
 /// dead nodes. Symbolic input dims other than the leading (batch) one are an error.
 pub fn specialize(g: &Graph, batch: usize, fold_float: FloatFolder) -> Result<Graph> {
@@ -51,6 +55,18 @@ pub fn specialize(g: &Graph, batch: usize, fold_float: FloatFolder) -> Result<Gr
             ));
         }
         for (&o, s) in n.outputs.iter().zip(&shapes) {
+            // A corrupt or hostile model can declare absurd sizes (a mutated ConstantOfShape
+            // argument, say): refuse them before anything is allocated.
+            let elems = s.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if elems.is_none_or(|e| e > MAX_ELEMENTS) {
+                return Err(node_err(
+                    &n,
+                    format!(
+                        "output '{}' of shape {s:?} has more than {MAX_ELEMENTS} elements",
+                        g.values[o].name
+                    ),
+                ));
+            }
             g.values[o].shape = Some(s.clone());
         }
         let folded = match infer::fold_host(&g, &n, &shapes).map_err(|m| node_err(&n, m))? {
@@ -157,4 +173,42 @@ pub fn bn_layers(g: &Graph) -> Vec<BnInfo> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::DType;
+
+    #[test]
+    fn absurd_declared_sizes_are_an_error_not_an_allocation() {
+        // ConstantOfShape of [2^21, 2^21, 2^21] (found by the mutation fuzzer, which aborted on
+        // the allocation): refused while specialising, naming the node.
+        let mut g = Graph {
+            name: "t".into(),
+            values: Vec::new(),
+            nodes: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            opset: 13,
+            producer: String::new(),
+        };
+        let shape = g.add_const("shape".into(), Tensor::i64(vec![3], vec![1 << 21; 3]));
+        let y = g.add_value("y".into(), DType::F32);
+        g.nodes.push(Node {
+            name: "huge".into(),
+            op: Op::ConstantOfShape {
+                value: Tensor::f32(vec![1], vec![0.0]),
+            },
+            inputs: vec![Some(shape)],
+            outputs: vec![y],
+        });
+        g.outputs.push(y);
+        let no_float =
+            |_: &Graph, _: &Node, _: &[Vec<usize>]| -> R<Option<Vec<Tensor>>> { Ok(None) };
+        let e = specialize(&g, 1, &no_float)
+            .expect_err("must be refused")
+            .to_string();
+        assert!(e.contains("huge") && e.contains("elements"), "{e}");
+    }
 }
