@@ -128,15 +128,7 @@ mod tests {
 
     /// `X -> Slice(axis, step) -> BatchNormalization`, X of shape [3, 2, 4, 4].
     fn sliced_bn(axis: i64, start: i64, step: i64) -> Graph {
-        let mut g = Graph {
-            name: "t".into(),
-            values: Vec::new(),
-            nodes: Vec::new(),
-            inputs: Vec::new(),
-            outputs: Vec::new(),
-            opset: 13,
-            producer: String::new(),
-        };
+        let mut g = Graph::new("t".into(), 13, String::new());
         let x = g.add_value("x".into(), DType::F32);
         g.inputs.push(GraphInput {
             value: x,

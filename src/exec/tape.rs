@@ -1036,10 +1036,8 @@ impl Kernel for Forward<'_> {
             let sq = column_sums(x, c, |ch, v| (v - mf[ch]) * (v - mf[ch]));
             let (om, o2) = &mut img.moments[t];
             for ch in 0..c {
-                // Centred on the f32-rounded mean: correct by n (m - mf)^2.
-                let shift = mean[ch] - f64::from(mf[ch]);
                 om[ch] = mean[ch];
-                o2[ch] = (sq[ch] - hw as f64 * shift * shift).max(0.0);
+                o2[ch] = zq_synth::engine::m2_about_mean(mean[ch], sq[ch], hw);
             }
         }
     }

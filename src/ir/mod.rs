@@ -84,6 +84,19 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// A graph with no values, nodes, inputs or outputs yet.
+    pub fn new(name: String, opset: i64, producer: String) -> Graph {
+        Graph {
+            name,
+            values: Vec::new(),
+            nodes: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            opset,
+            producer,
+        }
+    }
+
     pub fn value(&self, id: ValueId) -> &Value {
         &self.values[id]
     }

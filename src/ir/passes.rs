@@ -184,15 +184,7 @@ mod tests {
     fn absurd_declared_sizes_are_an_error_not_an_allocation() {
         // ConstantOfShape of [2^21, 2^21, 2^21] (found by the mutation fuzzer, which aborted on
         // the allocation): refused while specialising, naming the node.
-        let mut g = Graph {
-            name: "t".into(),
-            values: Vec::new(),
-            nodes: Vec::new(),
-            inputs: Vec::new(),
-            outputs: Vec::new(),
-            opset: 13,
-            producer: String::new(),
-        };
+        let mut g = Graph::new("t".into(), 13, String::new());
         let shape = g.add_const("shape".into(), Tensor::i64(vec![3], vec![1 << 21; 3]));
         let y = g.add_value("y".into(), DType::F32);
         g.nodes.push(Node {

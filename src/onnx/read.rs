@@ -135,15 +135,7 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
         return Err(bad("sparse initializers are not supported"));
     }
 
-    let mut g = Graph {
-        name: gp.name().to_string(),
-        values: Vec::new(),
-        nodes: Vec::new(),
-        inputs: Vec::new(),
-        outputs: Vec::new(),
-        opset,
-        producer: m.producer_name().to_string(),
-    };
+    let mut g = Graph::new(gp.name().to_string(), opset, m.producer_name().to_string());
     let mut by_name: HashMap<String, ValueId> = HashMap::new();
 
     for t in &gp.initializer {

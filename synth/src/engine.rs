@@ -48,9 +48,15 @@ pub fn plane_moments(p: &[f32]) -> (f64, f64) {
     let m = sum8(p, |v| v) / p.len() as f64;
     let mf = m as f32;
     let m2 = sum8(p, |v| (v - mf) * (v - mf));
-    // Correct for centring on the f32-rounded mean: sum (x - m)^2 = sum (x - mf)^2 - n (m - mf)^2.
-    let shift = m - f64::from(mf);
-    (m, (m2 - p.len() as f64 * shift * shift).max(0.0))
+    (m, m2_about_mean(m, m2, p.len()))
+}
+
+/// The sum of squared deviations about the exact mean `m`, from `sq`, the sum taken about its
+/// f32 rounding (where f32 loops centre): `sum (x - m)^2 = sum (x - mf)^2 - n (m - mf)^2`.
+#[inline(always)]
+pub fn m2_about_mean(m: f64, sq: f64, n: usize) -> f64 {
+    let shift = m - f64::from(m as f32);
+    (sq - n as f64 * shift * shift).max(0.0)
 }
 
 #[inline(always)]
