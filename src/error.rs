@@ -34,9 +34,52 @@ pub enum Error {
     /// A numeric backend failure.
     #[error("execution failed: {0}")]
     Exec(String),
+    /// A goal the user asked for cannot be met (an infeasible size or BOPs budget); nothing is
+    /// written. Exit code 1, like a failed quality gate.
+    #[error("infeasible budget: {0}")]
+    Infeasible(String),
+    /// A broken invariant inside zq, never the user's fault.
+    #[error("internal error: {0} (please report this)")]
+    Internal(String),
+}
+
+/// What a run's outcome means to a script: the process exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// 0: done.
+    Success,
+    /// 1: a goal the user set was not met (quality gate, infeasible budget); nothing written.
+    GoalNotMet,
+    /// 2: bad input, or an error (internal faults included).
+    Error,
+}
+
+impl ExitStatus {
+    pub fn code(self) -> u8 {
+        match self {
+            ExitStatus::Success => 0,
+            ExitStatus::GoalNotMet => 1,
+            ExitStatus::Error => 2,
+        }
+    }
 }
 
 impl Error {
+    /// The exit code this error ends the process with (decided by its type, never its text).
+    pub fn exit_status(&self) -> ExitStatus {
+        match self {
+            Error::Infeasible(_) => ExitStatus::GoalNotMet,
+            Error::Io { .. }
+            | Error::Model { .. }
+            | Error::Node { .. }
+            | Error::Unsupported { .. }
+            | Error::Data(_)
+            | Error::Usage(_)
+            | Error::Exec(_)
+            | Error::Internal(_) => ExitStatus::Error,
+        }
+    }
+
     pub fn node(node: &str, op: &str, msg: impl Into<String>) -> Error {
         Error::Node {
             node: node.to_string(),

@@ -6,6 +6,7 @@
 //! Distillation lives in the `zq-synth` crate and quantization in `zq-quant`; this crate
 //! implements their model traits.
 
+pub mod adapters;
 pub mod cli;
 pub mod data;
 pub mod error;
@@ -13,6 +14,6 @@ pub mod exec;
 pub mod ir;
 pub mod onnx;
 pub mod pipeline;
-pub mod synth_model;
+pub mod units;
 
-pub use error::{Error, Result};
+pub use error::{Error, ExitStatus, Result};

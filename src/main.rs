@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use zq::cli::{self, args::Cli, EXIT_ERROR};
+use zq::cli::{self, args::Cli};
+use zq::ExitStatus;
 
 // Distillation allocates and frees large activation buffers every step; with glibc's allocator the
 // kernel's page-fault and unmap work took over a third of the run time (measured with perf),
@@ -55,12 +56,17 @@ fn main() -> ExitCode {
                 .filter(|l| !l.is_empty())
                 .collect();
             eprintln!("zq: {} (see zq --help)", msg.join(" "));
-            return ExitCode::from(EXIT_ERROR);
+            return ExitCode::from(ExitStatus::Error.code());
         }
     };
     match std::panic::catch_unwind(move || cli::run(cli)) {
         Ok(Ok(code)) => code,
         Ok(Err(e)) => {
+            // The error's type, not its text, decides the exit code.
+            let status = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<zq::Error>())
+                .map_or(ExitStatus::Error, zq::Error::exit_status);
             // Typed errors already print their source; skip causes the message contains.
             let mut msg = e.to_string();
             for c in e.chain().skip(1) {
@@ -69,9 +75,12 @@ fn main() -> ExitCode {
                     msg = format!("{msg}: {c}");
                 }
             }
-            eprintln!("zq: error: {msg}");
-            ExitCode::from(EXIT_ERROR)
+            match status {
+                ExitStatus::GoalNotMet => eprintln!("zq: {msg}; nothing written"),
+                _ => eprintln!("zq: error: {msg}"),
+            }
+            ExitCode::from(status.code())
         }
-        Err(_) => ExitCode::from(EXIT_ERROR),
+        Err(_) => ExitCode::from(ExitStatus::Error.code()),
     }
 }

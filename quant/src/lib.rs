@@ -1,35 +1,24 @@
-//! zq-quant: quantizers, calibration observers and the sensitivity measure, over plain slices.
+//! zq-quant: the quantization algorithms, over plain numbers.
 //!
-//! No files, no ONNX: the `zq` crate feeds weights and activations in and implements
-//! [`QuantModel`] so that sensitivity and mixed-precision search can run a model with a chosen
-//! per-layer bit assignment.
+//! Range observers and priors (`observer`, `range`), weight quantizers (`weights`), bias
+//! correction and int32 biases (`bias`), the size/BOPs cost model (`cost`), ZeroQ sensitivity
+//! (`sensitivity`), the Pareto search and its infeasibility diagnosis (`pareto`), and the result
+//! of it all, a [`QuantPlan`] (`plan`). No files, no ONNX: the `zq` crate turns a plan into a
+//! graph and implements [`sensitivity::Perturb`] over its executor.
 
 #![forbid(unsafe_code)]
 
+pub mod bias;
+pub mod cost;
+pub mod numeric;
 pub mod observer;
 pub mod pareto;
-pub mod scheme;
+pub mod plan;
+pub mod range;
 pub mod sensitivity;
+pub mod weights;
 
-pub use scheme::{quantize_weights, ClipSearch, QRange, WeightQuant};
-/// The numeric kernels (GEMM now, integer SIMD kernels later), re-exported for the zq crate.
-pub use zq_kernels as kernels;
-
-/// A quantizable layer as the search sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerInfo {
-    pub name: String,
-    /// Number of weight parameters.
-    pub params: usize,
-    /// Output channels (one scale each when per-channel).
-    pub channels: usize,
-}
-
-/// What sensitivity analysis and mixed-precision search need from a model: its quantizable layers,
-/// and its outputs on the calibration inputs when some layers' weights are quantized.
-pub trait QuantModel {
-    type Error: std::error::Error;
-    fn layers(&self) -> &[LayerInfo];
-    /// Flattened `[N, K]` outputs with layer `i` quantized to `bits[i]` bits (`None`: float).
-    fn outputs(&mut self, bits: &[Option<u8>]) -> Result<Vec<f32>, Self::Error>;
-}
+pub use numeric::{argmax, f16_round, round_half_even};
+pub use plan::{plan_layer, LayerOptions, LayerQuant, LayerSpec, QuantPlan};
+pub use range::{ActQuant, Prior};
+pub use weights::{quantize_weights, ClipSearch, QRange, WeightQuant};

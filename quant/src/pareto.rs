@@ -65,7 +65,7 @@ pub fn pick(frontier: &[Point], budget: u64) -> Option<&Point> {
 
 /// A choice with a second cost (bit-operations: MACs x weight bits x activation bits).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Choice2 {
+pub struct BopsChoice {
     pub bits: u8,
     pub bytes: u64,
     pub bops: u64,
@@ -74,7 +74,7 @@ pub struct Choice2 {
 
 /// A whole-model assignment with both costs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Point2 {
+pub struct BopsPoint {
     pub bytes: u64,
     pub bops: u64,
     pub sensitivity: f64,
@@ -84,9 +84,9 @@ pub struct Point2 {
 /// Every assignment not dominated in (bytes, bops, sensitivity), by the same dynamic programme
 /// with three-way dominance pruning (a staircase of bops -> least sensitivity over the states
 /// already kept, which all cost fewer or equal bytes).
-pub fn frontier2(base_bytes: u64, options: &[Vec<Choice2>]) -> Vec<Point2> {
+pub fn frontier_with_bops(base_bytes: u64, options: &[Vec<BopsChoice>]) -> Vec<BopsPoint> {
     use std::collections::BTreeMap;
-    let mut states: Vec<Point2> = vec![Point2 {
+    let mut states: Vec<BopsPoint> = vec![BopsPoint {
         bytes: base_bytes,
         bops: 0,
         sensitivity: 0.0,
@@ -100,7 +100,7 @@ pub fn frontier2(base_bytes: u64, options: &[Vec<Choice2>]) -> Vec<Point2> {
                 let mut bits = Vec::with_capacity(options.len());
                 bits.extend_from_slice(&st.bits);
                 bits.push(c.bits);
-                next.push(Point2 {
+                next.push(BopsPoint {
                     bytes: st.bytes + c.bytes,
                     bops: st.bops + c.bops,
                     sensitivity: st.sensitivity + c.sensitivity,
@@ -141,11 +141,50 @@ pub fn frontier2(base_bytes: u64, options: &[Vec<Choice2>]) -> Vec<Point2> {
 }
 
 /// The least sensitive assignment within both budgets (None: nothing fits).
-pub fn pick2(points: &[Point2], max_bytes: u64, max_bops: u64) -> Option<&Point2> {
+pub fn pick_with_bops(points: &[BopsPoint], max_bytes: u64, max_bops: u64) -> Option<&BopsPoint> {
     points
         .iter()
         .filter(|p| p.bytes <= max_bytes && p.bops <= max_bops)
         .min_by(|a, b| a.sensitivity.total_cmp(&b.sensitivity))
+}
+
+/// Why no assignment fits the budgets, with the figures a user needs to choose a feasible one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Infeasible {
+    /// The BOPs budget is below every layer at its fewest bits.
+    Bops { budget: u64, least: u64, bits: u8 },
+    /// Each budget alone can be met, but not both together.
+    Both { bytes: u64 },
+    /// The byte budget is below the smallest frontier point.
+    Bytes {
+        budget: u64,
+        smallest: u64,
+        bits: u8,
+    },
+}
+
+/// Diagnose an empty choice: `smallest` is the frontier's smallest size, `least_bops` the
+/// bit-operations with every layer at `fewest_bits`.
+pub fn diagnose(
+    budget: u64,
+    bops_budget: Option<u64>,
+    smallest: u64,
+    least_bops: u64,
+    fewest_bits: u8,
+) -> Infeasible {
+    match bops_budget {
+        Some(b) if b < least_bops => Infeasible::Bops {
+            budget: b,
+            least: least_bops,
+            bits: fewest_bits,
+        },
+        Some(_) if budget >= smallest => Infeasible::Both { bytes: budget },
+        _ => Infeasible::Bytes {
+            budget,
+            smallest,
+            bits: fewest_bits,
+        },
+    }
 }
 
 #[cfg(test)]
@@ -154,11 +193,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn brute(base: u64, options: &[Vec<Choice>], budget: u64) -> Option<f64> {
-        let o: Vec<Vec<Choice2>> = options
+        let o: Vec<Vec<BopsChoice>> = options
             .iter()
             .map(|l| {
                 l.iter()
-                    .map(|c| Choice2 {
+                    .map(|c| BopsChoice {
                         bits: c.bits,
                         bytes: c.bytes,
                         bops: 0,
@@ -167,10 +206,15 @@ mod tests {
                     .collect()
             })
             .collect();
-        brute2(base, &o, budget, u64::MAX)
+        brute_with_bops(base, &o, budget, u64::MAX)
     }
 
-    fn brute2(base: u64, o: &[Vec<Choice2>], max_bytes: u64, max_bops: u64) -> Option<f64> {
+    fn brute_with_bops(
+        base: u64,
+        o: &[Vec<BopsChoice>],
+        max_bytes: u64,
+        max_bops: u64,
+    ) -> Option<f64> {
         let n = o.len();
         let mut idx = vec![0usize; n];
         let mut best: Option<f64> = None;
@@ -203,13 +247,13 @@ mod tests {
             max_bytes in 0u64..250,
             max_bops in 0u64..250,
         ) {
-            let o: Vec<Vec<Choice2>> = raw
+            let o: Vec<Vec<BopsChoice>> = raw
                 .iter()
-                .map(|l| l.iter().enumerate().map(|(k, &(b, p, s))| Choice2 { bits: k as u8, bytes: b, bops: p, sensitivity: f64::from(s) / 100.0 }).collect())
+                .map(|l| l.iter().enumerate().map(|(k, &(b, p, s))| BopsChoice { bits: k as u8, bytes: b, bops: p, sensitivity: f64::from(s) / 100.0 }).collect())
                 .collect();
-            let f = frontier2(10, &o);
-            let got = pick2(&f, max_bytes, max_bops).map(|p| p.sensitivity);
-            let want = brute2(10, &o, max_bytes, max_bops);
+            let f = frontier_with_bops(10, &o);
+            let got = pick_with_bops(&f, max_bytes, max_bops).map(|p| p.sensitivity);
+            let want = brute_with_bops(10, &o, max_bytes, max_bops);
             match (got, want) {
                 (Some(a), Some(b)) => prop_assert!((a - b).abs() < 1e-9, "{} vs {}", a, b),
                 (a, b) => prop_assert_eq!(a.is_some(), b.is_some()),
@@ -235,11 +279,11 @@ mod tests {
                 prop_assert_eq!(bytes, p.bytes);
             }
             // The two-cost programme with a bops budget no constraint reaches agrees.
-            let o2: Vec<Vec<Choice2>> = options.iter().map(|l| l.iter().map(|c| Choice2 { bits: c.bits, bytes: c.bytes, bops: c.bytes * 3 % 7, sensitivity: c.sensitivity }).collect()).collect();
-            let f2 = frontier2(10, &o2);
-            let got2 = pick2(&f2, budget, u64::MAX).map(|p| p.sensitivity);
+            let with_bops: Vec<Vec<BopsChoice>> = options.iter().map(|l| l.iter().map(|c| BopsChoice { bits: c.bits, bytes: c.bytes, bops: c.bytes * 3 % 7, sensitivity: c.sensitivity }).collect()).collect();
+            let bops_front = frontier_with_bops(10, &with_bops);
+            let got_with_bops = pick_with_bops(&bops_front, budget, u64::MAX).map(|p| p.sensitivity);
             let got = pick(&f, budget).map(|p| p.sensitivity);
-            prop_assert_eq!(got.map(|v| (v * 1e6).round()), got2.map(|v| (v * 1e6).round()));
+            prop_assert_eq!(got.map(|v| (v * 1e6).round()), got_with_bops.map(|v| (v * 1e6).round()));
             let want = brute(10, &options, budget);
             match (got, want) {
                 (Some(a), Some(b)) => prop_assert!((a - b).abs() < 1e-9, "{} vs {}", a, b),

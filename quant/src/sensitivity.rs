@@ -1,6 +1,7 @@
 //! ZeroQ sensitivity: KL(FP32 output || output with one layer quantized), on distilled data.
 
-use crate::QuantModel;
+use crate::numeric::{argmax, f16_round};
+use crate::weights::{quantize_weights, ClipSearch};
 
 fn softmax(row: &[f32]) -> Vec<f64> {
     let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -42,17 +43,6 @@ pub fn kl_divergence(p: &[f32], q: &[f32], k: usize) -> f64 {
     total / rows as f64
 }
 
-/// Index of the largest entry (the first on ties).
-pub fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |m, (j, &v)| if v > m.1 { (j, v) } else { m },
-        )
-        .0
-}
-
 /// Fraction of rows of two `[N, k]` outputs whose argmax agrees.
 pub fn agreement(p: &[f32], q: &[f32], k: usize) -> f64 {
     assert!(k > 0 && p.len() == q.len() && p.len().is_multiple_of(k));
@@ -65,21 +55,50 @@ pub fn agreement(p: &[f32], q: &[f32], k: usize) -> f64 {
     same as f64 / rows.max(1) as f64
 }
 
-/// Omega_i(k) for every layer i and bit width k: a `[layers][bits]` table.
-pub fn sensitivities<M: QuantModel>(
+/// A model whose output on the calibration images can be recomputed with one layer's weights
+/// replaced (the executor starts at that layer from cached FP32 activations).
+pub trait Perturb {
+    type Error;
+    /// Flattened `[N, K]` outputs with layer `layer`'s weights set to `weights`.
+    fn with_weights(&mut self, layer: usize, weights: Vec<f32>) -> Result<Vec<f32>, Self::Error>;
+}
+
+/// A candidate layer's float weights, `channels` rows (one scale each).
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub weight: &'a [f32],
+    pub channels: usize,
+}
+
+/// The weights as stored at `bits`: 16 is float16, 2..=8 the integer grid, dequantized.
+pub fn stored_weights(c: &Candidate, bits: u8, clip: ClipSearch) -> Vec<f32> {
+    if bits == 16 {
+        c.weight.iter().map(|&v| f16_round(v)).collect()
+    } else {
+        quantize_weights(c.weight, c.channels, bits, clip).dequantize()
+    }
+}
+
+/// ZeroQ's Omega_i(k) for every candidate layer i and width k: KL of the output against
+/// `reference` (`[N, classes]`) when only that layer's weights are quantized to k bits.
+/// `progress(done, total)` is called before each measurement.
+pub fn sensitivity_table<M: Perturb>(
     model: &mut M,
-    bits: &[u8],
+    reference: &[f32],
     classes: usize,
-) -> Result<Vec<Vec<f64>>, M::Error> {
-    let n = model.layers().len();
-    let reference = model.outputs(&vec![None; n])?;
-    let mut table = Vec::with_capacity(n);
-    for i in 0..n {
+    layers: &[Candidate],
+    bits: &[u8],
+    clip: ClipSearch,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Vec<(u8, f64)>>, M::Error> {
+    let total = layers.len() * bits.len();
+    let mut table = Vec::with_capacity(layers.len());
+    for (i, c) in layers.iter().enumerate() {
         let mut row = Vec::with_capacity(bits.len());
-        for &b in bits {
-            let mut assign = vec![None; n];
-            assign[i] = Some(b);
-            row.push(kl_divergence(&reference, &model.outputs(&assign)?, classes));
+        for (k, &b) in bits.iter().enumerate() {
+            progress(i * bits.len() + k + 1, total);
+            let out = model.with_weights(i, stored_weights(c, b, clip))?;
+            row.push((b, kl_divergence(reference, &out, classes)));
         }
         table.push(row);
     }
@@ -89,29 +108,21 @@ pub fn sensitivities<M: QuantModel>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{quantize_weights, ClipSearch, LayerInfo};
 
     /// Two "layers" scaling a fixed input: a toy model to check the plumbing and the ordering.
     struct Toy {
-        layers: Vec<LayerInfo>,
         w: Vec<Vec<f32>>,
     }
 
-    impl QuantModel for Toy {
+    impl Perturb for Toy {
         type Error = std::convert::Infallible;
-        fn layers(&self) -> &[LayerInfo] {
-            &self.layers
-        }
-        fn outputs(&mut self, bits: &[Option<u8>]) -> Result<Vec<f32>, Self::Error> {
-            let ws: Vec<Vec<f32>> = self
-                .w
-                .iter()
-                .zip(bits)
-                .map(|(w, b)| match b {
-                    Some(b) => quantize_weights(w, 1, *b, ClipSearch::MinMax).dequantize(),
-                    None => w.clone(),
-                })
-                .collect();
+        fn with_weights(
+            &mut self,
+            layer: usize,
+            weights: Vec<f32>,
+        ) -> Result<Vec<f32>, Self::Error> {
+            let mut ws = self.w.clone();
+            ws[layer] = weights;
             Ok(ws[0].iter().zip(&ws[1]).map(|(a, b)| a * 3.0 + b).collect())
         }
     }
@@ -136,24 +147,41 @@ mod tests {
     fn fewer_bits_hurt_more() {
         let w0: Vec<f32> = (0..8).map(|i| (i as f32 * 0.37).sin()).collect();
         let w1: Vec<f32> = (0..8).map(|i| (i as f32 * 0.91).cos() * 0.1).collect();
-        let info = |n: &str| LayerInfo {
-            name: n.into(),
-            params: 8,
-            channels: 1,
-        };
         let mut toy = Toy {
-            layers: vec![info("a"), info("b")],
-            w: vec![w0, w1],
+            w: vec![w0.clone(), w1.clone()],
         };
-        let t = sensitivities(&mut toy, &[2, 4, 8], 4).unwrap();
+        let reference = toy.with_weights(0, w0.clone()).unwrap();
+        let layers = [
+            Candidate {
+                weight: &w0,
+                channels: 1,
+            },
+            Candidate {
+                weight: &w1,
+                channels: 1,
+            },
+        ];
+        let mut calls = 0;
+        let t = sensitivity_table(
+            &mut toy,
+            &reference,
+            4,
+            &layers,
+            &[2, 4, 8],
+            ClipSearch::MinMax,
+            &mut |_, _| calls += 1,
+        )
+        .unwrap();
+        assert_eq!(calls, 6);
         for row in &t {
+            // Strictly: a table that comes out flat (all zero, say) must fail.
             assert!(
-                row[0] >= row[1] && row[1] >= row[2] && row[2] >= 0.0,
+                row[0].1 > row[1].1 && row[1].1 > row[2].1 && row[2].1 > 0.0,
                 "{row:?}"
             );
         }
         // Layer a is scaled by 3 in the output, so it is the more sensitive one.
-        assert!(t[0][0] > t[1][0]);
+        assert!(t[0][0].1 > t[1][0].1);
         assert_eq!(kl_divergence(&[1.0, 2.0], &[1.0, 2.0], 2), 0.0);
     }
 }

@@ -132,7 +132,7 @@ pub struct DistillArgs {
     #[arg(long, value_name = "I", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub iters: u32,
     /// Adam learning rate (lowered on plateaus).
-    #[arg(long, value_name = "LR", default_value_t = 0.5)]
+    #[arg(long, value_name = "LR", default_value_t = crate::pipeline::distill::DEFAULT_LR)]
     pub lr: f32,
     /// Random seed: the same seed on the same machine gives a byte-identical output.
     #[arg(long, value_name = "S", default_value_t = 0)]

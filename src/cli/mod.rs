@@ -16,11 +16,6 @@ use args::{
 };
 use printer::Printer;
 
-/// Exit code when a requested goal was not met (quality gate, infeasible budget).
-pub const EXIT_GOAL_NOT_MET: u8 = 1;
-/// Exit code for bad input and errors.
-pub const EXIT_ERROR: u8 = 2;
-
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let p = Printer::new(cli.json, cli.quiet);
@@ -278,31 +273,6 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
             .map_err(|_| anyhow::anyhow!("--layer-bits {lb}: '{bits}' is not a bit width"))?;
         layer_bits.insert(name.to_string(), bits);
     }
-    if let Some(m) = a.min_agreement {
-        if !(0.0..=1.0).contains(&m) {
-            anyhow::bail!("--min-agreement must be between 0 and 1, got {m}");
-        }
-    }
-    if let Some(k) = a.max_kl {
-        if !(k >= 0.0 && k.is_finite()) {
-            anyhow::bail!("--max-kl must be a non-negative number, got {k}");
-        }
-    }
-    if !(a.bn_sigmas.is_finite() && a.bn_sigmas >= 0.0) {
-        anyhow::bail!(
-            "--bn-sigmas must be a non-negative number, got {}",
-            a.bn_sigmas
-        );
-    }
-    if !(a.residual_widen.is_finite() && a.residual_widen >= 1.0) {
-        anyhow::bail!(
-            "--residual-widen must be at least 1, got {}",
-            a.residual_widen
-        );
-    }
-    if (a.min_agreement.is_some() || a.max_kl.is_some()) && a.holdout == 0 {
-        anyhow::bail!("--min-agreement/--max-kl need held-out images (--holdout > 0)");
-    }
     let out = a.output.clone().unwrap_or_else(|| {
         beside(
             &a.model,
@@ -347,6 +317,10 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         format: match a.format {
             args::Format::Onnx => quantize::OutputFormat::Onnx,
             args::Format::Safetensors => quantize::OutputFormat::Safetensors,
+        },
+        gate: quantize::Gate {
+            min_agreement: a.min_agreement,
+            max_kl: a.max_kl,
         },
     };
     let model = crate::onnx::read_model(&a.model)?;
@@ -397,32 +371,13 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         bar.update(stage, done, total, "")
     });
     drop(bar);
-    let q = match q {
-        Err(crate::error::Error::Usage(m)) if m.starts_with(quantize::INFEASIBLE) => {
-            eprintln!("zq: {m}; nothing written");
-            return Ok(ExitCode::from(EXIT_GOAL_NOT_MET));
-        }
-        other => other?,
-    };
-    let mut failed = Vec::new();
-    if let Some(qual) = &q.report.quality {
-        if let Some(m) = a.min_agreement {
-            if qual.agreement < m {
-                failed.push(format!(
-                    "estimated agreement with FP32 {:.4} < --min-agreement {m}",
-                    qual.agreement
-                ));
-            }
-        }
-        if let Some(k) = a.max_kl {
-            if qual.kl > k {
-                failed.push(format!(
-                    "estimated KL from FP32 {:.5} > --max-kl {k}",
-                    qual.kl
-                ));
-            }
-        }
-    }
+    let q = q?;
+    let failed = q
+        .report
+        .quality
+        .as_ref()
+        .map(|qual| opts.gate.failures(qual))
+        .unwrap_or_default();
     let written = failed.is_empty();
     let mut file_bytes = None;
     if written {
@@ -496,7 +451,7 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
             "zq: quality gate failed: {}; nothing written",
             failed.join("; ")
         );
-        return Ok(ExitCode::from(EXIT_GOAL_NOT_MET));
+        return Ok(ExitCode::from(crate::ExitStatus::GoalNotMet.code()));
     }
     Ok(ExitCode::SUCCESS)
 }

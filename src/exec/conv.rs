@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use zq_quant::kernels::gemm::{sgemm, MatMut, MatRef};
+use zq_kernels::gemm::{sgemm, MatMut, MatRef};
 
 use crate::ir::infer::Window;
 

@@ -16,8 +16,8 @@
 use std::collections::HashMap;
 
 use rayon::prelude::*;
-use zq_quant::kernels::gemm::{sgemm, MatMut, MatRef};
-use zq_quant::kernels::simd::{vectorize, Kernel};
+use zq_kernels::gemm::{sgemm, MatMut, MatRef};
+use zq_kernels::simd::{vectorize, Kernel};
 use zq_synth::{Coeffs, Moments};
 
 use super::conv::Geo;

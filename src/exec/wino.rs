@@ -8,7 +8,7 @@
 //! innermost, the transforms of a tile are arithmetic on vectors of 8 channels; the 36 products
 //! are GEMMs `[tiles, C] x [C, M]`.
 
-use zq_quant::kernels::gemm::{sgemm, MatMut, MatRef};
+use zq_kernels::gemm::{sgemm, MatMut, MatRef};
 
 /// Input tile side, output tile side, transformed points.
 const TI: usize = 6;

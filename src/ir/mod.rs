@@ -4,7 +4,6 @@
 //! Operator attributes are parsed and normalised at import (e.g. Squeeze axes given as an attribute
 //! in opset 11 become a constant input, as in opset 13+), so every later stage sees one form per op.
 
-pub mod fold_bn;
 pub mod infer;
 pub mod ops;
 pub mod passes;

@@ -7,10 +7,10 @@ use std::time::Instant;
 use serde::Serialize;
 use zq_synth::{zeroq, TapGrad, TapModel};
 
+use crate::adapters::synth::PlanTaps;
 use crate::data::Preprocess;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
-use crate::synth_model::PlanTaps;
 
 /// What to distil.
 #[derive(Debug, Clone)]
@@ -47,6 +47,9 @@ impl DistillOptions {
         Ok(())
     }
 }
+
+/// Adam's initial learning rate (ZeroQ's reference uses 0.5 on normalised inputs).
+pub const DEFAULT_LR: f32 = 0.5;
 
 /// One BatchNormalization layer's share of the loss (averaged over all images).
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -27,10 +27,11 @@ struct LayerPlan {
     weight_shape: Vec<usize>,
     /// Axis of the per-channel scales (null: one scale for the tensor).
     axis: Option<usize>,
-    /// "int8" (one value per byte) or "int4x2" (two per byte, first element in the low nibble).
+    /// "int8" (one value per byte), "int4x2" (two per byte, first element in the low nibble),
+    /// "float16" or "float32" (layers stored in float: no scale, the bias in float too).
     packing: &'static str,
     weight: String,
-    weight_scale: String,
+    weight_scale: Option<String>,
     bias: Option<String>,
     bias_scale: Option<String>,
     input: Option<ActParams>,
@@ -72,8 +73,23 @@ fn const_dq(
     Some((q, s, n.input(2), axis))
 }
 
-/// Serialise the quantized graph's parameters; `bits` gives each layer's weight bits.
-pub fn to_safetensors(qg: &Graph, model: &str, bits: &BTreeMap<String, u8>) -> Result<Vec<u8>> {
+/// A float16 constant cast to float (how float16 storage appears in the graph).
+fn const_f16(g: &Graph, prod: &HashMap<ValueId, usize>, v: ValueId) -> Option<ValueId> {
+    let n = &g.nodes[*prod.get(&v)?];
+    let Op::Cast { to: DType::F32 } = n.op else {
+        return None;
+    };
+    let h = n.input(0)?;
+    (g.konst(h)?.dtype == DType::F16).then_some(h)
+}
+
+/// Serialise the quantized graph's parameters; `bits` gives each layer's weight bits (16:
+/// float16, `None`: float). Every weighted layer is stored, whatever its storage.
+pub fn to_safetensors(
+    qg: &Graph,
+    model: &str,
+    bits: &BTreeMap<String, Option<u8>>,
+) -> Result<Vec<u8>> {
     let prod = qg.producers();
     let mut tensors: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -81,10 +97,62 @@ pub fn to_safetensors(qg: &Graph, model: &str, bits: &BTreeMap<String, u8>) -> R
     let mut layers = Vec::new();
     let mut used = std::collections::HashSet::new();
     for n in qg.nodes.iter().filter(|n| n.op.is_weighted()) {
-        let Some((wq, ws, _, axis)) = n.input(1).and_then(|w| const_dq(qg, &prod, w)) else {
+        let Some(w_in) = n.input(1) else { continue };
+        let Some((wq, ws, _, axis)) = const_dq(qg, &prod, w_in) else {
+            // Stored in float: float16 behind a Cast, or a float constant kept as it is.
+            let (wv, dt, packing, lb) = match const_f16(qg, &prod, w_in) {
+                Some(h) => (h, safetensors::Dtype::F16, "float16", 16),
+                None => match qg.konst(w_in) {
+                    Some(t) if t.dtype == DType::F32 => {
+                        (w_in, safetensors::Dtype::F32, "float32", 32)
+                    }
+                    _ => continue,
+                },
+            };
+            let t = qg.konst(wv).unwrap();
+            let data = if dt == safetensors::Dtype::F16 {
+                t.to_f32_vec()
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect()
+            } else {
+                f32_bytes(&t.to_f32_vec())
+            };
+            let wname = format!("{}.weight", n.name);
+            tensors.insert(wname.clone(), (dt, t.shape.clone(), data));
+            used.insert(wv);
+            let bias = n
+                .input(2)
+                .and_then(|b| qg.konst(b).map(|t| (b, t)))
+                .map(|(b, t)| {
+                    let bname = format!("{}.bias", n.name);
+                    tensors.insert(
+                        bname.clone(),
+                        (
+                            safetensors::Dtype::F32,
+                            t.shape.clone(),
+                            f32_bytes(&t.to_f32_vec()),
+                        ),
+                    );
+                    used.insert(b);
+                    bname
+                });
+            layers.push(LayerPlan {
+                name: n.name.clone(),
+                op: n.op.name().to_string(),
+                bits: bits.get(&n.name).copied().flatten().unwrap_or(lb),
+                weight_shape: t.shape.clone(),
+                axis: None,
+                packing,
+                weight: wname,
+                weight_scale: None,
+                bias,
+                bias_scale: None,
+                input: None,
+            });
             continue;
         };
-        let b = bits.get(&n.name).copied().unwrap_or(8);
+        let b = bits.get(&n.name).copied().flatten().unwrap_or(8);
         let wt = qg.konst(wq).unwrap();
         let q = wt.to_i64_vec();
         let (packing, data, dt) = if b <= 4 {
@@ -163,7 +231,7 @@ pub fn to_safetensors(qg: &Graph, model: &str, bits: &BTreeMap<String, u8>) -> R
             axis: per_channel.then_some(axis.max(0) as usize),
             packing,
             weight: wname.clone(),
-            weight_scale: format!("{wname}_scale"),
+            weight_scale: Some(format!("{wname}_scale")),
             bias,
             bias_scale,
             input,

@@ -1,8 +1,8 @@
 //! The executor as zq-synth's TapModel: BN statistics tapped through the graph.
 
 use candle_core::Tensor;
+use zq::adapters::synth::PlanTaps;
 use zq::onnx::read_model;
-use zq::synth_model::PlanTaps;
 use zq_synth::{zeroq, TapModel};
 
 use crate::util::*;

@@ -1,5 +1,7 @@
 //! Integer grids and weight quantizers.
 
+use crate::numeric::round_half_even;
+
 /// The integer range of a signed `bits`-bit grid, symmetric (e.g. 8 bits: -127..=127, so that
 /// zero maps to zero and the grid is sign-symmetric, as ONNX Runtime's int8 weights expect).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,10 +47,6 @@ impl WeightQuant {
             .map(|(i, &q)| f32::from(q) * self.scales[i / per])
             .collect()
     }
-}
-
-fn round_half_even(x: f32) -> f32 {
-    x.round_ties_even()
 }
 
 fn quantize_row(row: &[f32], scale: f32, r: QRange, out: &mut Vec<i8>) {

@@ -1,10 +1,19 @@
-//! Graph passes. Each returns a graph that satisfies `Graph::check`.
+//! Graph passes. Each returns a graph that satisfies `Graph::check`: specialisation for a batch
+//! size and dead-code elimination here; BatchNormalization folding (with the one rule that
+//! decides foldability) in `bn`; QuantizeLinear/DequantizeLinear insertion from a quantization
+//! plan in `insert_qdq`.
+
+pub mod bn;
+pub mod insert_qdq;
+
+pub use bn::{bn_layers, fold_bn, BnInfo, BnPrior};
+pub use insert_qdq::insert_qdq;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::infer::{self, R};
-use super::{Dim, Graph, Node, Op, Tensor, ValueId};
+use super::{Dim, Graph, Node, Tensor, ValueId};
 use crate::error::{Error, Result};
 
 /// Folds nodes whose inputs are all constant with a numeric backend (the host evaluator only
@@ -111,74 +120,10 @@ pub fn dce(g: &mut Graph) {
     g.nodes.retain(|_| *it.next().unwrap());
 }
 
-/// Why a BatchNormalization can or cannot be folded into the layer producing its input.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct BnInfo {
-    pub node: String,
-    pub channels: usize,
-    pub producer: Option<String>,
-    pub producer_op: Option<String>,
-    pub foldable: bool,
-    pub reason: String,
-}
-
-/// Analyse every BatchNormalization of a specialised graph.
-pub fn bn_layers(g: &Graph) -> Vec<BnInfo> {
-    let prod = g.producers();
-    let cons = g.consumers();
-    let outputs: HashSet<ValueId> = g.outputs.iter().copied().collect();
-    let mut out = Vec::new();
-    for n in &g.nodes {
-        if !matches!(n.op, Op::BatchNorm { .. }) {
-            continue;
-        }
-        let x = n.input(0).unwrap();
-        let channels = g.values[x]
-            .shape
-            .as_ref()
-            .and_then(|s| s.get(1).copied())
-            .unwrap_or(0);
-        let params_const = (1..5).all(|i| n.input(i).is_some_and(|v| g.konst(v).is_some()));
-        let p = prod.get(&x).map(|&i| &g.nodes[i]);
-        let (foldable, reason) = match p {
-            None => (false, "its input is a graph input".to_string()),
-            Some(_) if !params_const => (false, "its parameters are not constant".to_string()),
-            Some(p) => {
-                let single = cons.get(&x).map(|c| c.len()) == Some(1) && !outputs.contains(&x);
-                let weight_const = p.input(1).is_some_and(|w| g.konst(w).is_some());
-                match &p.op {
-                    Op::Conv(_) | Op::Gemm { .. } if !weight_const => (
-                        false,
-                        format!("its producer {} has a non-constant weight", p.name),
-                    ),
-                    Op::Conv(_) | Op::Gemm { .. } if !single => (
-                        false,
-                        format!("the output of {} is also used elsewhere", p.name),
-                    ),
-                    Op::Conv(_) | Op::Gemm { .. } => (true, format!("fold into {}", p.name)),
-                    other => (
-                        false,
-                        format!("its producer is {}, not Conv/Gemm", other.name()),
-                    ),
-                }
-            }
-        };
-        out.push(BnInfo {
-            node: n.name.clone(),
-            channels,
-            producer: p.map(|p| p.name.clone()),
-            producer_op: p.map(|p| p.op.name().to_string()),
-            foldable,
-            reason,
-        });
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::DType;
+    use crate::ir::{DType, Op};
 
     #[test]
     fn absurd_declared_sizes_are_an_error_not_an_allocation() {

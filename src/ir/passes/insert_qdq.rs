@@ -1,0 +1,184 @@
+//! QuantizeLinear/DequantizeLinear insertion: the graph rewrite that turns a [`QuantPlan`] into a
+//! standard QDQ model. Per-tensor uint8 Q -> DQ pairs on every planned activation; integer
+//! weights as constant initializers (INT4 at opset 21 for 4 bits and fewer) behind a
+//! DequantizeLinear along the output axis; int32 biases with scale `s_x * s_w`; float16 weights
+//! as a half-precision initializer and a Cast back to float. The algorithms that chose these
+//! numbers live in zq-quant; this pass only places them.
+
+use std::collections::HashMap;
+
+use zq_quant::{ActQuant, LayerQuant, QuantPlan};
+
+use crate::error::{Error, Result};
+use crate::ir::{DType, Data, Graph, Node, Op, Tensor, ValueId};
+
+/// Per-axis QuantizeLinear/DequantizeLinear need opset 13; INT4 initializers need 21.
+const OPSET_PER_AXIS_QDQ: i64 = 13;
+const OPSET_INT4: i64 = 21;
+
+/// The rewritten graph: `g` with the plan's quantization inserted (same values and nodes, plus
+/// the new ones, in an order that stays topological).
+pub fn insert_qdq(g: &Graph, plan: &QuantPlan<ValueId>) -> Result<Graph> {
+    let mut q = g.clone();
+    q.opset = q.opset.max(OPSET_PER_AXIS_QDQ);
+    if plan.has_int4() {
+        q.opset = q.opset.max(OPSET_INT4);
+    }
+    let mut nodes: Vec<Node> = Vec::with_capacity(g.nodes.len() * 3);
+    let mut remap: HashMap<ValueId, ValueId> = HashMap::new();
+    for i in &g.inputs {
+        if let Some(a) = plan.activations.get(&i.value) {
+            let d = qdq_activation(&mut q, &mut nodes, i.value, a);
+            remap.insert(i.value, d);
+        }
+    }
+    for n in &g.nodes {
+        let mut n2 = n.clone();
+        for inp in n2.inputs.iter_mut().flatten() {
+            if let Some(&d) = remap.get(inp) {
+                *inp = d;
+            }
+        }
+        let weight = n
+            .input(1)
+            .filter(|_| n.op.is_weighted())
+            .and_then(|w| g.konst(w));
+        if let (Some(w), Some(layer)) = (weight, plan.layers.get(&n.name)) {
+            let wname = format!("{}_weight", n.name);
+            match layer {
+                LayerQuant::Float16 { weight } => {
+                    let hid = q.add_const(
+                        format!("{wname}_float16"),
+                        Tensor::f32(w.shape.clone(), weight.clone()).cast(DType::F16),
+                    );
+                    let wf = q.add_value(format!("{wname}_float"), DType::F32);
+                    q.values[wf].shape = Some(w.shape.clone());
+                    nodes.push(Node {
+                        name: format!("{wname}_Cast"),
+                        op: Op::Cast { to: DType::F32 },
+                        inputs: vec![Some(hid)],
+                        outputs: vec![wf],
+                    });
+                    n2.inputs[1] = Some(wf);
+                }
+                LayerQuant::Int {
+                    weight,
+                    per_channel,
+                    bias,
+                } => {
+                    let dtype = if weight.bits <= 4 {
+                        DType::I4
+                    } else {
+                        DType::I8
+                    };
+                    let qt = Tensor {
+                        dtype,
+                        shape: w.shape.clone(),
+                        data: Data::I64(weight.q.iter().map(|&v| i64::from(v)).collect()),
+                    };
+                    let sshape = if *per_channel {
+                        vec![weight.scales.len()]
+                    } else {
+                        vec![]
+                    };
+                    let wd = dq_const(
+                        &mut q,
+                        &mut nodes,
+                        &wname,
+                        qt,
+                        sshape,
+                        weight.scales.clone(),
+                    );
+                    n2.inputs[1] = Some(wd);
+                    let bias_value = n.input(2).and_then(|b| g.konst(b));
+                    if let (Some(b), Some(bq)) = (bias_value, bias) {
+                        let qt = Tensor {
+                            dtype: DType::I32,
+                            shape: b.shape.clone(),
+                            data: Data::I64(bq.q.iter().map(|&v| i64::from(v)).collect()),
+                        };
+                        let sshape = if *per_channel {
+                            b.shape.clone()
+                        } else {
+                            vec![]
+                        };
+                        let bname = format!("{}_bias", n.name);
+                        let bd =
+                            dq_const(&mut q, &mut nodes, &bname, qt, sshape, bq.scales.clone());
+                        n2.inputs[2] = Some(bd);
+                    }
+                }
+                LayerQuant::Float => {}
+            }
+        }
+        nodes.push(n2);
+        for &y in &n.outputs {
+            if let Some(a) = plan.activations.get(&y) {
+                let d = qdq_activation(&mut q, &mut nodes, y, a);
+                remap.insert(y, d);
+            }
+        }
+    }
+    q.nodes = nodes;
+    q.check()
+        .map_err(|e| Error::Internal(format!("the quantized graph is inconsistent: {e}")))?;
+    Ok(q)
+}
+
+/// Q -> DQ for an activation value; returns the dequantized value.
+fn qdq_activation(q: &mut Graph, nodes: &mut Vec<Node>, v: ValueId, a: &ActQuant) -> ValueId {
+    let name = q.values[v].name.clone();
+    let s = q.add_const(format!("{name}_scale"), Tensor::f32(vec![], vec![a.scale]));
+    let z = q.add_const(
+        format!("{name}_zero_point"),
+        Tensor::f32(vec![], vec![f32::from(a.zero_point)]).cast(DType::U8),
+    );
+    let qv = q.add_value(format!("{name}_quantized"), DType::U8);
+    q.values[qv].shape = q.values[v].shape.clone();
+    let dv = q.add_value(format!("{name}_dequantized"), DType::F32);
+    q.values[dv].shape = q.values[v].shape.clone();
+    nodes.push(Node {
+        name: format!("{name}_QuantizeLinear"),
+        op: Op::QuantizeLinear { axis: 1 },
+        inputs: vec![Some(v), Some(s), Some(z)],
+        outputs: vec![qv],
+    });
+    nodes.push(Node {
+        name: format!("{name}_DequantizeLinear"),
+        op: Op::DequantizeLinear { axis: 1 },
+        inputs: vec![Some(qv), Some(s), Some(z)],
+        outputs: vec![dv],
+    });
+    dv
+}
+
+/// A constant integer tensor `qt` dequantized along axis 0 (zero points 0 of its type) by a new
+/// DequantizeLinear node appended to `nodes`; returns the float value it produces.
+fn dq_const(
+    q: &mut Graph,
+    nodes: &mut Vec<Node>,
+    name: &str,
+    qt: Tensor,
+    scale_shape: Vec<usize>,
+    scales: Vec<f32>,
+) -> ValueId {
+    let (dt, shape, nz) = (qt.dtype, qt.shape.clone(), scales.len());
+    let qid = q.add_const(format!("{name}_quantized"), qt);
+    let sid = q.add_const(
+        format!("{name}_scale"),
+        Tensor::f32(scale_shape.clone(), scales),
+    );
+    let zid = q.add_const(
+        format!("{name}_zero_point"),
+        Tensor::f32(scale_shape, vec![0.0; nz]).cast(dt),
+    );
+    let d = q.add_value(format!("{name}_dequantized"), DType::F32);
+    q.values[d].shape = Some(shape);
+    nodes.push(Node {
+        name: format!("{name}_DequantizeLinear"),
+        op: Op::DequantizeLinear { axis: 0 },
+        inputs: vec![Some(qid), Some(sid), Some(zid)],
+        outputs: vec![d],
+    });
+    d
+}

@@ -1,0 +1,273 @@
+//! `--pareto`: ZeroQ sensitivity of every candidate layer at every candidate width, the exact
+//! byte cost of each choice in the output format (measured by serialising), the Pareto frontier
+//! and the point chosen under the budgets. The algorithms are zq-quant's; this file feeds them
+//! the model and the output format.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor as CTensor;
+use zq_quant::pareto::{self, BopsChoice, Choice, Infeasible, Point};
+use zq_quant::sensitivity::{sensitivity_table, Candidate};
+
+use super::calibrate::Calibration;
+use super::report::{self, ParetoReport};
+use super::{finalize, plan_node, quantization_plan, ParetoOptions, QuantizeOptions};
+use crate::adapters::quant::PlanPerturb;
+use crate::error::{Error, Result};
+use crate::exec::Plan;
+use crate::ir::passes::insert_qdq;
+use crate::ir::{Graph, ValueId};
+use crate::units::human_bytes;
+
+/// Activation bits the BOPs count uses (every activation is uint8).
+const ACT_BITS: u8 = 8;
+
+/// The message for a budget nothing meets, naming the figures that would be feasible.
+fn infeasible_message(i: &Infeasible) -> String {
+    match *i {
+        Infeasible::Bops {
+            budget,
+            least,
+            bits,
+        } => format!(
+            "--bops-budget {budget} is below the smallest achievable {least} bit-operations per image (every layer at {bits} bits)"
+        ),
+        Infeasible::Both { bytes } => {
+            format!("no assignment meets both --budget {bytes} bytes and --bops-budget")
+        }
+        Infeasible::Bytes {
+            budget,
+            smallest,
+            bits,
+        } => format!(
+            "--budget {budget} bytes is below the smallest achievable size, {smallest} bytes ({} with every layer at {bits} bits)",
+            human_bytes(smallest)
+        ),
+    }
+}
+
+/// Search per-layer bits for the BN-folded graph `g`, calibrated as `cal`; `x` holds `batch`
+/// calibration images for the sensitivity measurement.
+#[allow(clippy::too_many_arguments)]
+pub fn search(
+    g: &Graph,
+    x: &[f32],
+    batch: usize,
+    cal: &Calibration,
+    o: &QuantizeOptions,
+    p: &ParetoOptions,
+    model_name: &str,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<ParetoReport> {
+    let t0 = std::time::Instant::now();
+    let plan = Plan::new(g, batch)?;
+    let pg = &plan.graph;
+    // Candidate layers: weighted, constant weight, not kept in float, not pinned by --layer-bits.
+    let cand: Vec<(usize, ValueId)> = pg
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            n.op.is_weighted()
+                && !o.keep_float.contains(&n.name)
+                && !o.layer_bits.contains_key(&n.name)
+        })
+        .filter_map(|(i, n)| {
+            n.input(1)
+                .filter(|w| pg.konst(*w).is_some())
+                .map(|w| (i, w))
+        })
+        .collect();
+    if cand.is_empty() {
+        return Err(Error::Usage(
+            "--pareto: no layer left to choose bits for".into(),
+        ));
+    }
+    let names: Vec<String> = cand
+        .iter()
+        .map(|&(ni, _)| pg.nodes[ni].name.clone())
+        .collect();
+
+    // Sensitivity: each perturbed run starts at its layer from the cached FP32 activations.
+    let xt = CTensor::from_slice(x, plan.input_shape(0), plan.device())?;
+    let mut model = PlanPerturb::new(&plan, &xt, &cand)?;
+    let reference = model.reference()?;
+    let classes = reference.len() / batch;
+    let weights: Vec<Vec<f32>> = cand
+        .iter()
+        .map(|&(_, w)| pg.konst(w).unwrap().to_f32_vec())
+        .collect();
+    let candidates: Vec<Candidate> = cand
+        .iter()
+        .zip(&weights)
+        .map(|(&(ni, w), wf)| Candidate {
+            weight: wf,
+            channels: if super::layer_kind(&pg.nodes[ni].op).out_axis_first() && !o.per_tensor {
+                pg.konst(w).unwrap().shape[0]
+            } else {
+                1
+            },
+        })
+        .collect();
+    let sens = sensitivity_table(
+        &mut model,
+        &reference,
+        classes,
+        &candidates,
+        &p.bits,
+        o.clip,
+        &mut |done, total| progress("measuring sensitivity", done, total),
+    )?;
+
+    // Exact sizes: serialise once with every candidate at 8 bits, then each choice changes only
+    // its own layer (layers' bytes are independent of each other).
+    let mut all8 = o.clone();
+    for nm in &names {
+        all8.layer_bits.insert(nm.clone(), 8);
+    }
+    let plan8 = quantization_plan(g, cal, &all8);
+    let (layers8, _, _) = report::layers(g, &plan8);
+    let bytes_of = |qg: &Graph| -> Result<i64> {
+        Ok(report::serialize(qg, o.format, model_name, &layers8)?.len() as i64)
+    };
+    let size8 = report::serialize(
+        &finalize(insert_qdq(g, &plan8)?)?,
+        o.format,
+        model_name,
+        &layers8,
+    )?
+    .len() as u64;
+    let raw8 = bytes_of(&insert_qdq(g, &plan8)?)?;
+    let by_name: HashMap<&str, &crate::ir::Node> =
+        g.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut delta: Vec<Vec<i64>> = Vec::with_capacity(cand.len());
+    for (ci, nm) in names.iter().enumerate() {
+        let mut row = Vec::with_capacity(p.bits.len());
+        for &b in &p.bits {
+            if b == 8 {
+                row.push(0);
+                continue;
+            }
+            progress(
+                "measuring sizes",
+                ci * p.bits.len() + 1,
+                names.len() * p.bits.len(),
+            );
+            let mut one = all8.clone();
+            one.layer_bits.insert(nm.clone(), b);
+            let mut pb = plan8.clone();
+            if let Some(l) = by_name
+                .get(nm.as_str())
+                .and_then(|n| plan_node(g, n, cal, &one))
+            {
+                pb.layers.insert(nm.clone(), l);
+            }
+            let (lb, _, _) = report::layers(g, &pb);
+            let qb = insert_qdq(g, &pb)?;
+            row.push(report::serialize(&qb, o.format, model_name, &lb)?.len() as i64 - raw8);
+        }
+        delta.push(row);
+    }
+    let low: Vec<i64> = delta
+        .iter()
+        .map(|r| r.iter().copied().min().unwrap_or(0))
+        .collect();
+    let cost = |ci: usize, b: u8| -> u64 {
+        let k = p.bits.iter().position(|&x| x == b).unwrap();
+        (delta[ci][k] - low[ci]) as u64
+    };
+    let base = (size8 as i64 + low.iter().sum::<i64>()) as u64;
+    let options: Vec<Vec<Choice>> = (0..cand.len())
+        .map(|ci| {
+            sens[ci]
+                .iter()
+                .map(|&(b, s)| Choice {
+                    bits: b,
+                    bytes: cost(ci, b),
+                    sensitivity: s,
+                })
+                .collect()
+        })
+        .collect();
+    let front = pareto::frontier(base, &options);
+    let uniform: Vec<Point> = p
+        .bits
+        .iter()
+        .map(|&b| Point {
+            bytes: base + (0..cand.len()).map(|ci| cost(ci, b)).sum::<u64>(),
+            sensitivity: sens
+                .iter()
+                .map(|r| r.iter().find(|x| x.0 == b).map_or(0.0, |x| x.1))
+                .sum(),
+            bits: vec![b; cand.len()],
+        })
+        .collect();
+    let macs: Vec<u64> = cand
+        .iter()
+        .map(|&(ni, wv)| {
+            let n = &pg.nodes[ni];
+            let out = pg.values[n.outputs[0]].shape.clone().unwrap_or_default();
+            let per_image: usize = out.iter().skip(1).product();
+            let oc = out.get(1).copied().unwrap_or(1);
+            zq_quant::cost::macs(per_image, pg.konst(wv).unwrap().len(), oc)
+        })
+        .collect();
+    let bops = |ci: usize, b: u8| zq_quant::cost::bops(macs[ci], b, ACT_BITS);
+    let fewest_bits = p.bits.iter().min().copied().unwrap_or(0);
+    let chosen = match p.bops_budget {
+        None => pareto::pick(&front, p.budget).cloned(),
+        Some(max_bops) => {
+            let with_bops: Vec<Vec<BopsChoice>> = options
+                .iter()
+                .enumerate()
+                .map(|(ci, row)| {
+                    row.iter()
+                        .map(|c| BopsChoice {
+                            bits: c.bits,
+                            bytes: c.bytes,
+                            bops: bops(ci, c.bits),
+                            sensitivity: c.sensitivity,
+                        })
+                        .collect()
+                })
+                .collect();
+            let points = pareto::frontier_with_bops(base, &with_bops);
+            pareto::pick_with_bops(&points, p.budget, max_bops).map(|q| Point {
+                bytes: q.bytes,
+                sensitivity: q.sensitivity,
+                bits: q.bits.clone(),
+            })
+        }
+    };
+    let chosen = chosen.ok_or_else(|| {
+        let smallest = front.first().map_or(0, |f| f.bytes);
+        let least_bops = (0..cand.len()).map(|ci| bops(ci, fewest_bits)).sum();
+        Error::Infeasible(infeasible_message(&pareto::diagnose(
+            p.budget,
+            p.bops_budget,
+            smallest,
+            least_bops,
+            fewest_bits,
+        )))
+    })?;
+    let chosen_bops = chosen
+        .bits
+        .iter()
+        .enumerate()
+        .map(|(ci, &b)| bops(ci, b))
+        .sum();
+    Ok(ParetoReport {
+        chosen_bops,
+        bops_budget: p.bops_budget,
+        macs,
+        budget: p.budget,
+        candidate_bits: p.bits.clone(),
+        layers: names,
+        sensitivity: sens,
+        predicted_bytes: chosen.bytes,
+        chosen,
+        frontier: front,
+        uniform,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
