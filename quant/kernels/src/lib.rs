@@ -4,4 +4,5 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod gemm;
+pub mod int8;
 pub mod simd;
