@@ -409,15 +409,18 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     if p.json {
         p.json(&r)?;
     } else {
-        let n8 = r.report.layers.iter().filter(|l| l.bits.is_some()).count();
+        let count =
+            |f: &dyn Fn(Option<u8>) -> bool| r.report.layers.iter().filter(|l| f(l.bits)).count();
         println!(
-            "{}: {} of {} layers quantized ({} BN folded), weights {} -> {}, calibrated on {}",
+            "{}: {} of {} layers quantized to integers ({} float16, {} float; {} BN folded), weights {} -> {}, calibrated on {}",
             r.output.as_deref().unwrap_or("(not written)"),
-            n8,
+            count(&|b| b.is_some_and(|b| b <= 8)),
             r.report.layers.len(),
+            count(&|b| b == Some(16)),
+            count(&|b| b.is_none()),
             r.report.bn_folded,
-            crate::cli::size::human_bytes(r.report.fp32_weight_bytes as u64),
-            crate::cli::size::human_bytes(r.report.quantized_weight_bytes as u64),
+            crate::units::human_bytes(r.report.fp32_weight_bytes as u64),
+            crate::units::human_bytes(r.report.quantized_weight_bytes as u64),
             r.report.calibration
         );
         if let Some(pr) = &r.report.pareto {

@@ -138,6 +138,14 @@ pub fn distill(
     opts.validate()?;
     let t0 = Instant::now();
     let [c, h, w] = crate::pipeline::eval::chw_of(g, path)?;
+    if crate::ir::passes::checked_elements(&[opts.num, c, h, w]).is_none() {
+        return Err(Error::Usage(format!(
+            "--num {}: {} images of [{c}, {h}, {w}] are more than {} values",
+            opts.num,
+            opts.num,
+            crate::ir::passes::MAX_ELEMENTS
+        )));
+    }
     let pc = opts.pre.per_channel(c)?;
     let bounds = input_box(&pc);
     let model_sha256 = sha256_file(path)?;

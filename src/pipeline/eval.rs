@@ -57,6 +57,16 @@ pub fn chw_of(g: &crate::ir::Graph, path: &Path) -> Result<[usize; 3]> {
             ),
         });
     }
+    if crate::ir::passes::checked_elements(&fixed).is_none() {
+        return Err(Error::Model {
+            path: path.into(),
+            msg: format!(
+                "input of {:?} per image has more than {} elements",
+                fixed,
+                crate::ir::passes::MAX_ELEMENTS
+            ),
+        });
+    }
     Ok([fixed[0], fixed[1], fixed[2]])
 }
 

@@ -70,3 +70,67 @@ fn missing_file_and_directory() {
     zq(&["inspect", "no/such/model.onnx"]).assert_error("no/such/model.onnx");
     zq(&["inspect", s(&fixture("hostile"))]).assert_error("is a directory");
 }
+
+#[test]
+fn absurd_input_shapes_are_refused_on_every_path() {
+    // Regression: `quantize` (and `distill`) on a model whose input is declared
+    // [1, C, 2^30, 2^30] ended in "internal error: capacity overflow" while inspect refused it
+    // cleanly.
+    absurd_input(&fixture("digits_bn/model.onnx"), 1);
+    if let Some(sh) = shared() {
+        absurd_input(&sh.join("models/resnet20_cifar10_bn.onnx"), 3);
+    }
+}
+
+fn absurd_input(model: &std::path::Path, channels: usize) {
+    use zq::ir::Dim;
+    let t = tempfile::tempdir().unwrap();
+    let mut g = zq::onnx::read_model(model).unwrap().graph;
+    g.inputs[0].dims = vec![
+        Dim::Fixed(1),
+        Dim::Fixed(channels),
+        Dim::Fixed(1 << 30),
+        Dim::Fixed(1 << 30),
+    ];
+    let m = t.path().join("huge_input.onnx");
+    zq::onnx::write::write_model(&g, &m).unwrap();
+    let out = t.path().join("out");
+    let data = fixture("digits_bn/test");
+    let pre = ["--mean", "0.5", "--std", "0.5"];
+    // Image counts whose product with the declared size wraps around to a non-zero capacity
+    // (5 x 3 x 2^60) are what used to reach the allocator.
+    let runs: [Vec<&str>; 5] = [
+        vec!["inspect", s(&m)],
+        vec![
+            "distill",
+            s(&m),
+            "-o",
+            s(&out),
+            "--iters",
+            "1",
+            "--num",
+            "5",
+        ],
+        vec![
+            "quantize",
+            s(&m),
+            "-o",
+            s(&out),
+            "--iters",
+            "1",
+            "--num",
+            "5",
+        ],
+        vec!["quantize", s(&m), "-o", s(&out), "--iters", "1"],
+        vec!["eval", s(&m), "--data", s(&data)],
+    ];
+    for mut a in runs {
+        if a[0] != "inspect" {
+            a.extend_from_slice(&pre);
+        }
+        let o = zq(&a);
+        eprintln!("{}: {}", a[0], o.stderr.trim());
+        o.assert_error("elements");
+        assert!(!out.exists(), "{a:?} wrote an output");
+    }
+}

@@ -28,6 +28,15 @@ fn node_err(n: &Node, msg: String) -> Error {
 /// that absurd declared sizes are an error rather than an allocation failure.
 pub const MAX_ELEMENTS: usize = 1 << 30;
 
+/// The element count of `shape` when it is within [`MAX_ELEMENTS`] (`None`: over the limit, or
+/// overflowing). Every path that sizes a buffer from a file checks it here.
+pub fn checked_elements(shape: &[usize]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&e| e <= MAX_ELEMENTS)
+}
+
 /// Fix the batch size, infer every shape, fold shape arithmetic and constant subgraphs, and drop
 /// dead nodes. Symbolic input dims other than the leading (batch) one are an error.
 pub fn specialize(g: &Graph, batch: usize, fold_float: FloatFolder) -> Result<Graph> {
@@ -46,6 +55,12 @@ pub fn specialize(g: &Graph, batch: usize, fold_float: FloatFolder) -> Result<Gr
                 }
                 Dim::Fixed(_) => unreachable!(),
             }
+        }
+        if checked_elements(&shape).is_none() {
+            return Err(Error::Usage(format!(
+                "input '{}' of shape {shape:?} has more than {MAX_ELEMENTS} elements",
+                g.values[inp.value].name
+            )));
         }
         g.values[inp.value].shape = Some(shape);
     }
@@ -66,8 +81,7 @@ pub fn specialize(g: &Graph, batch: usize, fold_float: FloatFolder) -> Result<Gr
         for (&o, s) in n.outputs.iter().zip(&shapes) {
             // A corrupt or hostile model can declare absurd sizes (a mutated ConstantOfShape
             // argument, say): refuse them before anything is allocated.
-            let elems = s.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-            if elems.is_none_or(|e| e > MAX_ELEMENTS) {
+            if checked_elements(s).is_none() {
                 return Err(node_err(
                     &n,
                     format!(
