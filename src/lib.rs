@@ -4,7 +4,9 @@
 //! `data` (image folders), `exec` (candle FP32 executor, ONNX Runtime oracle), `pipeline`
 //! (inspect, eval), and `cli` (argument definitions and printing) used by the `zq` binary.
 //! Distillation lives in the `zq-synth` crate and quantization in `zq-quant`; this crate
-//! implements their model traits.
+//! implements their model traits (`adapters`). Only zq-kernels may contain `unsafe`.
+
+#![forbid(unsafe_code)]
 
 pub mod adapters;
 pub mod cli;

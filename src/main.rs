@@ -1,5 +1,7 @@
 //! The `zq` binary: parse, run, map the outcome to an exit code.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

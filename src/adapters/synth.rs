@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use zq_synth::{Autograd, BnTarget, Coeffs, Moments, TapGrad, TapModel};
 
 use crate::error::{Error, Result};
-use crate::exec::tape::Tape;
+use crate::exec::tape::{Refusal, TapGradient, Tape};
 use crate::exec::{Plan, RunOptions};
 use crate::ir::{Graph, Op, ValueId};
 
@@ -72,8 +72,8 @@ impl PlanTaps {
         }
     }
 
-    /// The tape engine alone; `Err` names what it does not run.
-    pub fn tape(&self) -> std::result::Result<TapeTaps<'_>, String> {
+    /// The tape engine alone; `Err` says what it does not run.
+    pub fn tape(&self) -> std::result::Result<TapeTaps<'_>, Refusal> {
         Ok(TapeTaps {
             tape: Tape::new(&self.plan, &self.taps)?,
             model: self,
@@ -95,10 +95,26 @@ impl TapGrad for TapeTaps<'_> {
         &self.model.targets
     }
     fn forward(&mut self, x: &[f32]) -> candle_core::Result<Vec<Moments>> {
-        Ok(self.tape.forward(x))
+        // The tape's own moment type, moved field by field into zq-synth's (no copy).
+        Ok(self
+            .tape
+            .forward(x)
+            .into_iter()
+            .map(|m| Moments {
+                n: m.n,
+                c: m.c,
+                hw: m.hw,
+                mean: m.mean,
+                m2: m.m2,
+            })
+            .collect())
     }
     fn backward(&mut self, coeffs: &[Coeffs]) -> candle_core::Result<Vec<f32>> {
-        Ok(self.tape.backward(coeffs))
+        let grads: Vec<TapGradient> = coeffs
+            .iter()
+            .map(|c| TapGradient { a: &c.a, b: &c.b })
+            .collect();
+        Ok(self.tape.backward(&grads))
     }
 }
 
@@ -176,7 +192,7 @@ mod tests {
             .tape()
             .err()
             .expect("the batch-reversing slice must be refused");
-        assert!(e.contains("mixes images"), "{e}");
+        assert!(matches!(e, Refusal::MixesImages { op: "Slice", .. }), "{e}");
         let (_, name) = reversed.engine_named();
         assert!(name.starts_with("autograd"), "{name}");
         // A spatial slice stays within each image: the tape runs it, and agrees with autograd.

@@ -1,8 +1,61 @@
-//! clap definitions, kept apart from the commands that run them (man pages are generated from here).
+//! clap definitions, kept apart from the commands that run them (man pages are generated from
+//! here). Every flag is typed at parse time by a value parser below, so a malformed value is a
+//! one-line clap error naming the flag; `settings` turns the parsed flags into the pipelines'
+//! options, which validate themselves for library callers too.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::pipeline::quantize::valid_bits;
+
+/// A comma-separated list of numbers (`--mean`, `--std`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Floats(pub Vec<f32>);
+
+fn floats(s: &str) -> Result<Floats, String> {
+    crate::data::parse_floats(s).map(Floats)
+}
+
+/// A weight width: 2..=8 integer bits, or 16 for float16.
+fn weight_bits(s: &str) -> Result<u8, String> {
+    s.trim()
+        .parse::<u8>()
+        .ok()
+        .filter(|b| valid_bits(*b))
+        .ok_or_else(|| format!("'{s}' is not a bit width (2 to 8, or 16 for float16)"))
+}
+
+/// `NAME=BITS` for one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerBits {
+    pub name: String,
+    pub bits: u8,
+}
+
+fn layer_bits(s: &str) -> Result<LayerBits, String> {
+    let (name, bits) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("'{s}': expected NAME=BITS"))?;
+    Ok(LayerBits {
+        name: name.to_string(),
+        bits: weight_bits(bits)?,
+    })
+}
+
+/// Candidate widths for `--pareto`, sorted, each once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitList(pub Vec<u8>);
+
+fn bit_list(s: &str) -> Result<BitList, String> {
+    let mut bits = s
+        .split(',')
+        .map(weight_bits)
+        .collect::<Result<Vec<_>, _>>()?;
+    bits.sort_unstable();
+    bits.dedup();
+    Ok(BitList(bits))
+}
 
 /// zq: zero-shot (data-free) quantization of ONNX neural networks.
 ///
@@ -55,11 +108,11 @@ pub struct InspectArgs {
 #[derive(Debug, Args, Clone)]
 pub struct PreprocessArgs {
     /// Per-channel mean after scaling pixels to [0,1] (one value broadcasts).
-    #[arg(long, value_name = "M[,M,M]", default_value = "0.485,0.456,0.406")]
-    pub mean: String,
+    #[arg(long, value_name = "M[,M,M]", default_value = "0.485,0.456,0.406", value_parser = floats)]
+    pub mean: Floats,
     /// Per-channel standard deviation (one value broadcasts). Raw 0..255 models: --mean 0 --std 0.00392156862745098.
-    #[arg(long, value_name = "S[,S,S]", default_value = "0.229,0.224,0.225")]
-    pub std: String,
+    #[arg(long, value_name = "S[,S,S]", default_value = "0.229,0.224,0.225", value_parser = floats)]
+    pub std: Floats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -91,8 +144,8 @@ pub struct EvalArgs {
     /// Which executor runs the model(s).
     #[arg(long, value_enum, default_value_t = Engine::Zq)]
     pub engine: Engine,
-    /// ONNX Runtime shared library (libonnxruntime.so) for --engine ort; default: $ZQ_ORT_LIB.
-    #[arg(long, value_name = "PATH")]
+    /// ONNX Runtime shared library (libonnxruntime.so) for --engine ort.
+    #[arg(long, value_name = "PATH", env = crate::exec::ort::ORT_LIB_ENV)]
     pub ort_lib: Option<PathBuf>,
 }
 
@@ -189,9 +242,10 @@ pub struct QuantizeArgs {
         long,
         value_name = "B,B,..",
         default_value = "2,4,6,8",
-        requires = "pareto"
+        requires = "pareto",
+        value_parser = bit_list
     )]
-    pub bits: String,
+    pub bits: BitList,
     /// Write the whole frontier (bytes, summed sensitivity, per-layer bits) and the chosen point as JSON.
     #[arg(long, value_name = "F.json", requires = "pareto")]
     pub frontier: Option<PathBuf>,
@@ -200,7 +254,7 @@ pub struct QuantizeArgs {
     pub plot: Option<PathBuf>,
     /// Weight bits for every quantizable layer (2..8, or 16 for float16 storage; 5..8 bits are
     /// stored in int8, 2..4 in INT4).
-    #[arg(long, value_name = "BITS", default_value_t = 8)]
+    #[arg(long, value_name = "BITS", default_value = "8", value_parser = weight_bits)]
     pub wbits: u8,
     /// Activation bits (uint8 per-tensor affine; 8 is the only width ONNX Runtime runs natively).
     #[arg(long, value_name = "BITS", default_value_t = 8, value_parser = clap::value_parser!(u8).range(8..=8))]
@@ -212,8 +266,8 @@ pub struct QuantizeArgs {
     #[arg(long, value_enum, default_value_t = Clip::Minmax)]
     pub clip: Clip,
     /// Weight bits for one layer (repeatable), e.g. --layer-bits conv1=4.
-    #[arg(long, value_name = "NAME=BITS")]
-    pub layer_bits: Vec<String>,
+    #[arg(long, value_name = "NAME=BITS", value_parser = layer_bits)]
+    pub layer_bits: Vec<LayerBits>,
     /// Leave one layer in float (repeatable).
     #[arg(long, value_name = "NAME")]
     pub keep_float: Vec<String>,

@@ -3,17 +3,15 @@
 pub mod args;
 pub mod man;
 pub mod printer;
+pub mod settings;
 pub mod size;
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::data::{parse_floats, Preprocess};
 use crate::pipeline::{distill, eval, inspect, quantize};
-use args::{
-    Cli, Command, DistillArgs, Engine, EvalArgs, InspectArgs, PreprocessArgs, QuantizeArgs,
-};
+use args::{Cli, Command, DistillArgs, Engine, EvalArgs, InspectArgs, QuantizeArgs};
 use printer::Printer;
 
 /// Run a parsed command line.
@@ -25,12 +23,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Distill(a) => cmd_distill(&p, a),
         Command::Quantize(a) => cmd_quantize(&p, a),
     }
-}
-
-pub fn preprocess(a: &PreprocessArgs) -> anyhow::Result<Preprocess> {
-    let mean = parse_floats(&a.mean).map_err(|e| anyhow::anyhow!("--mean: {e}"))?;
-    let std = parse_floats(&a.std).map_err(|e| anyhow::anyhow!("--std: {e}"))?;
-    Ok(Preprocess { mean, std })
 }
 
 fn cmd_inspect(p: &Printer, a: InspectArgs) -> anyhow::Result<ExitCode> {
@@ -55,7 +47,7 @@ fn open(
 }
 
 fn cmd_eval(p: &Printer, a: EvalArgs) -> anyhow::Result<ExitCode> {
-    let pre = preprocess(&a.pre)?;
+    let pre = settings::preprocess(&a.pre);
     let lib = a.ort_lib.as_deref();
     let mut model = open(a.engine, &a.model, lib)?;
     let mut reference = match &a.compare {
@@ -177,17 +169,7 @@ struct DistillReport {
 }
 
 fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
-    let pre = preprocess(&a.pre)?;
-    let opts = distill::DistillOptions {
-        num: a.num as usize,
-        batch: a.batch.min(a.num) as usize,
-        iters: a.iters as usize,
-        lr: a.lr,
-        seed: a.seed,
-        pre,
-        stats: a.stats.into(),
-    };
-    opts.validate()?;
+    let opts = settings::distill_options(&a)?;
     let out = a
         .output
         .clone()
@@ -262,17 +244,6 @@ struct QuantizeSummary {
 
 fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let t0 = std::time::Instant::now();
-    let pre = preprocess(&a.pre)?;
-    let mut layer_bits = std::collections::BTreeMap::new();
-    for lb in &a.layer_bits {
-        let (name, bits) = lb
-            .rsplit_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--layer-bits {lb}: expected NAME=BITS"))?;
-        let bits: u8 = bits
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--layer-bits {lb}: '{bits}' is not a bit width"))?;
-        layer_bits.insert(name.to_string(), bits);
-    }
     let out = a.output.clone().unwrap_or_else(|| {
         beside(
             &a.model,
@@ -283,72 +254,12 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         )
     });
     prepare_output(&out, "-o")?;
-    let calib = match (&a.data, &a.calib_dir) {
-        (Some(d), _) => quantize::Calib::File(d.clone()),
-        (None, Some(dir)) => quantize::Calib::Images {
-            dir: dir.clone(),
-            num: a.num as usize,
-        },
-        (None, None) => quantize::Calib::Distill {
-            num: a.num as usize,
-            iters: a.iters as usize,
-            stats: a.stats.into(),
-        },
-    };
-    let opts = quantize::QuantizeOptions {
-        wbits: a.wbits,
-        per_tensor: a.per_tensor,
-        clip: match a.clip {
-            args::Clip::Minmax => zq_quant::ClipSearch::MinMax,
-            args::Clip::Mse => zq_quant::ClipSearch::Mse,
-        },
-        layer_bits,
-        keep_float: a.keep_float.iter().cloned().collect(),
-        calib,
-        holdout: a.holdout as usize,
-        holdout_iters: a.iters as usize,
-        holdout_stats: a.stats.into(),
-        seed: a.seed,
-        pre,
-        bn_sigmas: a.bn_sigmas,
-        residual_widen: a.residual_widen,
-        bias_correction: !a.no_bias_correction,
-        pareto: None,
-        format: match a.format {
-            args::Format::Onnx => quantize::OutputFormat::Onnx,
-            args::Format::Safetensors => quantize::OutputFormat::Safetensors,
-        },
-        gate: quantize::Gate {
-            min_agreement: a.min_agreement,
-            max_kl: a.max_kl,
-        },
-    };
     let model = crate::onnx::read_model(&a.model)?;
-    let mut opts = opts;
+    let opts = settings::quantize_options(&a, model.file_bytes);
     if a.pareto {
-        let mut bits = Vec::new();
-        for b in a.bits.split(',') {
-            let v: u8 = b
-                .trim()
-                .parse()
-                .ok()
-                .filter(|v| (2..=8).contains(v) || *v == 16)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("--bits: '{b}' is not a bit width (2 to 8, or 16 for float16)")
-                })?;
-            if !bits.contains(&v) {
-                bits.push(v);
-            }
-        }
-        bits.sort_unstable();
         if a.budget.is_none() && a.bops_budget.is_none() {
             anyhow::bail!("--pareto needs --budget SIZE and/or --bops-budget BOPS");
         }
-        opts.pareto = Some(quantize::ParetoOptions {
-            budget: a.budget.map_or(u64::MAX, |b| b.resolve(model.file_bytes)),
-            bops_budget: a.bops_budget,
-            bits,
-        });
         if let Some(f) = &a.frontier {
             prepare_output(f, "--frontier")?;
         }

@@ -434,7 +434,28 @@ fn lower(g: &Graph, n: &Node, dev: &Device) -> std::result::Result<Kind, String>
                     .ok_or_else(|| format!("quantizing to {dt} is not supported"))?,
             )
         }
-        _ => Kind::Other,
+        // Computed directly from their inputs in `eval`; listed, so a new op is a compile
+        // error here rather than a silent fall-through.
+        Op::Gemm { .. }
+        | Op::MatMul
+        | Op::Relu
+        | Op::LeakyRelu { .. }
+        | Op::PRelu
+        | Op::Sigmoid
+        | Op::HardSigmoid { .. }
+        | Op::HardSwish
+        | Op::Tanh
+        | Op::Erf
+        | Op::Add
+        | Op::Sub
+        | Op::Mul
+        | Op::Div
+        | Op::GlobalAveragePool
+        | Op::GlobalMaxPool
+        | Op::Identity
+        | Op::Dropout
+        | Op::Cast { .. }
+        | Op::DequantizeLinear { .. } => Kind::Other,
     })
 }
 
@@ -722,21 +743,10 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
     })
 }
 
-/// Argmax over the last axis of a [N, K] tensor.
+/// Argmax over the last axis of a [N, K] tensor (the first of ties, as everywhere in zq).
 pub fn argmax_rows(y: &Tensor) -> candle_core::Result<Vec<usize>> {
-    let y = y.flatten_from(1)?;
-    let v: Vec<Vec<f32>> = y.to_vec2()?;
-    Ok(v.iter()
-        .map(|r| {
-            let mut best = 0;
-            for (i, &x) in r.iter().enumerate() {
-                if x > r[best] {
-                    best = i;
-                }
-            }
-            best
-        })
-        .collect())
+    let v: Vec<Vec<f32>> = y.flatten_from(1)?.to_vec2()?;
+    Ok(v.iter().map(|r| zq_quant::argmax(r)).collect())
 }
 
 /// d<y, r>/dx for unit tests of differentiable ops.

@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use rayon::prelude::*;
 use zq_kernels::gemm::{sgemm, MatMut, MatRef};
 use zq_kernels::simd::{vectorize, Kernel};
-use zq_synth::{Coeffs, Moments};
 
 use super::conv::Geo;
 use super::wino::{Wino, WinoShape};
@@ -243,22 +242,27 @@ fn gather_map(
     n: usize,
     in_len: usize,
     out_len: usize,
-) -> Result<(Vec<u32>, f32), String> {
+) -> Result<(Vec<u32>, f32), Refusal> {
     let node = &plan.graph.nodes[i];
+    let form = |why: String| Refusal::Form {
+        op: node.op.name(),
+        node: node.name.clone(),
+        why,
+    };
+    let mixes = || Refusal::MixesImages {
+        op: node.op.name(),
+        node: node.name.clone(),
+    };
     if in_len >= 1 << 24 {
-        return Err(format!(
-            "{} node '{}': image too large",
-            node.op.name(),
-            node.name
-        ));
+        return Err(form("image too large".into()));
     }
     let shape = plan.graph.values[x].shape.clone().unwrap_or_default();
-    let run = |value: &dyn Fn(usize, usize) -> f32| -> Result<Vec<f32>, String> {
+    let run = |value: &dyn Fn(usize, usize) -> f32| -> Result<Vec<f32>, Refusal> {
         let idx: Vec<f32> = (0..n)
             .flat_map(|img| (0..in_len).map(move |k| value(img, k)))
             .collect();
         let t = candle_core::Tensor::from_vec(idx, shape.as_slice(), &plan.device)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| form(e.to_string()))?;
         let ins: Vec<Option<candle_core::Tensor>> = node
             .inputs
             .iter()
@@ -272,18 +276,14 @@ fn gather_map(
                 })
             })
             .collect();
-        let y = super::eval(node, &plan.steps[i].kind, &ins).map_err(|e| e.to_string())?;
+        let y = super::eval(node, &plan.steps[i].kind, &ins).map_err(|e| form(e.to_string()))?;
         y.flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| e.to_string())
+            .map_err(|e| form(e.to_string()))
     };
     let (a, b) = (run(&|_, k| k as f32)?, run(&|_, k| k as f32 + 0.5)?);
     if a.len() != n * out_len {
-        return Err(format!(
-            "{} node '{}' mixes images",
-            node.op.name(),
-            node.name
-        ));
+        return Err(mixes());
     }
     let mut fill = None;
     let mut map = Vec::with_capacity(out_len);
@@ -292,11 +292,7 @@ fn gather_map(
             map.push(a[k] as u32);
         } else {
             if fill.is_some_and(|f: f32| f != a[k]) {
-                return Err(format!(
-                    "{} node '{}': mixed fill values",
-                    node.op.name(),
-                    node.name
-                ));
+                return Err(form("mixed fill values".into()));
             }
             fill = Some(a[k]);
             map.push(NONE);
@@ -312,11 +308,7 @@ fn gather_map(
             .zip(&owner[img * out_len..][..out_len])
             .all(|(&k, &o)| k == NONE || o == img as f32);
         if !same_map || !own {
-            return Err(format!(
-                "{} node '{}' mixes images",
-                node.op.name(),
-                node.name
-            ));
+            return Err(mixes());
         }
     }
     Ok((map, fill.unwrap_or(0.0)))
@@ -352,6 +344,60 @@ struct Worker {
     cols: Vec<f32>,
 }
 
+/// Why the tape does not run a graph; distillation then steps through candle's autograd.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// An op the tape has no implementation of.
+    #[error("{op} node '{node}' is not supported")]
+    Op { op: &'static str, node: String },
+    /// A node that moves data between the images of a batch (the tape runs one image per task).
+    #[error("{op} node '{node}' mixes images")]
+    MixesImages { op: &'static str, node: String },
+    /// A supported op in a form the tape does not handle (non-constant parameters, shapes).
+    #[error("{op} node '{node}': {why}")]
+    Form {
+        op: &'static str,
+        node: String,
+        why: String,
+    },
+    /// The graph as a whole (its inputs, shapes, taps).
+    #[error("{0}")]
+    Graph(String),
+}
+
+impl Refusal {
+    /// The op at fault, where one is.
+    pub fn op(&self) -> Option<&'static str> {
+        match self {
+            Refusal::Op { op, .. } | Refusal::MixesImages { op, .. } | Refusal::Form { op, .. } => {
+                Some(op)
+            }
+            Refusal::Graph(_) => None,
+        }
+    }
+}
+
+/// The statistics the tape reports for one tap: per (image, channel), the mean and the sum of
+/// squared deviations about it, over the `hw` positions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TapMoments {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
+    /// `[N * C]`, image-major.
+    pub mean: Vec<f64>,
+    /// `[N * C]`: sum over the positions of `(x - mean)^2`.
+    pub m2: Vec<f64>,
+}
+
+/// The loss gradient at one tap in closed form: `a + b (x - mean)` per (image, channel),
+/// `[N * C]` each.
+#[derive(Debug, Clone, Copy)]
+pub struct TapGradient<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+}
+
 /// A graph compiled for [`Tape::forward`] / [`Tape::backward`].
 pub struct Tape {
     n: usize,
@@ -385,21 +431,20 @@ fn per_channel(t: &crate::ir::Tensor, c: usize, rank: usize) -> Option<Vec<f32>>
 impl Tape {
     /// Compile the part of `plan` that computes `taps` (values of the graph). `Err` names the first
     /// node the tape does not run, so the caller can fall back to the general executor.
-    pub fn new(plan: &Plan, taps: &[ValueId]) -> Result<Tape, String> {
+    pub fn new(plan: &Plan, taps: &[ValueId]) -> Result<Tape, Refusal> {
         let g = &plan.graph;
         if g.inputs.len() != 1 {
-            return Err(format!("{} graph inputs", g.inputs.len()));
+            return Err(Refusal::Graph(format!("{} graph inputs", g.inputs.len())));
         }
         let input = g.inputs[0].value;
-        let shape_of = |v: ValueId| -> Result<Vec<usize>, String> {
-            g.values[v]
-                .shape
-                .clone()
-                .ok_or_else(|| format!("value '{}' has no static shape", g.values[v].name))
+        let shape_of = |v: ValueId| -> Result<Vec<usize>, Refusal> {
+            g.values[v].shape.clone().ok_or_else(|| {
+                Refusal::Graph(format!("value '{}' has no static shape", g.values[v].name))
+            })
         };
         let in_shape = shape_of(input)?;
         if in_shape.len() < 2 {
-            return Err(format!("input of shape {in_shape:?}"));
+            return Err(Refusal::Graph(format!("input of shape {in_shape:?}")));
         }
         let n = in_shape[0];
         let mut producer: HashMap<ValueId, usize> = HashMap::new();
@@ -422,19 +467,22 @@ impl Tape {
                     }
                 }
             } else if v != input && g.konst(v).is_none() {
-                return Err(format!("value '{}' has no producer", g.values[v].name));
+                return Err(Refusal::Graph(format!(
+                    "value '{}' has no producer",
+                    g.values[v].name
+                )));
             }
         }
         let mut slot_of: HashMap<ValueId, usize> = HashMap::new();
         let mut slots: Vec<Slot> = Vec::new();
         let mut new_slot =
-            |v: ValueId, slot_of: &mut HashMap<ValueId, usize>| -> Result<usize, String> {
+            |v: ValueId, slot_of: &mut HashMap<ValueId, usize>| -> Result<usize, Refusal> {
                 let d = shape_of(v)?;
                 if d.len() < 2 || d[0] != n {
-                    return Err(format!(
+                    return Err(Refusal::Graph(format!(
                         "value '{}' of shape {d:?} is not a batch of {n}",
                         g.values[v].name
-                    ));
+                    )));
                 }
                 slots.push(Slot {
                     c: d[1],
@@ -449,7 +497,11 @@ impl Tape {
             if !needed[i] {
                 continue;
             }
-            let what = || format!("{} node '{}'", node.op.name(), node.name);
+            let form = |why: String| Refusal::Form {
+                op: node.op.name(),
+                node: node.name.clone(),
+                why,
+            };
             let konst = |k: usize| node.input(k).and_then(|v| g.konst(v));
             let dynamic: Vec<ValueId> = node
                 .inputs
@@ -462,7 +514,7 @@ impl Tape {
                 slot_of
                     .get(&v)
                     .copied()
-                    .ok_or_else(|| format!("{}: input not computed", what()))
+                    .ok_or_else(|| form("input not computed".into()))
             };
             let y_val = node.outputs[0];
             let y_shape = shape_of(y_val)?;
@@ -474,33 +526,32 @@ impl Tape {
                 }
                 (Op::Conv(_), Kind::Conv(geom, _)) => {
                     let x = slot(node.input(0).unwrap())?;
-                    let w =
-                        konst(1).ok_or_else(|| format!("{}: weight is not constant", what()))?;
+                    let w = konst(1).ok_or_else(|| form("weight is not constant".into()))?;
                     let xs = shape_of(node.input(0).unwrap())?;
                     let (c, h, wd) = match xs.len() {
                         3 => (xs[1], 1, xs[2]),
                         4 => (xs[1], xs[2], xs[3]),
-                        _ => return Err(format!("{}: input {xs:?}", what())),
+                        _ => return Err(form(format!("input {xs:?}"))),
                     };
                     let wdims = match w.shape.len() {
                         3 => [w.shape[0], w.shape[1], 1, w.shape[2]],
                         4 => [w.shape[0], w.shape[1], w.shape[2], w.shape[3]],
-                        _ => return Err(format!("{}: weight {:?}", what(), w.shape)),
+                        _ => return Err(form(format!("weight {:?}", w.shape))),
                     };
                     if geom.group == 0 || c != wdims[1] * geom.group || wdims[0] % geom.group != 0 {
-                        return Err(format!("{}: weight does not fit the input", what()));
+                        return Err(form("weight does not fit the input".into()));
                     }
                     let bias = match node.input(2) {
                         None => None,
                         Some(_) => Some(
                             konst(2)
-                                .ok_or_else(|| format!("{}: bias is not constant", what()))?
+                                .ok_or_else(|| form("bias is not constant".into()))?
                                 .to_f32_vec(),
                         ),
                     };
                     let geo = Geo::new(1, c, h, wd, wdims, geom);
                     if geo.l() * geo.m != y_shape[1..].iter().product::<usize>() {
-                        return Err(format!("{}: output shape {y_shape:?}", what()));
+                        return Err(form(format!("output shape {y_shape:?}")));
                     }
                     let w = w.to_f32_vec();
                     let fits = geo.k == [3, 3]
@@ -557,7 +608,7 @@ impl Tape {
                     let p = |k: usize| {
                         konst(k)
                             .map(|t| t.to_f32_vec())
-                            .ok_or_else(|| format!("{}: parameters are not constant", what()))
+                            .ok_or_else(|| form("parameters are not constant".into()))
                     };
                     let (gamma, beta, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
                     let scale: Vec<f32> = gamma
@@ -596,7 +647,7 @@ impl Tape {
                             let c = y_shape[1];
                             let slope = konst(1)
                                 .and_then(|t| per_channel(t, c, y_shape.len()))
-                                .ok_or_else(|| format!("{}: slope is not per channel", what()))?;
+                                .ok_or_else(|| form("slope is not per channel".into()))?;
                             Act::PRelu(slope)
                         }
                         Op::HardSigmoid { alpha, beta } => Act::HardSigmoid(*alpha, *beta),
@@ -617,7 +668,7 @@ impl Tape {
                     let (h, w) = match xs.len() {
                         3 => (1, xs[2]),
                         4 => (xs[2], xs[3]),
-                        _ => return Err(format!("{}: input {xs:?}", what())),
+                        _ => return Err(form(format!("input {xs:?}"))),
                     };
                     let (ptr, idx) = pool_windows(win, h, w);
                     let (max, wgt) = match &plan.steps[i].kind {
@@ -625,7 +676,7 @@ impl Tape {
                             let d: Vec<f32> = div
                                 .flatten_all()
                                 .and_then(|t| t.to_vec1())
-                                .map_err(|e| e.to_string())?;
+                                .map_err(|e| form(e.to_string()))?;
                             (false, d.iter().map(|v| 1.0 / v).collect())
                         }
                         _ => (true, Vec::new()),
@@ -661,7 +712,7 @@ impl Tape {
                     } else if sb == y_shape && per_ch(&sa) {
                         (dynamic[1], dynamic[0])
                     } else {
-                        return Err(format!("{}: broadcasting product", what()));
+                        return Err(form("broadcasting product".into()));
                     };
                     TOp::Mul {
                         a: slot(a)?,
@@ -676,7 +727,7 @@ impl Tape {
                 (Op::Add, _) if dynamic.len() == 2 => {
                     let (a, b) = (dynamic[0], dynamic[1]);
                     if shape_of(a)? != y_shape || shape_of(b)? != y_shape {
-                        return Err(format!("{}: broadcasting sum", what()));
+                        return Err(form("broadcasting sum".into()));
                     }
                     TOp::Add {
                         a: slot(a)?,
@@ -693,13 +744,13 @@ impl Tape {
                         .flatten()
                         .find(|v| g.konst(**v).is_some())
                         .and_then(|v| g.konst(*v))
-                        .ok_or_else(|| format!("{}: no constant operand", what()))?;
+                        .ok_or_else(|| form("no constant operand".into()))?;
                     if shape_of(xv)? != y_shape {
-                        return Err(format!("{}: broadcasting", what()));
+                        return Err(form("broadcasting".into()));
                     }
                     let c = y_shape[1];
                     let v = per_channel(cv, c, y_shape.len())
-                        .ok_or_else(|| format!("{}: constant is not per channel", what()))?;
+                        .ok_or_else(|| form("constant is not per channel".into()))?;
                     let ones = vec![1f32; c];
                     let zeros = vec![0f32; c];
                     let (scale, shift) = match (&node.op, on_right) {
@@ -708,7 +759,7 @@ impl Tape {
                         (Op::Sub, true) => (ones, v.iter().map(|k| -k).collect()),
                         (Op::Sub, false) => (vec![-1f32; c], v),
                         (Op::Div, true) => (v.iter().map(|k| 1.0 / k).collect(), zeros),
-                        _ => return Err(format!("{}: constant divided by a tensor", what())),
+                        _ => return Err(form("constant divided by a tensor".into())),
                     };
                     TOp::Affine {
                         x: slot(xv)?,
@@ -752,7 +803,12 @@ impl Tape {
                         fill,
                     }
                 }
-                _ => return Err(format!("{} is not supported", what())),
+                _ => {
+                    return Err(Refusal::Op {
+                        op: node.op.name(),
+                        node: node.name.clone(),
+                    })
+                }
             };
             let y = new_slot(y_val, &mut slot_of)?;
             ops.push(Step { op, y });
@@ -799,7 +855,7 @@ impl Tape {
                 }
             };
             if !ok {
-                return Err("operand shapes disagree".into());
+                return Err(Refusal::Graph("operand shapes disagree".into()));
             }
         }
         let tapped: Vec<usize> = taps
@@ -810,10 +866,9 @@ impl Tape {
         let tap_slots = taps
             .iter()
             .map(|v| {
-                slot_of
-                    .get(v)
-                    .copied()
-                    .ok_or_else(|| format!("tap '{}' is not computed", g.values[*v].name))
+                slot_of.get(v).copied().ok_or_else(|| {
+                    Refusal::Graph(format!("tap '{}' is not computed", g.values[*v].name))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let cols = ops
@@ -888,7 +943,7 @@ impl Tape {
     }
 
     /// Run the batch `x` (`[N, C, ...]` flattened) and return the moments of every tap.
-    pub fn forward(&mut self, x: &[f32]) -> Vec<Moments> {
+    pub fn forward(&mut self, x: &[f32]) -> Vec<TapMoments> {
         let s0 = self.slots[0];
         let len0 = s0.c * s0.hw;
         assert_eq!(x.len(), self.n * len0, "tape input of the wrong size");
@@ -928,7 +983,7 @@ impl Tape {
                     mean.extend_from_slice(&img.moments[t].0);
                     m2.extend_from_slice(&img.moments[t].1);
                 }
-                Moments {
+                TapMoments {
                     n: self.n,
                     c: slots[s].c,
                     hw: slots[s].hw,
@@ -941,7 +996,7 @@ impl Tape {
 
     /// After [`Tape::forward`]: the gradient at the input (`[N, C, ...]`), given the loss gradient
     /// at every tap.
-    pub fn backward(&mut self, coeffs: &[Coeffs]) -> Vec<f32> {
+    pub fn backward(&mut self, coeffs: &[TapGradient]) -> Vec<f32> {
         assert_eq!(coeffs.len(), self.taps.len(), "one gradient per tap");
         let s0 = self.slots[0];
         let len0 = s0.c * s0.hw;
@@ -1037,7 +1092,7 @@ impl Kernel for Forward<'_> {
             let (om, o2) = &mut img.moments[t];
             for ch in 0..c {
                 om[ch] = mean[ch];
-                o2[ch] = zq_synth::engine::m2_about_mean(mean[ch], sq[ch], hw);
+                o2[ch] = zq_kernels::stats::m2_about_mean(mean[ch], sq[ch], hw);
             }
         }
     }
@@ -1048,7 +1103,7 @@ struct Backward<'a> {
     ops: &'a [Step],
     slots: &'a [Slot],
     taps: &'a [usize],
-    coeffs: &'a [Coeffs],
+    coeffs: &'a [TapGradient<'a>],
     b: usize,
     img: &'a mut Image,
     g: &'a mut Grads,

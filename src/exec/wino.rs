@@ -412,8 +412,17 @@ mod tests {
         (0..c * hw).map(|k| x[(k % hw) * c + k / hw]).collect()
     }
 
+    /// Deterministic values in [-1, 1) (a linear congruential generator; any spread will do).
     fn rand(n: usize, seed: u64) -> Vec<f32> {
-        zq_synth::adam::normal(n, seed)
+        let mut st = seed.wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                st = st
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((st >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
     }
 
     #[test]

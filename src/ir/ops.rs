@@ -185,6 +185,57 @@ impl Op {
         }
     }
 
+    /// How many inputs the op takes, (required, at most), optional ones counted. Every op is
+    /// listed: a new op must say its arity here before the reader accepts it.
+    pub fn arity(&self) -> (usize, usize) {
+        match self {
+            Op::Conv(_) | Op::Gemm { .. } => (2, 3),
+            Op::BatchNorm { .. } => (5, 5),
+            Op::Clip => (1, 3),
+            Op::PRelu
+            | Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::MatMul
+            | Op::Reshape { .. }
+            | Op::Gather { .. }
+            | Op::Unsqueeze => (2, 2),
+            Op::Pad { .. } => (2, 4),
+            Op::Slice => (3, 5),
+            Op::Squeeze => (1, 2),
+            Op::Dropout => (1, 3),
+            Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. } => (2, 3),
+            Op::Concat { .. } => (1, usize::MAX),
+            Op::Relu
+            | Op::LeakyRelu { .. }
+            | Op::Sigmoid
+            | Op::HardSigmoid { .. }
+            | Op::HardSwish
+            | Op::Tanh
+            | Op::Erf
+            | Op::MaxPool(_)
+            | Op::AveragePool(_)
+            | Op::GlobalAveragePool
+            | Op::GlobalMaxPool
+            | Op::Flatten { .. }
+            | Op::Softmax { .. }
+            | Op::Transpose { .. }
+            | Op::Identity
+            | Op::Shape { .. }
+            | Op::ConstantOfShape { .. }
+            | Op::Cast { .. } => (1, 1),
+        }
+    }
+
+    /// How many outputs zq supports (Dropout's optional mask is the only second one).
+    pub fn max_outputs(&self) -> usize {
+        match self {
+            Op::Dropout => 2,
+            _ => 1,
+        }
+    }
+
     /// Layers whose weights a quantizer acts on (when the weight is a constant).
     pub fn is_weighted(&self) -> bool {
         matches!(self, Op::Conv(_) | Op::Gemm { .. } | Op::MatMul)

@@ -17,17 +17,8 @@ pub fn qrange(dt: DType) -> Option<(f32, f32)> {
     })
 }
 
-/// Round half to even (ONNX QuantizeLinear's rounding; `f32::round` rounds half away from zero).
-pub fn round_half_even(x: f32) -> f32 {
-    // Adding and removing 1.5 * 2^23 rounds to nearest, ties to even, in the default rounding
-    // mode, for |x| < 2^22; it inlines, while `round_ties_even` is a libm call on baseline x86-64.
-    const MAGIC: f32 = 12_582_912.0;
-    if x.abs() < 4_194_304.0 {
-        (x + MAGIC) - MAGIC
-    } else {
-        x.round_ties_even()
-    }
-}
+/// Round half to even (ONNX QuantizeLinear's rounding), zq-quant's one definition.
+pub use zq_quant::round_half_even;
 
 /// Check the parameter lengths and resolve a negative axis.
 pub fn resolve(

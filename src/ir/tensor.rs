@@ -192,7 +192,7 @@ impl Tensor {
             let mut v = self.to_f32_vec();
             if to == DType::F16 {
                 for x in &mut v {
-                    *x = half::f16::from_f32(*x).to_f32();
+                    *x = zq_quant::f16_round(*x);
                 }
             }
             Data::F32(v)

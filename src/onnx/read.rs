@@ -336,24 +336,7 @@ fn value_info_type(vi: &proto::ValueInfoProto) -> Result<(DType, Vec<Dim>), Stri
 }
 
 fn check_arity(op: &Op, inputs: &[Option<ValueId>], outputs: &[ValueId]) -> Result<(), String> {
-    let (min, max) = match op {
-        Op::Conv(_) => (2, 3),
-        Op::Gemm { .. } => (2, 3),
-        Op::BatchNorm { .. } => (5, 5),
-        Op::Clip => (1, 3),
-        Op::PRelu | Op::Add | Op::Sub | Op::Mul | Op::Div | Op::MatMul | Op::Reshape { .. } => {
-            (2, 2)
-        }
-        Op::Gather { .. } => (2, 2),
-        Op::Pad { .. } => (2, 4),
-        Op::Slice => (3, 5),
-        Op::Squeeze => (1, 2),
-        Op::Unsqueeze => (2, 2),
-        Op::Dropout => (1, 3),
-        Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. } => (2, 3),
-        Op::Concat { .. } => (1, usize::MAX),
-        _ => (1, 1),
-    };
+    let (min, max) = op.arity();
     let present = inputs
         .iter()
         .rposition(|i| i.is_some())
@@ -378,10 +361,7 @@ fn check_arity(op: &Op, inputs: &[Option<ValueId>], outputs: &[ValueId]) -> Resu
     if outputs.is_empty() {
         return Err("has no outputs".into());
     }
-    let max_out = match op {
-        Op::Dropout => 2,
-        _ => 1,
-    };
+    let max_out = op.max_outputs();
     if outputs.len() > max_out {
         return Err(format!(
             "has {} outputs, zq supports {max_out}",

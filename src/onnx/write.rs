@@ -175,7 +175,28 @@ fn attributes(op: &Op) -> Vec<proto::AttributeProto> {
         Op::QuantizeLinear { axis } | Op::DequantizeLinear { axis } => {
             a.push(attr_int("axis", *axis))
         }
-        _ => {}
+        // No attributes (or only defaults): listed, so a new op is a compile error here.
+        Op::MatMul
+        | Op::Relu
+        | Op::Clip
+        | Op::PRelu
+        | Op::Sigmoid
+        | Op::HardSwish
+        | Op::Tanh
+        | Op::Erf
+        | Op::Add
+        | Op::Sub
+        | Op::Mul
+        | Op::Div
+        | Op::GlobalAveragePool
+        | Op::GlobalMaxPool
+        | Op::Slice
+        | Op::Squeeze
+        | Op::Unsqueeze
+        | Op::Identity
+        | Op::Dropout
+        | Op::Transpose { perm: None }
+        | Op::Reshape { allowzero: false } => {}
     }
     a
 }

@@ -51,13 +51,7 @@ pub fn plane_moments(p: &[f32]) -> (f64, f64) {
     (m, m2_about_mean(m, m2, p.len()))
 }
 
-/// The sum of squared deviations about the exact mean `m`, from `sq`, the sum taken about its
-/// f32 rounding (where f32 loops centre): `sum (x - m)^2 = sum (x - mf)^2 - n (m - mf)^2`.
-#[inline(always)]
-pub fn m2_about_mean(m: f64, sq: f64, n: usize) -> f64 {
-    let shift = m - f64::from(m as f32);
-    (sq - n as f64 * shift * shift).max(0.0)
-}
+use zq_kernels::stats::m2_about_mean;
 
 #[inline(always)]
 fn sum8(p: &[f32], f: impl Fn(f32) -> f32) -> f64 {

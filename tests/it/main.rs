@@ -5,6 +5,7 @@ mod distill;
 mod exec;
 mod fuzz;
 mod hostile;
+mod layout;
 mod man;
 mod quantize;
 mod shared;

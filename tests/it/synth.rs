@@ -26,8 +26,10 @@ fn real_images_match_bn_statistics_better_than_noise() {
         assert_eq!(tm.bn_targets().len(), n_bn);
         let dev = tm.plan.device().clone();
         let loss = |x: &Tensor| -> f32 {
-            let taps = tm.forward_taps(x).unwrap();
-            let (_, per) = zeroq::loss(x, &taps, tm.bn_targets()).unwrap();
+            let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut auto = zq_synth::Autograd::new(&tm);
+            let (_, per, _) =
+                zeroq::loss_and_grad(&mut auto, &xv, zeroq::Stats::PerSample, false).unwrap();
             per.iter().sum()
         };
         let data = Tensor::from_vec(x, xs.as_slice(), &dev).unwrap();
@@ -71,9 +73,10 @@ fn zeroq_distillation_matches_statistics_inside_the_box() {
     let a = zeroq::distill(&mut *tm.engine(), &cfg, &mut |_, _| {}).unwrap();
     assert!(a.images.iter().all(|v| (-1.0..=1.0).contains(v)));
     // Gaussian noise of the same shape, scored the same way.
-    let dev = tm.plan.device().clone();
-    let noise = Tensor::from_vec(zq_synth::adam::normal(8 * 64, 99), (8, 1, 8, 8), &dev).unwrap();
-    let (_, per) = zeroq::loss(&noise, &tm.forward_taps(&noise).unwrap(), tm.bn_targets()).unwrap();
+    let noise = zq_synth::adam::normal(8 * 64, 99);
+    let mut auto = zq_synth::Autograd::new(&tm);
+    let (_, per, _) =
+        zeroq::loss_and_grad(&mut auto, &noise, zeroq::Stats::PerSample, false).unwrap();
     let noise_loss: f32 = per.iter().sum();
     eprintln!(
         "digits_bn: BN loss noise {noise_loss}, start {}, distilled {}",

@@ -6,3 +6,4 @@
 pub mod gemm;
 pub mod int8;
 pub mod simd;
+pub mod stats;

@@ -203,10 +203,10 @@ pub fn calibrate(
     for s in (0..n).step_by(batch.max(1)) {
         let m = batch.min(n - s);
         progress("calibrating", s + m, n);
-        if !plans.contains_key(&m) {
-            plans.insert(m, Plan::new(g, m)?);
-        }
-        let plan = &plans[&m];
+        let plan = match plans.entry(m) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Plan::new(g, m)?),
+        };
         let shape = plan.input_shape(0).to_vec();
         let t = CTensor::from_slice(&set.images[s * per..(s + m) * per], shape, plan.device())?;
         let (_, taps) = plan.run_with(&[t], &opts)?;

@@ -101,7 +101,7 @@ unsafe fn tile<const I4: bool>(
     b: usize,
     half: usize,
 ) {
-    // SAFETY (whole body): the A reads are 4 i16 at `r * kq + 4 g` with `4 g + 4 <= kq`, inside
+    // SAFETY: (whole body) the A reads are 4 i16 at `r * kq + 4 g` with `4 g + 4 <= kq`, inside
     // `abuf` (MR * kq values); the weight reads are 16-byte loads at offsets below 64 within group
     // `g < kq / 4` (int8) or pair `h < kq / 8` (int4) of block `b`, inside `w.data()` since
     // `kq <= kp`; `corr` and `scale` have `blocks * 16` entries and `col + 8 <= blocks * 16`.
@@ -244,7 +244,7 @@ unsafe fn depthwise<const I4: bool>(job: &DwJob<'_>) {
         let mut p0 = 0;
         while p0 < job.npix {
             let np = DW_P.min(job.npix - p0);
-            // SAFETY (whole block): pixel rows `p0..p0 + np` are below `npix` (missing tile rows
+            // SAFETY: (whole block) pixel rows `p0..p0 + np` are below `npix` (missing tile rows
             // repeat the last one and are not stored), so each `ptrs` index is below
             // `npix * taps`; each pointer has `c` readable bytes: a 16-byte load is done only when
             // `ch0 + 16 <= c`, otherwise the `lanes` valid bytes are copied to a stack buffer;

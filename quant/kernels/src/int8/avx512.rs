@@ -211,7 +211,7 @@ unsafe fn tile<const MR: usize, const NV: usize, const I4: bool>(
     rows: usize,
     b: usize,
 ) {
-    // SAFETY (whole body): rows `row0..row0 + rows` of A have `k` readable bytes each (the job's
+    // SAFETY: (whole body) rows `row0..row0 + rows` of A have `k` readable bytes each (the job's
     // invariant) and every A read below stays within `k` bytes of a row pointer; the weight reads
     // stay within blocks `b..b + NV` of `w.data()` (block `bb` spans `block_stride` bytes: `kp / 4`
     // groups of 64 for int8, `kp / 8` pairs of 64 for int4, and `k <= kp`); the `corr` and
@@ -371,7 +371,7 @@ unsafe fn depthwise<const I4: bool>(job: &DwJob<'_>) {
         let mut p0 = 0;
         while p0 < job.npix {
             let np = DW_P.min(job.npix - p0);
-            // SAFETY (whole block): pixel rows `p0..p0 + np` are below `npix` (missing tile rows
+            // SAFETY: (whole block) pixel rows `p0..p0 + np` are below `npix` (missing tile rows
             // repeat the last one and are not stored), so each `ptrs` index is below
             // `npix * taps`; each pointer has `c` readable bytes and the masked loads read only
             // channels `ch0..ch0 + lanes <= c` (masked-off lanes are never accessed); the weight

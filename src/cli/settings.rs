@@ -1,0 +1,81 @@
+//! The settings step: parsed flags (already typed by `args`' value parsers) become the
+//! pipelines' options, once, in one place. The options validate themselves (`validate`), so a
+//! library caller that builds them directly gets the same one-line errors as the command line.
+
+use crate::data::Preprocess;
+use crate::pipeline::{distill, quantize};
+
+use super::args::{self, DistillArgs, PreprocessArgs, QuantizeArgs};
+
+pub fn preprocess(a: &PreprocessArgs) -> Preprocess {
+    Preprocess {
+        mean: a.mean.0.clone(),
+        std: a.std.0.clone(),
+    }
+}
+
+pub fn distill_options(a: &DistillArgs) -> crate::Result<distill::DistillOptions> {
+    let o = distill::DistillOptions {
+        num: a.num as usize,
+        batch: a.batch.min(a.num) as usize,
+        iters: a.iters as usize,
+        lr: a.lr,
+        seed: a.seed,
+        pre: preprocess(&a.pre),
+        stats: a.stats.into(),
+    };
+    o.validate()?;
+    Ok(o)
+}
+
+/// `zq quantize`'s options; `model_file_bytes` resolves a percentage `--budget`.
+pub fn quantize_options(a: &QuantizeArgs, model_file_bytes: u64) -> quantize::QuantizeOptions {
+    let calib = match (&a.data, &a.calib_dir) {
+        (Some(d), _) => quantize::Calib::File(d.clone()),
+        (None, Some(dir)) => quantize::Calib::Images {
+            dir: dir.clone(),
+            num: a.num as usize,
+        },
+        (None, None) => quantize::Calib::Distill {
+            num: a.num as usize,
+            iters: a.iters as usize,
+            stats: a.stats.into(),
+        },
+    };
+    quantize::QuantizeOptions {
+        wbits: a.wbits,
+        per_tensor: a.per_tensor,
+        clip: match a.clip {
+            args::Clip::Minmax => zq_quant::ClipSearch::MinMax,
+            args::Clip::Mse => zq_quant::ClipSearch::Mse,
+        },
+        layer_bits: a
+            .layer_bits
+            .iter()
+            .map(|l| (l.name.clone(), l.bits))
+            .collect(),
+        keep_float: a.keep_float.iter().cloned().collect(),
+        calib,
+        holdout: a.holdout as usize,
+        holdout_iters: a.iters as usize,
+        holdout_stats: a.stats.into(),
+        seed: a.seed,
+        pre: preprocess(&a.pre),
+        bn_sigmas: a.bn_sigmas,
+        residual_widen: a.residual_widen,
+        bias_correction: !a.no_bias_correction,
+        pareto: a.pareto.then(|| quantize::ParetoOptions {
+            budget: a.budget.map_or(u64::MAX, |b| b.resolve(model_file_bytes)),
+            bops_budget: a.bops_budget,
+            bits: a.bits.0.clone(),
+        }),
+        format: match a.format {
+            args::Format::Onnx => quantize::OutputFormat::Onnx,
+            args::Format::Safetensors => quantize::OutputFormat::Safetensors,
+        },
+        gate: quantize::Gate {
+            min_agreement: a.min_agreement,
+            max_kl: a.max_kl,
+        },
+    }
+}
