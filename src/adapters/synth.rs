@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use zq_synth::{Autograd, BnTarget, Coeffs, Moments, TapGrad, TapModel};
 
 use crate::error::{Error, Result};
-use crate::exec::tape::{Refusal, TapGradient, Tape};
+use crate::exec::compiled::tape::{Refusal, TapGradient, Tape};
 use crate::exec::{Plan, RunOptions};
 use crate::ir::{Graph, Op, ValueId};
 

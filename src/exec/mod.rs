@@ -1,11 +1,13 @@
-//! Executors. `Plan` runs a specialised graph on candle-core tensors (CPU, differentiable: every
-//! op is built from candle ops with gradients, so distillation can back-propagate to the input).
+//! Executors. This module is the reference executor: `Plan` runs a specialised graph on
+//! candle-core tensors (CPU, differentiable: every op is built from candle ops with gradients,
+//! so distillation can back-propagate to the input), with `conv` (the one place convolutions are
+//! lowered) and `fused` (BN and ReLU with one-pass backward). `compiled` holds the engines that
+//! lower a graph once into steps over preallocated buffers; `ort` loads ONNX Runtime, the oracle.
 
+pub mod compiled;
 pub mod conv;
 pub mod fused;
 pub mod ort;
-pub mod tape;
-pub mod wino;
 
 use std::collections::HashMap;
 

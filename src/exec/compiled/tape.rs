@@ -19,9 +19,9 @@ use rayon::prelude::*;
 use zq_kernels::gemm::{sgemm, MatMut, MatRef};
 use zq_kernels::simd::{vectorize, Kernel};
 
-use super::conv::Geo;
 use super::wino::{Wino, WinoShape};
-use super::{Kind, Plan};
+use crate::exec::conv::Geo;
+use crate::exec::{Kind, Plan};
 use crate::ir::{Op, ValueId};
 
 /// One op of the tape and the slot it writes.
@@ -276,7 +276,8 @@ fn gather_map(
                 })
             })
             .collect();
-        let y = super::eval(node, &plan.steps[i].kind, &ins).map_err(|e| form(e.to_string()))?;
+        let y =
+            crate::exec::eval(node, &plan.steps[i].kind, &ins).map_err(|e| form(e.to_string()))?;
         y.flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(|e| form(e.to_string()))
