@@ -61,8 +61,65 @@ pub fn search(
 ) -> Result<ParetoReport> {
     let t0 = std::time::Instant::now();
     let plan = Plan::new(g, batch)?;
-    let pg = &plan.graph;
-    // Candidate layers: weighted, constant weight, not kept in float, not pinned by --layer-bits.
+    let cand = candidates(&plan.graph, o)?;
+    let names: Vec<String> = cand
+        .iter()
+        .map(|&(ni, _)| plan.graph.nodes[ni].name.clone())
+        .collect();
+    let sens = sensitivities(&plan, x, &cand, o, p, progress)?;
+    let (base, cost) = sizes(g, cal, o, p, &names, model_name, progress)?;
+    let options: Vec<Vec<Choice>> = sens
+        .iter()
+        .zip(&cost)
+        .map(|(row, bytes)| {
+            row.iter()
+                .zip(bytes)
+                .map(|(&(bits, sensitivity), &bytes)| Choice {
+                    bits,
+                    bytes,
+                    sensitivity,
+                })
+                .collect()
+        })
+        .collect();
+    let front = pareto::frontier(base, &options);
+    let uniform: Vec<Point> = p
+        .bits
+        .iter()
+        .enumerate()
+        .map(|(k, &b)| Point {
+            bytes: base + cost.iter().map(|c| c[k]).sum::<u64>(),
+            sensitivity: sens.iter().map(|r| r[k].1).sum(),
+            bits: vec![b; cand.len()],
+        })
+        .collect();
+    let macs = layer_macs(&plan.graph, &cand);
+    let chosen = choose(&front, base, &options, &macs, p)?;
+    let chosen_bops = chosen
+        .bits
+        .iter()
+        .zip(&macs)
+        .map(|(&b, &m)| zq_quant::cost::bops(m, b, ACT_BITS))
+        .sum();
+    Ok(ParetoReport {
+        chosen_bops,
+        bops_budget: p.bops_budget,
+        macs,
+        budget: p.budget,
+        candidate_bits: p.bits.clone(),
+        layers: names,
+        sensitivity: sens,
+        predicted_bytes: chosen.bytes,
+        chosen,
+        frontier: front,
+        uniform,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Candidate layers of the specialised graph: weighted, constant weight, not kept in float, not
+/// pinned by `--layer-bits`; (node index, weight value).
+fn candidates(pg: &Graph, o: &QuantizeOptions) -> Result<Vec<(usize, ValueId)>> {
     let cand: Vec<(usize, ValueId)> = pg
         .nodes
         .iter()
@@ -83,21 +140,29 @@ pub fn search(
             "--pareto: no layer left to choose bits for".into(),
         ));
     }
-    let names: Vec<String> = cand
-        .iter()
-        .map(|&(ni, _)| pg.nodes[ni].name.clone())
-        .collect();
+    Ok(cand)
+}
 
-    // Sensitivity: each perturbed run starts at its layer from the cached FP32 activations.
+/// ZeroQ sensitivity of every candidate at every width: each perturbed run starts at its layer
+/// from the cached FP32 activations of the calibration batch.
+fn sensitivities(
+    plan: &Plan,
+    x: &[f32],
+    cand: &[(usize, ValueId)],
+    o: &QuantizeOptions,
+    p: &ParetoOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Vec<Vec<(u8, f64)>>> {
+    let pg = &plan.graph;
     let xt = CTensor::from_slice(x, plan.input_shape(0), plan.device())?;
-    let mut model = PlanPerturb::new(&plan, &xt, &cand)?;
+    let mut model = PlanPerturb::new(plan, &xt, cand)?;
     let reference = model.reference()?;
-    let classes = reference.len() / batch;
+    let classes = reference.len() / plan.input_shape(0)[0].max(1);
     let weights: Vec<Vec<f32>> = cand
         .iter()
         .map(|&(_, w)| pg.konst(w).unwrap().to_f32_vec())
         .collect();
-    let candidates: Vec<Candidate> = cand
+    let layers: Vec<Candidate> = cand
         .iter()
         .zip(&weights)
         .map(|(&(ni, w), wf)| Candidate {
@@ -109,38 +174,45 @@ pub fn search(
             },
         })
         .collect();
-    let sens = sensitivity_table(
+    sensitivity_table(
         &mut model,
         &reference,
         classes,
-        &candidates,
+        &layers,
         &p.bits,
         o.clip,
         &mut |done, total| progress("measuring sensitivity", done, total),
-    )?;
+    )
+}
 
-    // Exact sizes: serialise once with every candidate at 8 bits, then each choice changes only
-    // its own layer (layers' bytes are independent of each other).
+/// Exact sizes in the output format: serialise once with every candidate at 8 bits, then each
+/// choice with only its own layer changed (layers' bytes are independent of each other).
+/// Returns the base size and, per candidate and width, the bytes above that layer's cheapest.
+#[allow(clippy::too_many_arguments)]
+fn sizes(
+    g: &Graph,
+    cal: &Calibration,
+    o: &QuantizeOptions,
+    p: &ParetoOptions,
+    names: &[String],
+    model_name: &str,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<(u64, Vec<Vec<u64>>)> {
     let mut all8 = o.clone();
-    for nm in &names {
+    for nm in names {
         all8.layer_bits.insert(nm.clone(), 8);
     }
     let plan8 = quantization_plan(g, cal, &all8);
-    let (layers8, _, _) = report::layers(g, &plan8);
-    let bytes_of = |qg: &Graph| -> Result<i64> {
-        Ok(report::serialize(qg, o.format, model_name, &layers8)?.len() as i64)
+    let size_of = |plan: &zq_quant::QuantPlan<ValueId>, qg: &Graph| -> Result<i64> {
+        let (layers, _, _) = report::layers(g, plan);
+        Ok(report::serialize(qg, o.format, model_name, &layers)?.len() as i64)
     };
-    let size8 = report::serialize(
-        &finalize(insert_qdq(g, &plan8)?)?,
-        o.format,
-        model_name,
-        &layers8,
-    )?
-    .len() as u64;
-    let raw8 = bytes_of(&insert_qdq(g, &plan8)?)?;
+    // The written file also declares its output shapes; the deltas are taken without them.
+    let size8 = size_of(&plan8, &finalize(insert_qdq(g, &plan8)?)?)?;
+    let raw8 = size_of(&plan8, &insert_qdq(g, &plan8)?)?;
     let by_name: HashMap<&str, &crate::ir::Node> =
         g.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let mut delta: Vec<Vec<i64>> = Vec::with_capacity(cand.len());
+    let mut delta: Vec<Vec<i64>> = Vec::with_capacity(names.len());
     for (ci, nm) in names.iter().enumerate() {
         let mut row = Vec::with_capacity(p.bits.len());
         for &b in &p.bits {
@@ -162,9 +234,7 @@ pub fn search(
             {
                 pb.layers.insert(nm.clone(), l);
             }
-            let (lb, _, _) = report::layers(g, &pb);
-            let qb = insert_qdq(g, &pb)?;
-            row.push(report::serialize(&qb, o.format, model_name, &lb)?.len() as i64 - raw8);
+            row.push(size_of(&pb, &insert_qdq(g, &pb)?)? - raw8);
         }
         delta.push(row);
     }
@@ -172,38 +242,17 @@ pub fn search(
         .iter()
         .map(|r| r.iter().copied().min().unwrap_or(0))
         .collect();
-    let cost = |ci: usize, b: u8| -> u64 {
-        let k = p.bits.iter().position(|&x| x == b).unwrap();
-        (delta[ci][k] - low[ci]) as u64
-    };
-    let base = (size8 as i64 + low.iter().sum::<i64>()) as u64;
-    let options: Vec<Vec<Choice>> = (0..cand.len())
-        .map(|ci| {
-            sens[ci]
-                .iter()
-                .map(|&(b, s)| Choice {
-                    bits: b,
-                    bytes: cost(ci, b),
-                    sensitivity: s,
-                })
-                .collect()
-        })
-        .collect();
-    let front = pareto::frontier(base, &options);
-    let uniform: Vec<Point> = p
-        .bits
+    let cost = delta
         .iter()
-        .map(|&b| Point {
-            bytes: base + (0..cand.len()).map(|ci| cost(ci, b)).sum::<u64>(),
-            sensitivity: sens
-                .iter()
-                .map(|r| r.iter().find(|x| x.0 == b).map_or(0.0, |x| x.1))
-                .sum(),
-            bits: vec![b; cand.len()],
-        })
+        .zip(&low)
+        .map(|(r, &l)| r.iter().map(|&d| (d - l) as u64).collect())
         .collect();
-    let macs: Vec<u64> = cand
-        .iter()
+    Ok(((size8 + low.iter().sum::<i64>()) as u64, cost))
+}
+
+/// Multiply-accumulates per image of each candidate: output elements x weights per output.
+fn layer_macs(pg: &Graph, cand: &[(usize, ValueId)]) -> Vec<u64> {
+    cand.iter()
         .map(|&(ni, wv)| {
             let n = &pg.nodes[ni];
             let out = pg.values[n.outputs[0]].shape.clone().unwrap_or_default();
@@ -211,11 +260,20 @@ pub fn search(
             let oc = out.get(1).copied().unwrap_or(1);
             zq_quant::cost::macs(per_image, pg.konst(wv).unwrap().len(), oc)
         })
-        .collect();
+        .collect()
+}
+
+/// The least sensitive assignment within the budgets, or why there is none.
+fn choose(
+    front: &[Point],
+    base: u64,
+    options: &[Vec<Choice>],
+    macs: &[u64],
+    p: &ParetoOptions,
+) -> Result<Point> {
     let bops = |ci: usize, b: u8| zq_quant::cost::bops(macs[ci], b, ACT_BITS);
-    let fewest_bits = p.bits.iter().min().copied().unwrap_or(0);
     let chosen = match p.bops_budget {
-        None => pareto::pick(&front, p.budget).cloned(),
+        None => pareto::pick(front, p.budget).cloned(),
         Some(max_bops) => {
             let with_bops: Vec<Vec<BopsChoice>> = options
                 .iter()
@@ -239,9 +297,10 @@ pub fn search(
             })
         }
     };
-    let chosen = chosen.ok_or_else(|| {
+    chosen.ok_or_else(|| {
+        let fewest_bits = p.bits.iter().min().copied().unwrap_or(0);
         let smallest = front.first().map_or(0, |f| f.bytes);
-        let least_bops = (0..cand.len()).map(|ci| bops(ci, fewest_bits)).sum();
+        let least_bops = (0..options.len()).map(|ci| bops(ci, fewest_bits)).sum();
         Error::Infeasible(infeasible_message(&pareto::diagnose(
             p.budget,
             p.bops_budget,
@@ -249,25 +308,5 @@ pub fn search(
             least_bops,
             fewest_bits,
         )))
-    })?;
-    let chosen_bops = chosen
-        .bits
-        .iter()
-        .enumerate()
-        .map(|(ci, &b)| bops(ci, b))
-        .sum();
-    Ok(ParetoReport {
-        chosen_bops,
-        bops_budget: p.bops_budget,
-        macs,
-        budget: p.budget,
-        candidate_bits: p.bits.clone(),
-        layers: names,
-        sensitivity: sens,
-        predicted_bytes: chosen.bytes,
-        chosen,
-        frontier: front,
-        uniform,
-        seconds: t0.elapsed().as_secs_f64(),
     })
 }
