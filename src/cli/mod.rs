@@ -231,15 +231,39 @@ fn cmd_distill(p: &Printer, a: DistillArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The model, then the frontier JSON and plot when asked for; each atomically.
+fn write_quantized(
+    a: &QuantizeArgs,
+    out: &std::path::Path,
+    q: &quantize::Quantized,
+) -> anyhow::Result<()> {
+    crate::onnx::write::write_atomic(out, &q.bytes)?;
+    if let (Some(f), Some(p)) = (&a.frontier, &q.report.pareto) {
+        crate::onnx::write::write_atomic(f, &serde_json::to_vec_pretty(p)?)?;
+    }
+    if let (Some(f), Some(p)) = (&a.plot, &q.report.pareto) {
+        let title = format!(
+            "{}: size vs. sensitivity",
+            a.model
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
+        let svg = crate::pipeline::plot::frontier_svg(p, &title)?;
+        crate::onnx::write::write_atomic(f, svg.as_bytes())?;
+    }
+    Ok(())
+}
+
 #[derive(serde::Serialize)]
-struct QuantizeSummary {
-    output: Option<String>,
+pub struct QuantizeSummary {
+    pub output: Option<String>,
     /// false when a gate refused the result (nothing was written).
-    written: bool,
-    file_bytes: Option<u64>,
+    pub written: bool,
+    pub file_bytes: Option<u64>,
     #[serde(flatten)]
-    report: quantize::QuantizeReport,
-    seconds: f64,
+    pub report: quantize::QuantizeReport,
+    pub seconds: f64,
 }
 
 fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
@@ -257,9 +281,6 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let model = crate::onnx::read_model(&a.model)?;
     let opts = settings::quantize_options(&a, model.file_bytes);
     if a.pareto {
-        if a.budget.is_none() && a.bops_budget.is_none() {
-            anyhow::bail!("--pareto needs --budget SIZE and/or --bops-budget BOPS");
-        }
         if let Some(f) = &a.frontier {
             prepare_output(f, "--frontier")?;
         }
@@ -290,26 +311,12 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         .map(|qual| opts.gate.failures(qual))
         .unwrap_or_default();
     let written = failed.is_empty();
-    let mut file_bytes = None;
-    if written {
-        crate::onnx::write::write_atomic(&out, &q.bytes)?;
-        if let (Some(f), Some(p)) = (&a.frontier, &q.report.pareto) {
-            let j = serde_json::to_vec_pretty(p)?;
-            crate::onnx::write::write_atomic(f, &j)?;
-        }
-        if let (Some(f), Some(p)) = (&a.plot, &q.report.pareto) {
-            let title = format!(
-                "{}: size vs. sensitivity",
-                a.model
-                    .file_name()
-                    .map(|n| n.to_string_lossy())
-                    .unwrap_or_default()
-            );
-            let svg = crate::pipeline::plot::frontier_svg(p, &title)?;
-            crate::onnx::write::write_atomic(f, svg.as_bytes())?;
-        }
-        file_bytes = std::fs::metadata(&out).ok().map(|m| m.len());
-    }
+    let file_bytes = if written {
+        write_quantized(&a, &out, &q)?;
+        std::fs::metadata(&out).ok().map(|m| m.len())
+    } else {
+        None
+    };
     let r = QuantizeSummary {
         output: written.then(|| out.display().to_string()),
         written,
@@ -320,45 +327,7 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     if p.json {
         p.json(&r)?;
     } else {
-        let count =
-            |f: &dyn Fn(Option<u8>) -> bool| r.report.layers.iter().filter(|l| f(l.bits)).count();
-        println!(
-            "{}: {} of {} layers quantized to integers ({} float16, {} float; {} BN folded), weights {} -> {}, calibrated on {}",
-            r.output.as_deref().unwrap_or("(not written)"),
-            count(&|b| b.is_some_and(|b| b <= 8)),
-            r.report.layers.len(),
-            count(&|b| b == Some(16)),
-            count(&|b| b.is_none()),
-            r.report.bn_folded,
-            crate::units::human_bytes(r.report.fp32_weight_bytes as u64),
-            crate::units::human_bytes(r.report.quantized_weight_bytes as u64),
-            r.report.calibration
-        );
-        if let Some(pr) = &r.report.pareto {
-            let mut hist = std::collections::BTreeMap::new();
-            for b in &pr.chosen.bits {
-                *hist.entry(*b).or_insert(0) += 1;
-            }
-            println!(
-                "pareto: {} frontier points; chosen {} layers at {:?} (bits: layers), summed sensitivity {:.5}, predicted {} bytes, written {} bytes, {} bit-operations per image ({:.1} s search)",
-                pr.frontier.len(),
-                pr.layers.len(),
-                hist,
-                pr.chosen.sensitivity,
-                pr.predicted_bytes,
-                r.file_bytes.unwrap_or(0),
-                pr.chosen_bops,
-                pr.seconds
-            );
-        }
-        if let Some(qual) = &r.report.quality {
-            println!(
-                "estimated on {} held-out distilled images: agreement with FP32 {:.2}%, KL {:.5}",
-                qual.images,
-                100.0 * qual.agreement,
-                qual.kl
-            );
-        }
+        printer::print_quantize(&r);
     }
     if !written {
         eprintln!(

@@ -162,3 +162,46 @@ pub fn print_inspect(r: &InspectReport) {
         println!("warning: {w}");
     }
 }
+
+/// `zq quantize`'s summary: layer storage, sizes, the Pareto choice, the quality estimate.
+pub fn print_quantize(r: &super::QuantizeSummary) {
+    let count =
+        |f: &dyn Fn(Option<u8>) -> bool| r.report.layers.iter().filter(|l| f(l.bits)).count();
+    println!(
+        "{}: {} of {} layers quantized to integers ({} float16, {} float; {} BN folded), weights {} -> {}, calibrated on {}",
+        r.output.as_deref().unwrap_or("(not written)"),
+        count(&|b| b.is_some_and(|b| b <= 8)),
+        r.report.layers.len(),
+        count(&|b| b == Some(16)),
+        count(&|b| b.is_none()),
+        r.report.bn_folded,
+        human_bytes(r.report.fp32_weight_bytes as u64),
+        human_bytes(r.report.quantized_weight_bytes as u64),
+        r.report.calibration
+    );
+    if let Some(pr) = &r.report.pareto {
+        let mut hist = std::collections::BTreeMap::new();
+        for b in &pr.chosen.bits {
+            *hist.entry(*b).or_insert(0) += 1;
+        }
+        println!(
+            "pareto: {} frontier points; chosen {} layers at {:?} (bits: layers), summed sensitivity {:.5}, predicted {} bytes, written {} bytes, {} bit-operations per image ({:.1} s search)",
+            pr.frontier.len(),
+            pr.layers.len(),
+            hist,
+            pr.chosen.sensitivity,
+            pr.predicted_bytes,
+            r.file_bytes.unwrap_or(0),
+            pr.chosen_bops,
+            pr.seconds
+        );
+    }
+    if let Some(qual) = &r.report.quality {
+        println!(
+            "estimated on {} held-out distilled images: agreement with FP32 {:.2}%, KL {:.5}",
+            qual.images,
+            100.0 * qual.agreement,
+            qual.kl
+        );
+    }
+}

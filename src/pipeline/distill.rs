@@ -109,9 +109,16 @@ pub fn input_box(pc: &[(f32, f32)]) -> Vec<(f32, f32)> {
         .collect()
 }
 
+/// 2^64 / golden ratio: consecutive batches' seeds land far apart (Fibonacci hashing).
+const BATCH_SEED_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The Gaussian-noise reference is drawn from a stream of its own ("noise!" in ASCII), so the
+/// same `--seed` never gives the noise the images started from.
+const NOISE_SEED_XOR: u64 = 0x6E6F_6973_6521;
+
 /// The seed of batch `b`: distinct streams per batch, fixed by the run's seed.
 fn batch_seed(seed: u64, b: usize) -> u64 {
-    seed.wrapping_add((b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    seed.wrapping_add((b as u64).wrapping_mul(BATCH_SEED_STEP))
 }
 
 /// SHA-256 of a file, lowercase hex.
@@ -188,7 +195,7 @@ pub fn distill(
         })?;
         let noise = noise_loss(
             &mut *engine,
-            batch_seed(opts.seed ^ 0x6E6F_6973_6521, b),
+            batch_seed(opts.seed ^ NOISE_SEED_XOR, b),
             opts.stats,
         )?;
         // Each batch's loss is a mean over its images: weight by size for the mean over all.

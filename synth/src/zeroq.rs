@@ -237,6 +237,11 @@ mod tests {
     }
 }
 
+/// ZeroQ's reference schedule: the rate drops tenfold after this many steps without improvement.
+const PLATEAU_PATIENCE: usize = 100;
+/// ... and never below this.
+const MIN_LR: f32 = 1e-4;
+
 /// Settings of a ZeroQ distillation run (reference defaults: lr 0.5, 500 iterations, plateau
 /// patience 100, min lr 1e-4).
 #[derive(Debug, Clone, PartialEq)]
@@ -401,7 +406,7 @@ pub fn distill(
     let mut x = crate::adam::normal(n, cfg.seed);
     project(&mut x, &cfg.bounds, hw);
     let mut opt = crate::adam::Adam::new(n, cfg.lr);
-    let mut sched = crate::adam::Plateau::new(100, 1e-4);
+    let mut sched = crate::adam::Plateau::new(PLATEAU_PATIENCE, MIN_LR);
     let (_, per0, _) = loss_and_grad(model, &x, cfg.stats, false)?;
     let bn_loss_initial: f32 = per0.iter().sum();
     for it in 0..cfg.iters {

@@ -1090,10 +1090,10 @@ impl Kernel for Forward<'_> {
             let mean: Vec<f64> = sums.iter().map(|v| v / hw.max(1) as f64).collect();
             let mf: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
             let sq = column_sums(x, c, |ch, v| (v - mf[ch]) * (v - mf[ch]));
-            let (om, o2) = &mut img.moments[t];
+            let (out_mean, out_m2) = &mut img.moments[t];
             for ch in 0..c {
-                om[ch] = mean[ch];
-                o2[ch] = zq_kernels::stats::m2_about_mean(mean[ch], sq[ch], hw);
+                out_mean[ch] = mean[ch];
+                out_m2[ch] = zq_kernels::stats::m2_about_mean(mean[ch], sq[ch], hw);
             }
         }
     }
