@@ -96,6 +96,16 @@ pub enum Command {
     /// is estimated on held-out distilled images; --min-agreement / --max-kl turn that estimate
     /// into a gate (exit 1, nothing written).
     Quantize(QuantizeArgs),
+    /// Measure zq's integer kernels: GOPS of every kernel variant this CPU runs (scalar, AVX2,
+    /// AVX-512 VNNI) on real layer shapes, single thread, against the measured VNNI peak.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Only the shapes whose "op shape" text contains S (e.g. conv, depthwise, 3136).
+    #[arg(long, value_name = "S", default_value = "")]
+    pub filter: String,
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! The command line: argument definitions (`args`), one function per command, and the printer.
 
 pub mod args;
+pub mod bench;
 pub mod man;
 pub mod printer;
 pub mod settings;
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => cmd_eval(&p, a),
         Command::Distill(a) => cmd_distill(&p, a),
         Command::Quantize(a) => cmd_quantize(&p, a),
+        Command::Bench(a) => bench::cmd_bench(&p, a),
     }
 }
 

@@ -223,3 +223,24 @@ fn help_and_version() {
     assert!(o.stdout.contains("inspect") && o.stdout.contains("eval"));
     assert!(zq(&["--version"]).stdout.starts_with("zq "));
 }
+
+#[test]
+fn bench_measures_every_kernel_variant_and_refuses_an_unknown_one() {
+    let o = zq(&["bench", "--filter", "256x32", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
+    let rows = j["rows"].as_array().unwrap();
+    assert!(rows.iter().any(|r| r["variant"] == "scalar"), "{j}");
+    assert!(
+        rows.iter().all(|r| r["gops"].as_f64().unwrap() > 0.0),
+        "{j}"
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_zq"))
+        .args(["bench", "--filter", "256x32"])
+        .env("ZQ_KERNELS", "bogus")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("ZQ_KERNELS"));
+    zq(&["bench", "--filter", "no-such-shape"]).assert_error("--filter");
+}
