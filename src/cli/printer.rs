@@ -36,11 +36,13 @@ impl Printer {
         pb
     }
 
-    /// Progress of a run in named stages, one bar per stage (hidden off a terminal).
+    /// Progress of a run in named stages: one bar per stage on a terminal; elsewhere (a CI
+    /// log) a plain line at most every [`LOG_EVERY`], so a long run is never silent.
     pub fn stages(&self) -> Stages<'_> {
         Stages {
             printer: self,
             current: None,
+            last_line: std::time::Instant::now(),
         }
     }
 
@@ -57,10 +59,15 @@ impl Printer {
     }
 }
 
+/// How often a run off a terminal prints a progress line.
+pub const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// See [`Printer::stages`]. The bar is cleared when the stage changes and when this is dropped.
 pub struct Stages<'a> {
     printer: &'a Printer,
     current: Option<(String, ProgressBar)>,
+    /// When the last plain progress line was printed (or the run started).
+    last_line: std::time::Instant,
 }
 
 impl Stages<'_> {
@@ -72,6 +79,15 @@ impl Stages<'_> {
             }
             let pb = self.printer.progress(total as u64, "steps");
             self.current = Some((stage.to_string(), pb));
+        }
+        if !self.printer.tty && !self.printer.quiet && self.last_line.elapsed() >= LOG_EVERY {
+            self.last_line = std::time::Instant::now();
+            let detail = if detail.is_empty() {
+                String::new()
+            } else {
+                format!(", {detail}")
+            };
+            eprintln!("zq: {stage} {done}/{total}{detail}");
         }
         if let Some((_, pb)) = &self.current {
             pb.set_position(done as u64);
