@@ -310,33 +310,47 @@ fn bad_input_is_refused_and_nothing_written() {
     );
 }
 
-#[test]
-fn safetensors_output_holds_the_same_packed_weights_as_the_onnx_output() {
-    let t = tempfile::tempdir().unwrap();
+/// The digits fixture quantized to `q.onnx` and `q.safetensors` in `dir` with `flags` (and the
+/// digits calibration flags); returns both paths and the safetensors run's summary.
+fn both_formats(dir: &Path, flags: &[&str]) -> (std::path::PathBuf, std::path::PathBuf, String) {
     let m = fixture("digits_bn/model.onnx");
-    let common = [
-        "--wbits",
-        "4",
-        "--layer-bits",
-        "Gemm_42=8",
-        "--holdout",
-        "0",
-    ];
-    let onnx = t.path().join("q.onnx");
-    let st = t.path().join("q.safetensors");
+    let (onnx, st) = (dir.join("q.onnx"), dir.join("q.safetensors"));
+    let mut summary = String::new();
     for (out, fmt) in [(&onnx, "onnx"), (&st, "safetensors")] {
         let mut a = vec!["quantize", s(&m), "-o", s(out), "--format", fmt];
-        a.extend_from_slice(&common);
+        a.extend_from_slice(flags);
         a.extend_from_slice(&DIGITS[..8]);
         let o = zq(&a);
         assert_eq!(o.code, 0, "{}", o.stderr);
+        summary = o.stdout;
     }
+    (onnx, st, summary)
+}
+
+/// The JSON plan in a quantized safetensors file's header.
+fn plan_of(bytes: &[u8]) -> serde_json::Value {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    serde_json::from_str(&header.metadata().as_ref().unwrap()["zq"]).unwrap()
+}
+
+#[test]
+fn safetensors_output_holds_the_same_packed_weights_as_the_onnx_output() {
+    let t = tempfile::tempdir().unwrap();
+    let (onnx, st, _) = both_formats(
+        t.path(),
+        &[
+            "--wbits",
+            "4",
+            "--layer-bits",
+            "Gemm_42=8",
+            "--holdout",
+            "0",
+        ],
+    );
     let g = read_model(&onnx).unwrap().graph;
     let bytes = std::fs::read(&st).unwrap();
     let f = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let plan: serde_json::Value =
-        serde_json::from_str(&header.metadata().as_ref().unwrap()["zq"]).unwrap();
+    let plan = plan_of(&bytes);
     assert_eq!(plan["format"], "zq.quantized.v1");
     let layers = plan["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 5);
@@ -398,27 +412,19 @@ fn every_layer_is_recoverable_from_both_output_formats() {
     // one layer fewer and held no weight for it) while the summary counted it as quantized.
     let t = tempfile::tempdir().unwrap();
     let m = fixture("digits_bn/model.onnx");
-    let common = [
-        "--layer-bits",
-        "Conv_8=16",
-        "--layer-bits",
-        "Conv_2=4",
-        "--keep-float",
-        "Conv_14",
-        "--holdout",
-        "0",
-    ];
-    let onnx = t.path().join("q.onnx");
-    let st = t.path().join("q.safetensors");
-    let mut summary = String::new();
-    for (out, fmt) in [(&onnx, "onnx"), (&st, "safetensors")] {
-        let mut a = vec!["quantize", s(&m), "-o", s(out), "--format", fmt];
-        a.extend_from_slice(&common);
-        a.extend_from_slice(&DIGITS[..8]);
-        let o = zq(&a);
-        assert_eq!(o.code, 0, "{}", o.stderr);
-        summary = o.stdout;
-    }
+    let (onnx, st, summary) = both_formats(
+        t.path(),
+        &[
+            "--layer-bits",
+            "Conv_8=16",
+            "--layer-bits",
+            "Conv_2=4",
+            "--keep-float",
+            "Conv_14",
+            "--holdout",
+            "0",
+        ],
+    );
     assert!(
         summary.contains("3 of 5 layers quantized to integers (1 float16, 1 float;"),
         "{summary}"
@@ -426,9 +432,7 @@ fn every_layer_is_recoverable_from_both_output_formats() {
     let g = read_model(&onnx).unwrap().graph;
     let bytes = std::fs::read(&st).unwrap();
     let f = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let plan: serde_json::Value =
-        serde_json::from_str(&header.metadata().as_ref().unwrap()["zq"]).unwrap();
+    let plan = plan_of(&bytes);
     let layers = plan["layers"].as_array().unwrap();
     let source = read_model(&m).unwrap().graph;
     let weighted: Vec<&str> = source
