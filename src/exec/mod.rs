@@ -3,6 +3,7 @@
 
 pub mod conv;
 pub mod fused;
+pub mod native;
 pub mod ort;
 pub mod tape;
 pub mod wino;
