@@ -19,6 +19,10 @@ pub trait Classifier {
     fn input_chw(&self) -> [usize; 3];
     /// Run a batch; returns the predicted class of each input.
     fn predict(&mut self, data: Vec<f32>, n: usize) -> Result<Vec<usize>>;
+    /// Get ready for batches of `n` (compile for that size) outside the timed runs.
+    fn prepare(&mut self, _n: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// zq's own executor, with one specialised plan per batch size.
@@ -138,6 +142,9 @@ impl Classifier for NativeClassifier {
     fn predict(&mut self, data: Vec<f32>, n: usize) -> Result<Vec<usize>> {
         let (y, k) = self.scores(&data, n)?;
         Ok(argmax_flat(&y, k))
+    }
+    fn prepare(&mut self, n: usize) -> Result<()> {
+        self.model.program(n).map(|_| ())
     }
 }
 
@@ -275,6 +282,15 @@ pub fn eval(
     opts.pre.per_channel(c)?;
     let pick = spread(folder.items.len(), opts.limit);
     let total = pick.len();
+    // Compile for the batch sizes that will run before the clock starts.
+    for n in [opts.batch.min(total), total % opts.batch.max(1)] {
+        if n > 0 {
+            model.prepare(n)?;
+            if let Some(r) = reference.as_deref_mut() {
+                r.prepare(n)?;
+            }
+        }
+    }
     start(total);
     let (mut correct, mut agree, mut ref_correct) = (0, 0, 0);
     let mut model_secs = 0.0;

@@ -6,6 +6,7 @@ mod exec;
 mod fuzz;
 mod hostile;
 mod man;
+mod native;
 mod quantize;
 mod shared;
 mod synth;

@@ -817,6 +817,7 @@ impl Cx<'_> {
             za: zx,
             groups,
             epi,
+            post: None,
             tasks: tasks(images, out_pixels),
         };
         let _ = self.batch;
@@ -867,6 +868,7 @@ impl Cx<'_> {
                 y: out.buf,
                 len,
                 p,
+                post: None,
             },
         );
         self.done[i] = true;
@@ -1133,22 +1135,39 @@ impl Cx<'_> {
 /// Fold a u8 table into the step that produces its input: a clamp into a kernel's output
 /// range, any table into a step that already ends in one.
 fn fuse_table(step: &mut Step, lut: &[u8; 256]) -> bool {
+    /// `post` followed by `lut`.
+    fn then(post: &mut Option<Box<[u8; 256]>>, lut: &[u8; 256]) {
+        match post {
+            Some(p) => {
+                for v in p.iter_mut() {
+                    *v = lut[usize::from(*v)];
+                }
+            }
+            None => *post = Some(Box::new(*lut)),
+        }
+    }
     match step {
         Step::Conv(c) => match (&mut c.epi, ops::as_clamp(lut)) {
-            (Epi::U8 { lo, hi, .. }, Some(r)) => {
+            (Epi::U8 { lo, hi, .. }, Some(r)) if c.post.is_none() => {
                 (*lo, *hi) = ops::compose_clamp((*lo, *hi), r);
+                true
+            }
+            (Epi::U8 { .. }, _) => {
+                then(&mut c.post, lut);
                 true
             }
             _ => false,
         },
-        Step::Add { p, .. } => match ops::as_clamp(lut) {
-            Some(r) => {
-                let (lo, hi) = ops::compose_clamp((p.lo as u8, p.hi as u8), r);
-                (p.lo, p.hi) = (f32::from(lo), f32::from(hi));
-                true
+        Step::Add { p, post, .. } => {
+            match ops::as_clamp(lut) {
+                Some(r) if post.is_none() => {
+                    let (lo, hi) = ops::compose_clamp((p.lo as u8, p.hi as u8), r);
+                    (p.lo, p.hi) = (f32::from(lo), f32::from(hi));
+                }
+                _ => then(post, lut),
             }
-            None => false,
-        },
+            true
+        }
         Step::AvgPool { clamp, .. } => match ops::as_clamp(lut) {
             Some(r) => {
                 *clamp = ops::compose_clamp(*clamp, r);

@@ -14,12 +14,16 @@ use zq_kernels::simd::Kernel;
 /// nothing (the bounds are integers and both steps are monotone).
 #[inline(always)]
 pub(super) fn requant(v: f32, zp: f32, lo: f32, hi: f32) -> u8 {
-    // `max`/`min` with a NaN operand return the other one, so NaN is mapped into range too.
-    let v = v.max(lo - zp - 1.0).min(hi - zp + 1.0);
-    // |v| <= 257 here: adding and removing 1.5 * 2^23 rounds to nearest, ties to even (the
-    // branch-free form of `round_half_even`, which vectorises).
+    // Clamping to the integers `lo - zp ..= hi - zp` before rounding equals clamping after it
+    // (rounding is monotone and keeps integers). `max`/`min` with a NaN return the bound.
+    let v = v.max(lo - zp).min(hi - zp);
+    // Adding 1.5 * 2^23 rounds to nearest, ties to even (|v| <= 255, and the sum lies where the
+    // float spacing is 1), leaving `round(v)` in the low mantissa bits in two's complement: its low
+    // byte plus the zero point is the result (in 0..=255 by the clamp). No float-to-int
+    // conversion, so the loops around it vectorise. (The zero point must be added after
+    // rounding: ties go to the even `round(v)`, not the even `round(v) + zp`.)
     const MAGIC: f32 = 12_582_912.0;
-    (((v + MAGIC) - MAGIC) + zp).max(lo).min(hi) as u8
+    ((v + MAGIC).to_bits() as u8).wrapping_add(zp as u8)
 }
 
 /// ONNX QuantizeLinear of one value: `saturate(round_half_even(x / scale) + zp)`.
@@ -325,6 +329,19 @@ mod tests {
             .map(|&x| f32::from(quantize_one(x, 0.5, 10.0)))
             .collect();
         assert_eq!(ours, q);
+    }
+
+    #[test]
+    fn requant_rounds_half_to_even_before_the_zero_point() {
+        for zp in [0u8, 1, 7, 128, 255] {
+            for i in -600..=600 {
+                let v = i as f32 / 2.0;
+                let want = (v.round_ties_even() + f32::from(zp)).clamp(3.0, 250.0) as u8;
+                assert_eq!(requant(v, f32::from(zp), 3.0, 250.0), want, "{v} {zp}");
+            }
+        }
+        assert_eq!(requant(f32::NAN, 5.0, 0.0, 255.0), 0);
+        assert_eq!(requant(f32::INFINITY, 5.0, 0.0, 255.0), 255);
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub(super) struct ConvStep {
     pub za: u8,
     pub groups: Vec<Group>,
     pub epi: Epi,
+    /// A table applied to each task's u8 output while it is in cache (a folded `DQ -> f -> Q`).
+    pub post: Option<Box<[u8; 256]>>,
     /// (image, output pixels) of each parallel task.
     pub tasks: Vec<(usize, Range<usize>)>,
 }
@@ -109,6 +111,7 @@ pub(super) enum Step {
         y: usize,
         len: usize,
         p: AddParams,
+        post: Option<Box<[u8; 256]>>,
     },
     MaxPool {
         x: usize,
@@ -262,7 +265,9 @@ impl Program {
             }
             buf[..x.len()].copy_from_slice(x);
         }
+        let prof = std::env::var_os("ZQ_NATIVE_PROFILE").is_some();
         for i in 0..self.steps.len() {
+            let t0 = std::time::Instant::now();
             run_step(
                 self.kernels,
                 &self.steps[i],
@@ -273,6 +278,14 @@ impl Program {
                 let (name, op) = &self.names[i];
                 Error::node(name, op, format!("native engine: {m}"))
             })?;
+            if prof {
+                eprintln!(
+                    "PROF {i} {} {} {:.1}",
+                    self.names[i].1,
+                    step_kind(&self.steps[i]),
+                    t0.elapsed().as_secs_f64() * 1e6
+                );
+            }
         }
         Ok(self
             .outputs
@@ -402,7 +415,14 @@ fn run_step(
                 .for_each(|(o, m)| ops::gather(xs, o, m, lut, *pad));
             u8s[*y] = out;
         }
-        Step::Add { a, b, y, len, p } => {
+        Step::Add {
+            a,
+            b,
+            y,
+            len,
+            p,
+            post,
+        } => {
             let mut out = take(u8s, *y);
             let (xa, xb) = (&u8s[*a], &u8s[*b]);
             let n = *len;
@@ -410,7 +430,12 @@ fn run_step(
             out[..n]
                 .par_chunks_mut(g)
                 .zip(xa[..n].par_chunks(g).zip(xb[..n].par_chunks(g)))
-                .for_each(|(o, (a, b))| vectorize(ops::AddU8 { a, b, y: o, p: *p }));
+                .for_each(|(o, (a, b))| {
+                    vectorize(ops::AddU8 { a, b, y: o, p: *p });
+                    if let Some(l) = post {
+                        ops::lut_in_place(o, l);
+                    }
+                });
             u8s[*y] = out;
         }
         Step::MaxPool {
@@ -520,6 +545,9 @@ fn conv_u8(k: &Kernels, c: &ConvStep, x: &[u8], y: &mut [u8]) -> std::result::Re
                 };
                 conv_call(k, c, g, &input[g.cin_off..], o, px.clone())?;
             }
+            if let Some(l) = &c.post {
+                ops::lut_in_place(out, l);
+            }
             Ok(())
         })
 }
@@ -556,4 +584,18 @@ fn conv_call(
         Weights::Depthwise(w) => k.depthwise(input, &c.geom, c.za, w, g.bias.as_deref(), out, px),
     };
     r.map_err(|e| e.to_string())
+}
+
+fn step_kind(s: &Step) -> &'static str {
+    match s {
+        Step::Conv(_) => "conv",
+        Step::Quantize { .. } => "quantize",
+        Step::Dequantize { .. } => "dequantize",
+        Step::Lut { .. } => "lut",
+        Step::Gather { .. } => "gather",
+        Step::Add { .. } => "add",
+        Step::MaxPool { .. } => "maxpool",
+        Step::AvgPool { .. } => "avgpool",
+        Step::Float { .. } => "float",
+    }
 }
