@@ -809,10 +809,8 @@ impl Cx<'_> {
         let step = ConvStep {
             x: qx.buf,
             y: ybuf,
-            images,
             geom,
             in_image,
-            out_pixels,
             cout,
             za: zx,
             groups,

@@ -47,11 +47,9 @@ pub(super) enum Epi {
 pub(super) struct ConvStep {
     pub x: usize,
     pub y: Buf,
-    pub images: usize,
     /// Per group: `channels` = input channels of a group, `pixel_stride` = all input channels.
     pub geom: ConvGeometry,
     pub in_image: usize,
-    pub out_pixels: usize,
     pub cout: usize,
     pub za: u8,
     pub groups: Vec<Group>,
@@ -221,7 +219,7 @@ pub(super) enum OutSrc {
 }
 
 /// Split `data` into consecutive pieces of the given lengths.
-fn split<'a, T>(mut data: &'a mut [T], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [T]> {
+fn split<T>(mut data: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut v = Vec::new();
     for l in lens {
         let (a, b) = data.split_at_mut(l);
