@@ -433,6 +433,11 @@ impl Cx<'_> {
     fn node(&mut self, i: usize) -> Result<bool> {
         let g = self.g;
         let n = &g.nodes[i];
+        if std::env::var("ZQ_NATIVE_FLOAT")
+            .is_ok_and(|v| v.split(",").any(|o| o == n.op.name() || o == n.name))
+        {
+            return Ok(false);
+        }
         match &n.op {
             Op::DequantizeLinear { .. } => {
                 let Some(x) = n.input(0) else {
@@ -675,6 +680,11 @@ impl Cx<'_> {
                     return Ok(false);
                 }
                 depthwise = group > 1 && group == cin && cout == cin;
+                let mut g = g;
+                if depthwise {
+                    // One kernel call over all channels.
+                    g.channels = cin;
+                }
                 geom = g;
                 images = qx.shape[0];
                 wscale = match per_channel(&w, 0, cout) {
@@ -1173,7 +1183,15 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256]) -> bool {
             }
             None => false,
         },
-        Step::Lut { lut: l, .. } | Step::Gather { lut: l, .. } | Step::MaxPool { lut: l, .. } => {
+        Step::Gather { lut: l, pad, .. } => {
+            for v in l.iter_mut() {
+                *v = lut[usize::from(*v)];
+            }
+            // Padding goes through the table too.
+            *pad = lut[usize::from(*pad)];
+            true
+        }
+        Step::Lut { lut: l, .. } | Step::MaxPool { lut: l, .. } => {
             for v in l.iter_mut() {
                 *v = lut[usize::from(*v)];
             }
