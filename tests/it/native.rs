@@ -87,10 +87,10 @@ fn digits_w8a8_and_w4a8_native_matches_the_reference_and_onnx_runtime() {
                 "digits W{wbits}A8 batch {batch}: native vs zq agreement {agree}, max logit difference {diff} (logits up to {range})"
             );
             assert!(agree >= 0.995, "W{wbits}A8: agreement {agree}");
-            // One quantization step of the output's inputs at most, rarely: well under a tenth
-            // of the logit range.
+            // The same integers everywhere; at most a rare one-step difference where a rounding
+            // tie falls the other way.
             assert!(
-                diff <= 0.1 * range,
+                diff <= 0.02 * range,
                 "W{wbits}A8: max difference {diff} of {range}"
             );
         }
@@ -105,6 +105,11 @@ fn digits_w8a8_and_w4a8_native_matches_the_reference_and_onnx_runtime() {
             assert!(
                 agree >= 0.995,
                 "W{wbits}A8 vs ONNX Runtime: agreement {agree}"
+            );
+            let range = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                diff <= 0.02 * range,
+                "W{wbits}A8 vs ONNX Runtime: max difference {diff} of {range}"
             );
         }
     }
@@ -145,7 +150,7 @@ fn depthwise_squeeze_excite_and_op_zoo_models_match_the_reference() {
             eprintln!("{name} batch {batch}: native vs zq agreement {agree}, max difference {diff} (outputs up to {range})");
             assert!(agree >= 0.99, "{name}: agreement {agree}");
             assert!(
-                diff <= 0.05 * range,
+                diff <= 0.02 * range,
                 "{name}: max difference {diff} of {range}"
             );
         }
