@@ -1266,7 +1266,11 @@ fn gemm_rows(qx: &QVal, w: &IntConst, trans_b: bool) -> Option<GemmParts> {
 /// each image's output pixels.
 fn tasks(images: usize, pixels: usize) -> Vec<(usize, Range<usize>)> {
     let threads = rayon::current_num_threads().max(1);
-    let per_image = (4 * threads).div_ceil(images.max(1)).max(1);
+    let f: usize = std::env::var("ZQ_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let per_image = (f * threads).div_ceil(images.max(1)).max(1);
     let chunk = pixels.div_ceil(per_image).next_multiple_of(48).max(48);
     let mut t = Vec::new();
     for img in 0..images {

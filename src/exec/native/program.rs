@@ -263,28 +263,29 @@ impl Program {
             }
             buf[..x.len()].copy_from_slice(x);
         }
-        let prof = std::env::var_os("ZQ_NATIVE_PROFILE").is_some();
-        for i in 0..self.steps.len() {
-            let t0 = std::time::Instant::now();
-            run_step(
-                self.kernels,
-                &self.steps[i],
-                &mut self.u8_bufs,
-                &mut self.f32_bufs,
-            )
-            .map_err(|m| {
-                let (name, op) = &self.names[i];
-                Error::node(name, op, format!("native engine: {m}"))
-            })?;
-            if prof {
-                eprintln!(
-                    "PROF {i} {} {} {:.1}",
-                    self.names[i].1,
-                    step_kind(&self.steps[i]),
-                    t0.elapsed().as_secs_f64() * 1e6
-                );
+        // Run every step on a pool thread: the kernels' parallel loops then start on this
+        // worker's own queue instead of waking the pool from outside at each step.
+        let (steps, names, kernels) = (&self.steps, &self.names, self.kernels);
+        let (u8s, f32s) = (&mut self.u8_bufs, &mut self.f32_bufs);
+        rayon::scope(|_| -> Result<()> {
+            let prof = std::env::var_os("ZQ_NATIVE_PROFILE").is_some();
+            for (i, step) in steps.iter().enumerate() {
+                let t0 = std::time::Instant::now();
+                run_step(kernels, step, u8s, f32s).map_err(|m| {
+                    let (name, op) = &names[i];
+                    Error::node(name, op, format!("native engine: {m}"))
+                })?;
+                if prof {
+                    eprintln!(
+                        "PROF {i} {} {} {:.1}",
+                        names[i].1,
+                        step_kind(step),
+                        t0.elapsed().as_secs_f64() * 1e6
+                    );
+                }
             }
-        }
+            Ok(())
+        })?;
         Ok(self
             .outputs
             .iter()
