@@ -131,6 +131,8 @@ pub enum Engine {
     Zq,
     /// ONNX Runtime (needs --ort-lib or ZQ_ORT_LIB).
     Ort,
+    /// zq's integer engine: QDQ patterns on int8/int4 kernels, NHWC, the rest in float.
+    Native,
 }
 
 #[derive(Debug, Args)]
@@ -151,9 +153,9 @@ pub struct EvalArgs {
     /// Also run a reference model and report how often both predict the same class.
     #[arg(long, value_name = "REF.onnx")]
     pub compare: Option<PathBuf>,
-    /// Which executor runs the model(s).
-    #[arg(long, value_enum, default_value_t = Engine::Zq)]
-    pub engine: Engine,
+    /// Which executor runs the model(s) [default: native for models with QuantizeLinear, else zq].
+    #[arg(long, value_enum)]
+    pub engine: Option<Engine>,
     /// ONNX Runtime shared library (libonnxruntime.so) for --engine ort.
     #[arg(long, value_name = "PATH", env = crate::exec::ort::ORT_LIB_ENV)]
     pub ort_lib: Option<PathBuf>,

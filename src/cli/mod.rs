@@ -37,23 +37,40 @@ fn cmd_inspect(p: &Printer, a: InspectArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Open `path` with `engine`; without one, quantized models (QuantizeLinear present) run on the
+/// native engine and float models on zq's. Returns the engine used.
 fn open(
-    engine: Engine,
+    engine: Option<Engine>,
     path: &std::path::Path,
     lib: Option<&std::path::Path>,
-) -> anyhow::Result<Box<dyn eval::Classifier>> {
+) -> anyhow::Result<(Box<dyn eval::Classifier>, Engine)> {
     Ok(match engine {
-        Engine::Zq => Box::new(eval::ZqClassifier::open(path)?),
-        Engine::Ort => Box::new(eval::OrtClassifier::open(path, lib)?),
+        Some(Engine::Zq) => (Box::new(eval::ZqClassifier::open(path)?), Engine::Zq),
+        Some(Engine::Ort) => (Box::new(eval::OrtClassifier::open(path, lib)?), Engine::Ort),
+        Some(Engine::Native) => (
+            Box::new(eval::NativeClassifier::open(path)?),
+            Engine::Native,
+        ),
+        None => {
+            let g = crate::onnx::read_model(path)?.graph;
+            if eval::is_quantized(&g) {
+                (
+                    Box::new(eval::NativeClassifier::new(g, path)?),
+                    Engine::Native,
+                )
+            } else {
+                (Box::new(eval::ZqClassifier::new(g, path)?), Engine::Zq)
+            }
+        }
     })
 }
 
 fn cmd_eval(p: &Printer, a: EvalArgs) -> anyhow::Result<ExitCode> {
     let pre = settings::preprocess(&a.pre);
     let lib = a.ort_lib.as_deref();
-    let mut model = open(a.engine, &a.model, lib)?;
+    let (mut model, engine) = open(a.engine, &a.model, lib)?;
     let mut reference = match &a.compare {
-        Some(r) => Some(open(a.engine, r, lib).with_context(|| "--compare")?),
+        Some(r) => Some(open(a.engine, r, lib).with_context(|| "--compare")?.0),
         None => None,
     };
     if let Some(0) = a.limit {
@@ -96,7 +113,7 @@ fn cmd_eval(p: &Printer, a: EvalArgs) -> anyhow::Result<ExitCode> {
     let r = eval::EvalReport {
         model: a.model.display().to_string(),
         data: a.data.display().to_string(),
-        engine: format!("{:?}", a.engine).to_lowercase(),
+        engine: format!("{engine:?}").to_lowercase(),
         n: counts.n,
         correct: counts.correct,
         top1: ratio(counts.correct),

@@ -7,6 +7,7 @@
 pub mod compiled;
 pub mod conv;
 pub mod fused;
+pub mod native;
 pub mod ort;
 
 use std::collections::HashMap;

@@ -7,6 +7,7 @@ mod fuzz;
 mod hostile;
 mod layout;
 mod man;
+mod native;
 mod quantize;
 mod shared;
 mod synth;

@@ -243,7 +243,7 @@ fn resnet20_pareto_mixed_precision_beats_uniform_w4() {
 
 /// 64 images distilled from ResNet-20 with batch statistics, made once per test run and shared
 /// by the acceptance tests that calibrate on them.
-fn batch_distilled(m: &std::path::Path) -> std::path::PathBuf {
+pub fn batch_distilled(m: &std::path::Path) -> std::path::PathBuf {
     static D: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     D.get_or_init(|| {
         let d =
