@@ -498,7 +498,7 @@ impl Cx<'_> {
             return Ok(false);
         };
         if self.deq(Some(x)).is_some() {
-            return self.table(i, x, i, Ok);
+            return self.table(i, x, i, Ok, Some((f32::NEG_INFINITY, f32::INFINITY)));
         }
         let Some(Repr::F(xb)) = self.repr.get(&x).cloned() else {
             return Ok(false);
@@ -537,6 +537,7 @@ impl Cx<'_> {
         x: ValueId,
         qnode: usize,
         f: impl FnOnce(Vec<f32>) -> std::result::Result<Vec<f32>, String>,
+        clip: Option<(f32, f32)>,
     ) -> Result<bool> {
         let Some((qv, sx, zx)) = self.deq(Some(x)) else {
             return Ok(false);
@@ -547,6 +548,8 @@ impl Cx<'_> {
         let g = self.g;
         let n = &g.nodes[op];
         let lut = ops::chain_lut(sx, zx, f, sy, zy).map_err(|m| unsupported(n, m))?;
+        // The same table as arithmetic, where it is a clip between two quantizations.
+        let fast = clip.and_then(|c| ops::Affine::find((sx, zx), c, (sy, zy), &lut));
         let Some(Repr::Deq { src, .. }) = self.repr.get(&x).cloned() else {
             return Ok(false);
         };
@@ -555,7 +558,7 @@ impl Cx<'_> {
             self.g.nodes[d].outputs.first() == Some(&x) && self.sole_consumer(x) == Some(op)
         });
         if let Some(&(owner, si)) = self.owner.get(&qv.buf) {
-            if private && owner == src && fuse_table(&mut self.steps[si], &lut) {
+            if private && owner == src && fuse_table(&mut self.steps[si], &lut, fast) {
                 self.done[op] = true;
                 self.set_q(qnode, qv, Some(si));
                 return Ok(true);
@@ -611,6 +614,11 @@ impl Cx<'_> {
                 None => None,
             });
         }
+        let clip = match &n.op {
+            Op::Relu => Some((0.0, f32::INFINITY)),
+            Op::Clip => infer::clip_of(g, n).ok(),
+            _ => None,
+        };
         let dev = self.dev.clone();
         let f = move |xs: Vec<f32>| -> std::result::Result<Vec<f32>, String> {
             let t = candle_core::Tensor::from_vec(xs, 256, &dev).map_err(|e| e.to_string())?;
@@ -621,7 +629,7 @@ impl Cx<'_> {
                 .and_then(|y| y.to_vec1::<f32>())
                 .map_err(|e| e.to_string())
         };
-        self.table(i, x, qnode, f)
+        self.table(i, x, qnode, f, clip)
     }
 
     fn linear(&mut self, i: usize) -> Result<bool> {
@@ -1142,16 +1150,12 @@ impl Cx<'_> {
 
 /// Fold a u8 table into the step that produces its input: a clamp into a kernel's output
 /// range, any table into a step that already ends in one.
-fn fuse_table(step: &mut Step, lut: &[u8; 256]) -> bool {
+fn fuse_table(step: &mut Step, lut: &[u8; 256], fast: Option<ops::Affine>) -> bool {
     /// `post` followed by `lut`.
-    fn then(post: &mut Option<Box<[u8; 256]>>, lut: &[u8; 256]) {
+    fn then(post: &mut Option<ops::Table>, lut: &[u8; 256], fast: Option<ops::Affine>) {
         match post {
-            Some(p) => {
-                for v in p.iter_mut() {
-                    *v = lut[usize::from(*v)];
-                }
-            }
-            None => *post = Some(Box::new(*lut)),
+            Some(p) => p.then(lut),
+            None => *post = Some(ops::Table::new(*lut, fast)),
         }
     }
     match step {
@@ -1161,7 +1165,7 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256]) -> bool {
                 true
             }
             (Epi::U8 { .. }, _) => {
-                then(&mut c.post, lut);
+                then(&mut c.post, lut, fast);
                 true
             }
             _ => false,
@@ -1172,7 +1176,7 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256]) -> bool {
                     let (lo, hi) = ops::compose_clamp((p.lo as u8, p.hi as u8), r);
                     (p.lo, p.hi) = (f32::from(lo), f32::from(hi));
                 }
-                _ => then(post, lut),
+                _ => then(post, lut, fast),
             }
             true
         }

@@ -55,7 +55,7 @@ pub(super) struct ConvStep {
     pub groups: Vec<Group>,
     pub epi: Epi,
     /// A table applied to each task's u8 output while it is in cache (a folded `DQ -> f -> Q`).
-    pub post: Option<Box<[u8; 256]>>,
+    pub post: Option<ops::Table>,
     /// (image, output pixels) of each parallel task.
     pub tasks: Vec<(usize, Range<usize>)>,
 }
@@ -109,7 +109,7 @@ pub(super) enum Step {
         y: usize,
         len: usize,
         p: AddParams,
-        post: Option<Box<[u8; 256]>>,
+        post: Option<ops::Table>,
     },
     MaxPool {
         x: usize,
@@ -340,18 +340,20 @@ fn run_step(
         } => {
             let mut out = take(u8s, *y);
             let xs = &f32s[*x];
-            let img = (c * hw).max(1);
-            let n = *len;
-            let rows = par_rows(n / img, 1);
-            out[..n]
-                .par_chunks_mut(rows * img)
-                .zip(xs[..n].par_chunks(rows * img))
-                .for_each(|(o, i)| {
+            // Split over pixels (of all images), so a single image uses both cores too.
+            let c = if *c == 1 || *hw == 1 { 1 } else { *c };
+            let pixels = len / c;
+            let per = par_rows(pixels, 1024 / c.max(1) + 1);
+            out[..pixels * c]
+                .par_chunks_mut(per * c)
+                .enumerate()
+                .for_each(|(t, o)| {
                     vectorize(ops::Quantize {
-                        x: i,
+                        x: xs,
                         y: o,
-                        c: *c,
-                        hw: *hw,
+                        c,
+                        hw: if c == 1 { 1 } else { *hw },
+                        p0: t * per,
                         scale: *scale,
                         zp: *zp,
                     })
@@ -391,7 +393,7 @@ fn run_step(
             let mut out = take(u8s, *y);
             let xs = &u8s[*x];
             let n = *len;
-            let g = par_rows(n, 1 << 14);
+            let g = par_rows(n, 2048);
             out[..n]
                 .par_chunks_mut(g)
                 .zip(xs[..n].par_chunks(g))
@@ -407,7 +409,7 @@ fn run_step(
         } => {
             let mut out = take(u8s, *y);
             let xs = &u8s[*x];
-            let g = par_rows(map.len(), 1 << 14);
+            let g = par_rows(map.len(), 2048);
             out[..map.len()]
                 .par_chunks_mut(g)
                 .zip(map.par_chunks(g))
@@ -425,14 +427,14 @@ fn run_step(
             let mut out = take(u8s, *y);
             let (xa, xb) = (&u8s[*a], &u8s[*b]);
             let n = *len;
-            let g = par_rows(n, 1 << 14);
+            let g = par_rows(n, 2048);
             out[..n]
                 .par_chunks_mut(g)
                 .zip(xa[..n].par_chunks(g).zip(xb[..n].par_chunks(g)))
                 .for_each(|(o, (a, b))| {
                     vectorize(ops::AddU8 { a, b, y: o, p: *p });
-                    if let Some(l) = post {
-                        ops::lut_in_place(o, l);
+                    if let Some(t) = post {
+                        t.apply(o);
                     }
                 });
             u8s[*y] = out;
@@ -544,8 +546,8 @@ fn conv_u8(k: &Kernels, c: &ConvStep, x: &[u8], y: &mut [u8]) -> std::result::Re
                 };
                 conv_call(k, c, g, &input[g.cin_off..], o, px.clone())?;
             }
-            if let Some(l) = &c.post {
-                ops::lut_in_place(out, l);
+            if let Some(t) = &c.post {
+                t.apply(out);
             }
             Ok(())
         })
