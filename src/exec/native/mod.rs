@@ -782,6 +782,52 @@ impl Cx<'_> {
                 (Epi::F32, s, Buf::F32(b), None)
             }
         };
+        // A conv whose input channels are not whole 4-byte groups (an RGB stem) reads a copy of
+        // its input padded with zero-point channels, so the kernel takes its implicit-GEMM path
+        // instead of copying im2col panels; the padded weights are zero.
+        let (mut geom, mut wq, mut int4, mut x_buf) = (geom, wq, int4, qx.buf);
+        if matches!(n.op, Op::Conv(_))
+            && group == 1
+            && geom.channels % 4 != 0
+            && geom.kernel_h * geom.kernel_w > 1
+        {
+            let (cin, cp) = (geom.channels, geom.channels.next_multiple_of(4));
+            let pixels = images * geom.in_h * geom.in_w;
+            if pixels * cp < ops::PAD as usize {
+                let mut map = vec![ops::PAD; pixels * cp];
+                for p in 0..pixels {
+                    for c in 0..cin {
+                        map[p * cp + c] = (p * cin + c) as u32;
+                    }
+                }
+                let mut identity = [0u8; 256];
+                for (k, v) in identity.iter_mut().enumerate() {
+                    *v = k as u8;
+                }
+                let buf = self.new_u8(pixels * cp);
+                self.push(
+                    i,
+                    Step::Gather {
+                        x: qx.buf,
+                        y: buf,
+                        map,
+                        lut: Box::new(identity),
+                        pad: zx,
+                    },
+                );
+                let taps = kh * kw;
+                let mut w2 = vec![0i64; cout * cp * taps];
+                for o in 0..cout {
+                    for c in 0..cin {
+                        let (d, s) = ((o * cp + c) * taps, (o * cin + c) * taps);
+                        w2[d..d + taps].copy_from_slice(&wq[s..s + taps]);
+                    }
+                }
+                (wq, int4, x_buf) = (w2, false, buf);
+                geom.channels = cp;
+                geom.pixel_stride = cp;
+            }
+        }
         // Pack per group.
         let (cin_g, cout_g) = (geom.channels, cout / group);
         let mut groups = Vec::new();
@@ -825,7 +871,7 @@ impl Cx<'_> {
         let out_pixels = geom.out_pixels();
         let in_image = geom.in_h * geom.in_w * geom.pixel_stride;
         let step = ConvStep {
-            x: qx.buf,
+            x: x_buf,
             y: ybuf,
             geom,
             in_image,
@@ -1032,6 +1078,50 @@ impl Cx<'_> {
             };
         }
         let moves = phys.len() != qx.len() || phys.iter().enumerate().any(|(k, &p)| p != k as u32);
+        // A gather of a gather nothing else reads (Slice -> Slice -> Pad) is one gather.
+        let x = n.input(0).expect("checked by deq");
+        if let Some(Repr::Deq { src, .. }) = self.repr.get(&x).cloned() {
+            let private = self.sole_consumer(src).is_some_and(|d| {
+                g.nodes[d].outputs.first() == Some(&x) && self.sole_consumer(x) == Some(i)
+            });
+            if let Some(&(owner, si)) = self.owner.get(&qx.buf).filter(|_| private) {
+                let composable = match &self.steps[si] {
+                    Step::Gather { map, pad: p1, .. } => {
+                        owner == src
+                            && (lut[usize::from(*p1)] == pad || map.iter().all(|&v| v != ops::PAD))
+                    }
+                    _ => false,
+                };
+                if composable {
+                    let out = QVal {
+                        buf: self.new_u8(olen),
+                        shape: osh,
+                        nhwc: onhwc,
+                    };
+                    if let Step::Gather {
+                        y: y1,
+                        map,
+                        lut: l1,
+                        pad: p1,
+                        ..
+                    } = &mut self.steps[si]
+                    {
+                        *map = phys
+                            .iter()
+                            .map(|&j| if j == ops::PAD { j } else { map[j as usize] })
+                            .collect();
+                        for v in l1.iter_mut() {
+                            *v = lut[usize::from(*v)];
+                        }
+                        *p1 = pad;
+                        *y1 = out.buf;
+                    }
+                    self.done[i] = true;
+                    self.set_q(qn, out, Some(si));
+                    return Ok(true);
+                }
+            }
+        }
         self.done[i] = true;
         if !moves && ops::is_identity(&lut) {
             let view = QVal {
