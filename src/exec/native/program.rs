@@ -267,24 +267,30 @@ impl Program {
         // worker's own queue instead of waking the pool from outside at each step.
         let (steps, names, kernels) = (&self.steps, &self.names, self.kernels);
         let (u8s, f32s) = (&mut self.u8_bufs, &mut self.f32_bufs);
-        rayon::scope(|_| -> Result<()> {
-            let prof = std::env::var_os("ZQ_NATIVE_PROFILE").is_some();
-            for (i, step) in steps.iter().enumerate() {
-                let t0 = std::time::Instant::now();
-                run_step(kernels, step, u8s, f32s).map_err(|m| {
-                    let (name, op) = &names[i];
-                    Error::node(name, op, format!("native engine: {m}"))
-                })?;
-                if prof {
-                    eprintln!(
-                        "PROF {i} {} {} {:.1}",
-                        names[i].1,
-                        step_kind(step),
-                        t0.elapsed().as_secs_f64() * 1e6
-                    );
-                }
+        let done = std::sync::atomic::AtomicBool::new(false);
+        rayon::scope(|s| -> Result<()> {
+            // Keep the other workers awake for the run: each spins, taking any job the steps
+            // publish, so a step's pieces start in well under a microsecond instead of after a
+            // sleeping thread's wake-up (which cost more than small steps take at batch 1).
+            let main = rayon::current_thread_index();
+            let done = &done;
+            for _ in 1..rayon::current_num_threads() {
+                s.spawn(move |_| {
+                    // Never spin on the thread that runs the steps (it may pick this job up
+                    // while it waits for its own pieces).
+                    if rayon::current_thread_index() == main {
+                        return;
+                    }
+                    while !done.load(std::sync::atomic::Ordering::Acquire) {
+                        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                            std::hint::spin_loop();
+                        }
+                    }
+                });
             }
-            Ok(())
+            let r = run_steps(kernels, steps, names, u8s, f32s);
+            done.store(true, std::sync::atomic::Ordering::Release);
+            r
         })?;
         Ok(self
             .outputs
@@ -299,6 +305,32 @@ impl Program {
             })
             .collect())
     }
+}
+
+fn run_steps(
+    kernels: &Kernels,
+    steps: &[Step],
+    names: &[(String, &'static str)],
+    u8s: &mut [Vec<u8>],
+    f32s: &mut [Vec<f32>],
+) -> Result<()> {
+    let prof = std::env::var_os("ZQ_NATIVE_PROFILE").is_some();
+    for (i, step) in steps.iter().enumerate() {
+        let t0 = std::time::Instant::now();
+        run_step(kernels, step, u8s, f32s).map_err(|m| {
+            let (name, op) = &names[i];
+            Error::node(name, op, format!("native engine: {m}"))
+        })?;
+        if prof {
+            eprintln!(
+                "PROF {i} {} {} {:.1}",
+                names[i].1,
+                step_kind(step),
+                t0.elapsed().as_secs_f64() * 1e6
+            );
+        }
+    }
+    Ok(())
 }
 
 fn take<T: Default>(v: &mut [T], i: usize) -> T {
