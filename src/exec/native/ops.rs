@@ -480,24 +480,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "timing; run with --ignored --nocapture"]
-    fn table_speed() {
-        let (s1, z1, s2, z2) = (0.0371f32, 113u8, 0.0213f32, 0u8);
-        let relu = |v: Vec<f32>| Ok(v.into_iter().map(|x| x.max(0.0)).collect());
-        let lut = chain_lut(s1, z1, relu, s2, z2).unwrap();
-        let p = Affine::find((s1, z1), (0.0, f32::INFINITY), (s2, z2), &lut).unwrap();
-        let mut y: Vec<u8> = (0..16384).map(|i| (i * 7 % 256) as u8).collect();
-        for t in [Table::new(lut, None), Table::new(lut, Some(p))] {
-            let s = std::time::Instant::now();
-            for _ in 0..2000 {
-                t.apply(&mut y);
-            }
-            let ns = s.elapsed().as_secs_f64() / 2000.0 / y.len() as f64 * 1e9;
-            eprintln!("fast {:?}: {ns:.3} ns/byte", t.fast.is_some());
-        }
-    }
-
-    #[test]
     fn clamp_tables_are_recognised_and_composed() {
         let mut lut = [0u8; 256];
         for (i, l) in lut.iter_mut().enumerate() {
