@@ -18,7 +18,9 @@
 //! * Everything else runs in f32 with the reference executor's op definitions, so any graph
 //!   `Plan` runs also runs here (more slowly).
 //!
-//! Work is split over output pixels and images with rayon.
+//! Work is split over output pixels and images with rayon; the steps run on a pool thread while
+//! the other workers spin for the run, so small steps (batch 1) start without wake-ups.
+//! `ZQ_NATIVE_PROFILE=1` prints each step's time (microseconds) to stderr.
 
 mod ops;
 mod program;
@@ -433,11 +435,6 @@ impl Cx<'_> {
     fn node(&mut self, i: usize) -> Result<bool> {
         let g = self.g;
         let n = &g.nodes[i];
-        if std::env::var("ZQ_NATIVE_FLOAT")
-            .is_ok_and(|v| v.split(",").any(|o| o == n.op.name() || o == n.name))
-        {
-            return Ok(false);
-        }
         match &n.op {
             Op::DequantizeLinear { .. } => {
                 let Some(x) = n.input(0) else {
@@ -498,7 +495,7 @@ impl Cx<'_> {
             return Ok(false);
         };
         if self.deq(Some(x)).is_some() {
-            return self.table(i, x, i, Ok);
+            return self.table(i, x, i, Ok, Some((f32::NEG_INFINITY, f32::INFINITY)));
         }
         let Some(Repr::F(xb)) = self.repr.get(&x).cloned() else {
             return Ok(false);
@@ -537,6 +534,7 @@ impl Cx<'_> {
         x: ValueId,
         qnode: usize,
         f: impl FnOnce(Vec<f32>) -> std::result::Result<Vec<f32>, String>,
+        clip: Option<(f32, f32)>,
     ) -> Result<bool> {
         let Some((qv, sx, zx)) = self.deq(Some(x)) else {
             return Ok(false);
@@ -547,6 +545,8 @@ impl Cx<'_> {
         let g = self.g;
         let n = &g.nodes[op];
         let lut = ops::chain_lut(sx, zx, f, sy, zy).map_err(|m| unsupported(n, m))?;
+        // The same table as arithmetic, where it is a clip between two quantizations.
+        let fast = clip.and_then(|c| ops::Affine::find((sx, zx), c, (sy, zy), &lut));
         let Some(Repr::Deq { src, .. }) = self.repr.get(&x).cloned() else {
             return Ok(false);
         };
@@ -555,7 +555,7 @@ impl Cx<'_> {
             self.g.nodes[d].outputs.first() == Some(&x) && self.sole_consumer(x) == Some(op)
         });
         if let Some(&(owner, si)) = self.owner.get(&qv.buf) {
-            if private && owner == src && fuse_table(&mut self.steps[si], &lut) {
+            if private && owner == src && fuse_table(&mut self.steps[si], &lut, fast) {
                 self.done[op] = true;
                 self.set_q(qnode, qv, Some(si));
                 return Ok(true);
@@ -611,6 +611,11 @@ impl Cx<'_> {
                 None => None,
             });
         }
+        let clip = match &n.op {
+            Op::Relu => Some((0.0, f32::INFINITY)),
+            Op::Clip => infer::clip_of(g, n).ok(),
+            _ => None,
+        };
         let dev = self.dev.clone();
         let f = move |xs: Vec<f32>| -> std::result::Result<Vec<f32>, String> {
             let t = candle_core::Tensor::from_vec(xs, 256, &dev).map_err(|e| e.to_string())?;
@@ -621,7 +626,7 @@ impl Cx<'_> {
                 .and_then(|y| y.to_vec1::<f32>())
                 .map_err(|e| e.to_string())
         };
-        self.table(i, x, qnode, f)
+        self.table(i, x, qnode, f, clip)
     }
 
     fn linear(&mut self, i: usize) -> Result<bool> {
@@ -774,6 +779,52 @@ impl Cx<'_> {
                 (Epi::F32, s, Buf::F32(b), None)
             }
         };
+        // A conv whose input channels are not whole 4-byte groups (an RGB stem) reads a copy of
+        // its input padded with zero-point channels, so the kernel takes its implicit-GEMM path
+        // instead of copying im2col panels; the padded weights are zero.
+        let (mut geom, mut wq, mut int4, mut x_buf) = (geom, wq, int4, qx.buf);
+        if matches!(n.op, Op::Conv(_))
+            && group == 1
+            && geom.channels % 4 != 0
+            && geom.kernel_h * geom.kernel_w > 1
+        {
+            let (cin, cp) = (geom.channels, geom.channels.next_multiple_of(4));
+            let pixels = images * geom.in_h * geom.in_w;
+            if pixels * cp < ops::PAD as usize {
+                let mut map = vec![ops::PAD; pixels * cp];
+                for p in 0..pixels {
+                    for c in 0..cin {
+                        map[p * cp + c] = (p * cin + c) as u32;
+                    }
+                }
+                let mut identity = [0u8; 256];
+                for (k, v) in identity.iter_mut().enumerate() {
+                    *v = k as u8;
+                }
+                let buf = self.new_u8(pixels * cp);
+                self.push(
+                    i,
+                    Step::Gather {
+                        x: qx.buf,
+                        y: buf,
+                        map,
+                        lut: Box::new(identity),
+                        pad: zx,
+                    },
+                );
+                let taps = kh * kw;
+                let mut w2 = vec![0i64; cout * cp * taps];
+                for o in 0..cout {
+                    for c in 0..cin {
+                        let (d, s) = ((o * cp + c) * taps, (o * cin + c) * taps);
+                        w2[d..d + taps].copy_from_slice(&wq[s..s + taps]);
+                    }
+                }
+                (wq, int4, x_buf) = (w2, false, buf);
+                geom.channels = cp;
+                geom.pixel_stride = cp;
+            }
+        }
         // Pack per group.
         let (cin_g, cout_g) = (geom.channels, cout / group);
         let mut groups = Vec::new();
@@ -817,7 +868,7 @@ impl Cx<'_> {
         let out_pixels = geom.out_pixels();
         let in_image = geom.in_h * geom.in_w * geom.pixel_stride;
         let step = ConvStep {
-            x: qx.buf,
+            x: x_buf,
             y: ybuf,
             geom,
             in_image,
@@ -1024,6 +1075,50 @@ impl Cx<'_> {
             };
         }
         let moves = phys.len() != qx.len() || phys.iter().enumerate().any(|(k, &p)| p != k as u32);
+        // A gather of a gather nothing else reads (Slice -> Slice -> Pad) is one gather.
+        let x = n.input(0).expect("checked by deq");
+        if let Some(Repr::Deq { src, .. }) = self.repr.get(&x).cloned() {
+            let private = self.sole_consumer(src).is_some_and(|d| {
+                g.nodes[d].outputs.first() == Some(&x) && self.sole_consumer(x) == Some(i)
+            });
+            if let Some(&(owner, si)) = self.owner.get(&qx.buf).filter(|_| private) {
+                let composable = match &self.steps[si] {
+                    Step::Gather { map, pad: p1, .. } => {
+                        owner == src
+                            && (lut[usize::from(*p1)] == pad || map.iter().all(|&v| v != ops::PAD))
+                    }
+                    _ => false,
+                };
+                if composable {
+                    let out = QVal {
+                        buf: self.new_u8(olen),
+                        shape: osh,
+                        nhwc: onhwc,
+                    };
+                    if let Step::Gather {
+                        y: y1,
+                        map,
+                        lut: l1,
+                        pad: p1,
+                        ..
+                    } = &mut self.steps[si]
+                    {
+                        *map = phys
+                            .iter()
+                            .map(|&j| if j == ops::PAD { j } else { map[j as usize] })
+                            .collect();
+                        for v in l1.iter_mut() {
+                            *v = lut[usize::from(*v)];
+                        }
+                        *p1 = pad;
+                        *y1 = out.buf;
+                    }
+                    self.done[i] = true;
+                    self.set_q(qn, out, Some(si));
+                    return Ok(true);
+                }
+            }
+        }
         self.done[i] = true;
         if !moves && ops::is_identity(&lut) {
             let view = QVal {
@@ -1142,16 +1237,12 @@ impl Cx<'_> {
 
 /// Fold a u8 table into the step that produces its input: a clamp into a kernel's output
 /// range, any table into a step that already ends in one.
-fn fuse_table(step: &mut Step, lut: &[u8; 256]) -> bool {
+fn fuse_table(step: &mut Step, lut: &[u8; 256], fast: Option<ops::Affine>) -> bool {
     /// `post` followed by `lut`.
-    fn then(post: &mut Option<Box<[u8; 256]>>, lut: &[u8; 256]) {
+    fn then(post: &mut Option<ops::Table>, lut: &[u8; 256], fast: Option<ops::Affine>) {
         match post {
-            Some(p) => {
-                for v in p.iter_mut() {
-                    *v = lut[usize::from(*v)];
-                }
-            }
-            None => *post = Some(Box::new(*lut)),
+            Some(p) => p.then(lut),
+            None => *post = Some(ops::Table::new(*lut, fast)),
         }
     }
     match step {
@@ -1161,7 +1252,7 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256]) -> bool {
                 true
             }
             (Epi::U8 { .. }, _) => {
-                then(&mut c.post, lut);
+                then(&mut c.post, lut, fast);
                 true
             }
             _ => false,
@@ -1172,7 +1263,7 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256]) -> bool {
                     let (lo, hi) = ops::compose_clamp((p.lo as u8, p.hi as u8), r);
                     (p.lo, p.hi) = (f32::from(lo), f32::from(hi));
                 }
-                _ => then(post, lut),
+                _ => then(post, lut, fast),
             }
             true
         }
@@ -1266,11 +1357,7 @@ fn gemm_rows(qx: &QVal, w: &IntConst, trans_b: bool) -> Option<GemmParts> {
 /// each image's output pixels.
 fn tasks(images: usize, pixels: usize) -> Vec<(usize, Range<usize>)> {
     let threads = rayon::current_num_threads().max(1);
-    let f: usize = std::env::var("ZQ_TASKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
-    let per_image = (f * threads).div_ceil(images.max(1)).max(1);
+    let per_image = (4 * threads).div_ceil(images.max(1)).max(1);
     let chunk = pixels.div_ceil(per_image).next_multiple_of(48).max(48);
     let mut t = Vec::new();
     for img in 0..images {

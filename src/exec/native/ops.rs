@@ -15,8 +15,11 @@ use zq_kernels::simd::Kernel;
 #[inline(always)]
 pub(super) fn requant(v: f32, zp: f32, lo: f32, hi: f32) -> u8 {
     // Clamping to the integers `lo - zp ..= hi - zp` before rounding equals clamping after it
-    // (rounding is monotone and keeps integers). `max`/`min` with a NaN return the bound.
-    let v = v.max(lo - zp).min(hi - zp);
+    // (rounding is monotone and keeps integers). Written as compare-and-select, which compiles to
+    // plain `maxps`/`minps` (`f32::max` must also handle NaN); a NaN gives the lower bound.
+    let (l, h) = (lo - zp, hi - zp);
+    let v = if v > l { v } else { l };
+    let v = if v < h { v } else { h };
     // Adding 1.5 * 2^23 rounds to nearest, ties to even (|v| <= 255, and the sum lies where the
     // float spacing is 1), leaving `round(v)` in the low mantissa bits in two's complement: its low
     // byte plus the zero point is the result (in 0..=255 by the clamp). No float-to-int
@@ -76,13 +79,14 @@ pub(super) fn compose_clamp((a, b): (u8, u8), (c, d): (u8, u8)) -> (u8, u8) {
     (a.max(c).min(d), b.min(d).max(c))
 }
 
-/// NCHW f32 -> u8 (NHWC when `hw > 1` and `nhwc`): `out[n][p][c] = Q(x[n][c][p])`.
+/// NCHW f32 -> u8 NHWC (`c` channels, `hw` pixels per image; `c = 1` or `hw = 1` is a plain
+/// copy): `y` receives the NHWC values of the pixels `p0..` (counted over all images) of `x`.
 pub(super) struct Quantize<'a> {
     pub x: &'a [f32],
     pub y: &'a mut [u8],
-    /// Channels and pixels per image (`c = 1` or `hw = 1` for a plain copy).
     pub c: usize,
     pub hw: usize,
+    pub p0: usize,
     pub scale: f32,
     pub zp: u8,
 }
@@ -92,22 +96,29 @@ impl Kernel for Quantize<'_> {
     #[inline(always)]
     fn run(self) {
         let (c, hw, s, z) = (self.c, self.hw, self.scale, f32::from(self.zp));
-        let img = c * hw;
-        if img == 0 {
+        if c == 0 || hw == 0 {
             return;
         }
         if c == 1 || hw == 1 {
-            for (o, &v) in self.y.iter_mut().zip(self.x.iter()) {
+            for (o, &v) in self.y.iter_mut().zip(&self.x[self.p0 * c..]) {
                 *o = quantize_one(v, s, z);
             }
             return;
         }
-        for (yi, xi) in self.y.chunks_exact_mut(img).zip(self.x.chunks_exact(img)) {
-            for (ch, plane) in xi.chunks_exact(hw).enumerate() {
-                for (p, &v) in plane.iter().enumerate() {
-                    yi[p * c + ch] = quantize_one(v, s, z);
+        let (p0, p1) = (self.p0, self.p0 + self.y.len() / c);
+        let mut p = p0;
+        while p < p1 {
+            // The run of pixels of one image.
+            let (n, pa) = (p / hw, p % hw);
+            let pb = hw.min(pa + (p1 - p));
+            for ch in 0..c {
+                let plane = &self.x[(n * c + ch) * hw..][pa..pb];
+                let out = &mut self.y[(p - p0) * c + ch..];
+                for (i, &v) in plane.iter().enumerate() {
+                    out[i * c] = quantize_one(v, s, z);
                 }
             }
+            p += pb - pa;
         }
     }
 }
@@ -191,6 +202,115 @@ pub(super) fn lut_apply(x: &[u8], y: &mut [u8], lut: &[u8; 256]) {
 pub(super) fn lut_in_place(y: &mut [u8], lut: &[u8; 256]) {
     for v in y.iter_mut() {
         *v = lut[usize::from(*v)];
+    }
+}
+
+/// `DQ -> clip -> Q` computed instead of looked up:
+/// `Q(min(max((q - z1) * s1, a), b))` with `Q(x) = requant(x * k)` (or `x / k` when `div`), the
+/// arithmetic ONNX does, in f32. Used only where it reproduces the table for all 256 inputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Affine {
+    pub z1: f32,
+    pub s1: f32,
+    pub a: f32,
+    pub b: f32,
+    pub k: f32,
+    pub div: bool,
+    pub z2: f32,
+}
+
+impl Affine {
+    /// The form of `DQ(s1, z1) -> clip(a, b) -> Q(s2, z2)` that equals `lut`, if any: multiplying
+    /// by `1 / s2` where that gives the same 256 results, else dividing by `s2`.
+    pub(super) fn find(
+        (s1, z1): (f32, u8),
+        (a, b): (f32, f32),
+        (s2, z2): (f32, u8),
+        lut: &[u8; 256],
+    ) -> Option<Affine> {
+        let mul = Affine {
+            z1: f32::from(z1),
+            s1,
+            a,
+            b,
+            k: 1.0 / s2,
+            div: false,
+            z2: f32::from(z2),
+        };
+        let div = Affine {
+            k: s2,
+            div: true,
+            ..mul
+        };
+        [mul, div]
+            .into_iter()
+            .find(|p| p.k.is_finite() && (0..=255u8).all(|q| p.one(q) == lut[usize::from(q)]))
+    }
+
+    #[inline(always)]
+    pub(super) fn one(&self, q: u8) -> u8 {
+        let x = (f32::from(q) - self.z1) * self.s1;
+        let x = if x > self.a { x } else { self.a };
+        let x = if x < self.b { x } else { self.b };
+        let v = if self.div { x / self.k } else { x * self.k };
+        requant(v, self.z2, 0.0, 255.0)
+    }
+}
+
+/// In place `y[i] = p(y[i])`.
+pub(super) struct AffineU8<'a> {
+    pub y: &'a mut [u8],
+    pub p: Affine,
+}
+
+impl Kernel for AffineU8<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let mut p = self.p;
+        // One loop per form, so each is branch-free.
+        if p.div {
+            p.div = true;
+            for o in self.y.iter_mut() {
+                *o = p.one(*o);
+            }
+        } else {
+            p.div = false;
+            for o in self.y.iter_mut() {
+                *o = p.one(*o);
+            }
+        }
+    }
+}
+
+/// A table applied in place to u8 results, with its arithmetic form when it has one (faster).
+#[derive(Debug, Clone)]
+pub(super) struct Table {
+    pub lut: Box<[u8; 256]>,
+    pub fast: Option<Affine>,
+}
+
+impl Table {
+    pub(super) fn new(lut: [u8; 256], fast: Option<Affine>) -> Table {
+        Table {
+            lut: Box::new(lut),
+            fast,
+        }
+    }
+
+    /// `self` followed by `next` (the arithmetic form is dropped).
+    pub(super) fn then(&mut self, next: &[u8; 256]) {
+        for v in self.lut.iter_mut() {
+            *v = next[usize::from(*v)];
+        }
+        self.fast = None;
+    }
+
+    pub(super) fn apply(&self, y: &mut [u8]) {
+        match self.fast {
+            Some(p) => zq_kernels::simd::vectorize(AffineU8 { y, p }),
+            None => lut_in_place(y, &self.lut),
+        }
     }
 }
 
@@ -345,6 +465,21 @@ mod tests {
     }
 
     #[test]
+    fn relu_requantization_is_found_in_arithmetic_form() {
+        let (s1, z1, s2, z2) = (0.0371f32, 113u8, 0.0213f32, 0u8);
+        let relu = |v: Vec<f32>| Ok(v.into_iter().map(|x| x.max(0.0)).collect());
+        let lut = chain_lut(s1, z1, relu, s2, z2).unwrap();
+        let p = Affine::find((s1, z1), (0.0, f32::INFINITY), (s2, z2), &lut).unwrap();
+        let mut y: Vec<u8> = (0..=255).collect();
+        Table::new(lut, Some(p)).apply(&mut y);
+        assert_eq!(y, lut.to_vec());
+        // A table that is no clip has no such form.
+        let mut other = lut;
+        other[200] = other[200].wrapping_add(1);
+        assert!(Affine::find((s1, z1), (0.0, f32::INFINITY), (s2, z2), &other).is_none());
+    }
+
+    #[test]
     fn clamp_tables_are_recognised_and_composed() {
         let mut lut = [0u8; 256];
         for (i, l) in lut.iter_mut().enumerate() {
@@ -368,10 +503,23 @@ mod tests {
             y: &mut q,
             c: 2,
             hw: 3,
+            p0: 0,
             scale: 1.0,
             zp: 0,
         });
         assert_eq!(q, [0, 10, 1, 11, 2, 12]);
+        // Pixels 1.. only.
+        let mut part = [0u8; 4];
+        vectorize(Quantize {
+            x: &x,
+            y: &mut part,
+            c: 2,
+            hw: 3,
+            p0: 1,
+            scale: 1.0,
+            zp: 0,
+        });
+        assert_eq!(part, [1, 11, 2, 12]);
         let mut back = [0f32; 6];
         vectorize(Dequantize {
             x: &q,

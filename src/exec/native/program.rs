@@ -55,7 +55,7 @@ pub(super) struct ConvStep {
     pub groups: Vec<Group>,
     pub epi: Epi,
     /// A table applied to each task's u8 output while it is in cache (a folded `DQ -> f -> Q`).
-    pub post: Option<Box<[u8; 256]>>,
+    pub post: Option<ops::Table>,
     /// (image, output pixels) of each parallel task.
     pub tasks: Vec<(usize, Range<usize>)>,
 }
@@ -109,7 +109,7 @@ pub(super) enum Step {
         y: usize,
         len: usize,
         p: AddParams,
-        post: Option<Box<[u8; 256]>>,
+        post: Option<ops::Table>,
     },
     MaxPool {
         x: usize,
@@ -267,24 +267,30 @@ impl Program {
         // worker's own queue instead of waking the pool from outside at each step.
         let (steps, names, kernels) = (&self.steps, &self.names, self.kernels);
         let (u8s, f32s) = (&mut self.u8_bufs, &mut self.f32_bufs);
-        rayon::scope(|_| -> Result<()> {
-            let prof = std::env::var_os("ZQ_NATIVE_PROFILE").is_some();
-            for (i, step) in steps.iter().enumerate() {
-                let t0 = std::time::Instant::now();
-                run_step(kernels, step, u8s, f32s).map_err(|m| {
-                    let (name, op) = &names[i];
-                    Error::node(name, op, format!("native engine: {m}"))
-                })?;
-                if prof {
-                    eprintln!(
-                        "PROF {i} {} {} {:.1}",
-                        names[i].1,
-                        step_kind(step),
-                        t0.elapsed().as_secs_f64() * 1e6
-                    );
-                }
+        let done = std::sync::atomic::AtomicBool::new(false);
+        rayon::scope(|s| -> Result<()> {
+            // Keep the other workers awake for the run: each spins, taking any job the steps
+            // publish, so a step's pieces start in well under a microsecond instead of after a
+            // sleeping thread's wake-up (which cost more than small steps take at batch 1).
+            let main = rayon::current_thread_index();
+            let done = &done;
+            for _ in 1..rayon::current_num_threads() {
+                s.spawn(move |_| {
+                    // Never spin on the thread that runs the steps (it may pick this job up
+                    // while it waits for its own pieces).
+                    if rayon::current_thread_index() == main {
+                        return;
+                    }
+                    while !done.load(std::sync::atomic::Ordering::Acquire) {
+                        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                            std::hint::spin_loop();
+                        }
+                    }
+                });
             }
-            Ok(())
+            let r = run_steps(kernels, steps, names, u8s, f32s);
+            done.store(true, std::sync::atomic::Ordering::Release);
+            r
         })?;
         Ok(self
             .outputs
@@ -299,6 +305,32 @@ impl Program {
             })
             .collect())
     }
+}
+
+fn run_steps(
+    kernels: &Kernels,
+    steps: &[Step],
+    names: &[(String, &'static str)],
+    u8s: &mut [Vec<u8>],
+    f32s: &mut [Vec<f32>],
+) -> Result<()> {
+    let prof = std::env::var_os("ZQ_NATIVE_PROFILE").is_some();
+    for (i, step) in steps.iter().enumerate() {
+        let t0 = std::time::Instant::now();
+        run_step(kernels, step, u8s, f32s).map_err(|m| {
+            let (name, op) = &names[i];
+            Error::node(name, op, format!("native engine: {m}"))
+        })?;
+        if prof {
+            eprintln!(
+                "PROF {i} {} {} {:.1}",
+                names[i].1,
+                step_kind(step),
+                t0.elapsed().as_secs_f64() * 1e6
+            );
+        }
+    }
+    Ok(())
 }
 
 fn take<T: Default>(v: &mut [T], i: usize) -> T {
@@ -340,18 +372,20 @@ fn run_step(
         } => {
             let mut out = take(u8s, *y);
             let xs = &f32s[*x];
-            let img = (c * hw).max(1);
-            let n = *len;
-            let rows = par_rows(n / img, 1);
-            out[..n]
-                .par_chunks_mut(rows * img)
-                .zip(xs[..n].par_chunks(rows * img))
-                .for_each(|(o, i)| {
+            // Split over pixels (of all images), so a single image uses both cores too.
+            let c = if *c == 1 || *hw == 1 { 1 } else { *c };
+            let pixels = len / c;
+            let per = par_rows(pixels, 1024 / c.max(1) + 1);
+            out[..pixels * c]
+                .par_chunks_mut(per * c)
+                .enumerate()
+                .for_each(|(t, o)| {
                     vectorize(ops::Quantize {
-                        x: i,
+                        x: xs,
                         y: o,
-                        c: *c,
-                        hw: *hw,
+                        c,
+                        hw: if c == 1 { 1 } else { *hw },
+                        p0: t * per,
                         scale: *scale,
                         zp: *zp,
                     })
@@ -391,7 +425,7 @@ fn run_step(
             let mut out = take(u8s, *y);
             let xs = &u8s[*x];
             let n = *len;
-            let g = par_rows(n, 1 << 14);
+            let g = par_rows(n, 2048);
             out[..n]
                 .par_chunks_mut(g)
                 .zip(xs[..n].par_chunks(g))
@@ -407,7 +441,7 @@ fn run_step(
         } => {
             let mut out = take(u8s, *y);
             let xs = &u8s[*x];
-            let g = par_rows(map.len(), 1 << 14);
+            let g = par_rows(map.len(), 2048);
             out[..map.len()]
                 .par_chunks_mut(g)
                 .zip(map.par_chunks(g))
@@ -425,14 +459,14 @@ fn run_step(
             let mut out = take(u8s, *y);
             let (xa, xb) = (&u8s[*a], &u8s[*b]);
             let n = *len;
-            let g = par_rows(n, 1 << 14);
+            let g = par_rows(n, 2048);
             out[..n]
                 .par_chunks_mut(g)
                 .zip(xa[..n].par_chunks(g).zip(xb[..n].par_chunks(g)))
                 .for_each(|(o, (a, b))| {
                     vectorize(ops::AddU8 { a, b, y: o, p: *p });
-                    if let Some(l) = post {
-                        ops::lut_in_place(o, l);
+                    if let Some(t) = post {
+                        t.apply(o);
                     }
                 });
             u8s[*y] = out;
@@ -544,8 +578,8 @@ fn conv_u8(k: &Kernels, c: &ConvStep, x: &[u8], y: &mut [u8]) -> std::result::Re
                 };
                 conv_call(k, c, g, &input[g.cin_off..], o, px.clone())?;
             }
-            if let Some(l) = &c.post {
-                ops::lut_in_place(out, l);
+            if let Some(t) = &c.post {
+                t.apply(out);
             }
             Ok(())
         })
