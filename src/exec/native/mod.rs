@@ -124,7 +124,6 @@ enum Repr {
 
 struct Cx<'g> {
     g: &'g Graph,
-    batch: usize,
     ints: HashMap<ValueId, IntConst>,
     consumers: HashMap<ValueId, Vec<usize>>,
     outputs: HashSet<ValueId>,
@@ -156,7 +155,6 @@ pub fn compile(g: &Graph, batch: usize) -> Result<Program> {
     let kernels = Kernels::from_env().map_err(|e| Error::Usage(e.to_string()))?;
     let mut cx = Cx {
         g: &sg,
-        batch,
         ints,
         consumers: sg.consumers(),
         outputs: sg.outputs.iter().copied().collect(),
@@ -217,9 +215,7 @@ pub fn compile(g: &Graph, batch: usize) -> Result<Program> {
             OutSrc::Const(_) => None,
         }))
         .collect();
-    let (u8_map, u8_sizes, f32_map, f32_sizes) =
-        allocate(&mut steps, &u8_len, &f32_len, &pinned_f32);
-    let _ = u8_map;
+    let (_, u8_sizes, f32_map, f32_sizes) = allocate(&mut steps, &u8_len, &f32_len, &pinned_f32);
     let inputs = inputs.into_iter().map(|(b, s)| (f32_map[b], s)).collect();
     let outputs = outputs
         .into_iter()
@@ -508,7 +504,7 @@ impl Cx<'_> {
             nhwc: shape.len() == 4,
         };
         let (c, hw) = qv.c_hw();
-        let s = self.push(
+        self.push(
             i,
             Step::Quantize {
                 x: xb,
@@ -520,7 +516,6 @@ impl Cx<'_> {
                 zp: zy,
             },
         );
-        let _ = s;
         // Quantize takes no folded clamp: record no owner.
         self.set_q(i, qv, None);
         Ok(true)
@@ -879,7 +874,6 @@ impl Cx<'_> {
             post: None,
             tasks: tasks(images, out_pixels),
         };
-        let _ = self.batch;
         let si = self.push(i, Step::Conv(step));
         self.done[i] = true;
         match (out_q, ybuf) {
