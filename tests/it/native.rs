@@ -23,24 +23,10 @@ fn digits_test() -> (Vec<f32>, usize) {
 fn digits_quantized(dir: &Path, wbits: &str) -> PathBuf {
     let out = dir.join(format!("digits_w{wbits}.onnx"));
     let m = fixture("digits_bn/model.onnx");
-    let o = zq(&[
-        "quantize",
-        s(&m),
-        "-o",
-        s(&out),
-        "--wbits",
-        wbits,
-        "--mean",
-        "0.5",
-        "--std",
-        "0.5",
-        "--num",
-        "32",
-        "--iters",
-        "150",
-        "--holdout",
-        "0",
-    ]);
+    let mut a = vec!["quantize", s(&m), "-o", s(&out), "--wbits", wbits];
+    a.extend_from_slice(&crate::quantize::DIGITS[..8]);
+    a.extend_from_slice(&["--holdout", "0"]);
+    let o = zq(&a);
     assert_eq!(o.code, 0, "{}", o.stderr);
     out
 }

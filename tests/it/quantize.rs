@@ -53,7 +53,9 @@ fn digits_test() -> (Vec<f32>, [usize; 4]) {
     (x, [folder.items.len(), 1, 8, 8])
 }
 
-const DIGITS: &[&str] = &[
+/// Calibration flags for the digits fixture (its input convention, a short distillation, and
+/// held-out images for the estimate).
+pub const DIGITS: &[&str] = &[
     "--mean",
     "0.5",
     "--std",
