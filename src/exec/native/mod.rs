@@ -872,7 +872,7 @@ impl Cx<'_> {
             groups,
             epi,
             post: None,
-            tasks: tasks(images, out_pixels),
+            tasks: tasks(images, out_pixels, cout),
         };
         let si = self.push(i, Step::Conv(step));
         self.done[i] = true;
@@ -1347,12 +1347,20 @@ fn gemm_rows(qx: &QVal, w: &IntConst, trans_b: bool) -> Option<GemmParts> {
     Some((ConvGeometry::new(1, m, k, 1, 1), n, scale, rows))
 }
 
-/// Parallel tasks of a convolution: whole images when there are enough of them, else pieces of
-/// each image's output pixels.
-fn tasks(images: usize, pixels: usize) -> Vec<(usize, Range<usize>)> {
+/// Parallel tasks of a convolution: whole images when there are enough of them, else about
+/// two pieces per thread of each image's output pixels, each a whole number of the kernel's
+/// row tiles (16, 12, 8 or 6 rows as the output has 1, 2, 3 or more 16-channel blocks), so the
+/// pieces of a small image stay balanced.
+fn tasks(images: usize, pixels: usize, cout: usize) -> Vec<(usize, Range<usize>)> {
     let threads = rayon::current_num_threads().max(1);
-    let per_image = (4 * threads).div_ceil(images.max(1)).max(1);
-    let chunk = pixels.div_ceil(per_image).next_multiple_of(48).max(48);
+    let per_image = (2 * threads).div_ceil(images.max(1)).max(1);
+    let tile = match cout.div_ceil(16) {
+        0 | 1 => 16,
+        2 => 12,
+        3 => 8,
+        _ => 6,
+    };
+    let chunk = pixels.div_ceil(per_image).next_multiple_of(tile).max(tile);
     let mut t = Vec::new();
     for img in 0..images {
         let mut s = 0;
