@@ -310,19 +310,22 @@ pub struct QuantizeArgs {
     /// Calibrate on real images DIR/<class>/*.png (for comparison; zq needs none).
     #[arg(long, value_name = "DIR")]
     pub calib_dir: Option<PathBuf>,
-    /// Calibration images to distil (or to take from --calib-dir).
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub num: u32,
-    /// Distillation iterations per batch.
-    #[arg(long, value_name = "I", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
-    pub iters: u32,
+    /// Calibration images to distil (or to take from --calib-dir) [default: by input size: 64
+    /// up to 64x64 pixels, 32 above; see the README's defaults table].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub num: Option<u32>,
+    /// Distillation iterations per batch [default: by input size: 200 up to 64x64 pixels, 50
+    /// above].
+    #[arg(long, value_name = "I", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub iters: Option<u32>,
     /// Which BatchNormalization statistics inline distillation matches (batch: measured on
     /// ResNet-20, calibration as good as real images; per-sample: ZeroQ's, thin tails).
     #[arg(long, value_enum, default_value_t = StatsArg::Batch)]
     pub stats: StatsArg,
-    /// Held-out distilled images for the quality estimate (0: skip the estimate).
-    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=100_000))]
-    pub holdout: u32,
+    /// Held-out distilled images for the quality estimate (0: skip the estimate) [default: by
+    /// input size: 32 up to 64x64 pixels, 16 above].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub holdout: Option<u32>,
     /// Random seed (distillation); the same seed gives the same model.
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,

@@ -298,7 +298,8 @@ fn cmd_quantize(p: &Printer, a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     });
     prepare_output(&out, "-o")?;
     let model = crate::onnx::read_model(&a.model)?;
-    let opts = settings::quantize_options(&a, model.file_bytes);
+    let [_, h, w] = crate::pipeline::eval::chw_of(&model.graph, &a.model)?;
+    let opts = settings::quantize_options(&a, model.file_bytes, h * w);
     if a.pareto {
         if let Some(f) = &a.frontier {
             prepare_output(f, "--frontier")?;

@@ -30,16 +30,24 @@ pub fn distill_options(a: &DistillArgs) -> crate::Result<distill::DistillOptions
 }
 
 /// `zq quantize`'s options; `model_file_bytes` resolves a percentage `--budget`.
-pub fn quantize_options(a: &QuantizeArgs, model_file_bytes: u64) -> quantize::QuantizeOptions {
+/// `pixels` is the model input's H x W, which sizes the distillation defaults.
+pub fn quantize_options(
+    a: &QuantizeArgs,
+    model_file_bytes: u64,
+    pixels: usize,
+) -> quantize::QuantizeOptions {
+    let d = quantize::calibrate::Budget::for_pixels(pixels);
+    let num = a.num.map_or(d.num, |v| v as usize);
+    let iters = a.iters.map_or(d.iters, |v| v as usize);
     let calib = match (&a.data, &a.calib_dir) {
         (Some(d), _) => quantize::Calib::File(d.clone()),
         (None, Some(dir)) => quantize::Calib::Images {
             dir: dir.clone(),
-            num: a.num as usize,
+            num,
         },
         (None, None) => quantize::Calib::Distill {
-            num: a.num as usize,
-            iters: a.iters as usize,
+            num,
+            iters,
             stats: a.stats.into(),
         },
     };
@@ -57,8 +65,8 @@ pub fn quantize_options(a: &QuantizeArgs, model_file_bytes: u64) -> quantize::Qu
             .collect(),
         keep_float: a.keep_float.iter().cloned().collect(),
         calib,
-        holdout: a.holdout as usize,
-        holdout_iters: a.iters as usize,
+        holdout: a.holdout.map_or(d.holdout, |v| v as usize),
+        holdout_iters: iters,
         holdout_stats: a.stats.into(),
         seed: a.seed,
         pre: preprocess(&a.pre),

@@ -269,6 +269,8 @@ pub fn batch_distilled(m: &std::path::Path) -> std::path::PathBuf {
             s(&d),
             "--num",
             "64",
+            "--iters",
+            "200",
             "--stats",
             "batch",
         ]);

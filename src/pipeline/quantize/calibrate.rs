@@ -21,6 +21,36 @@ use crate::pipeline::distill;
 /// Images optimised together when distilling, and run together when calibrating.
 pub const BATCH: usize = 32;
 
+/// How much distillation `zq quantize` does by default, by input size: measured across models
+/// (README, "Defaults"), and sized so that the whole run stays within a few minutes on 2 cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub num: usize,
+    pub iters: usize,
+    pub holdout: usize,
+}
+
+impl Budget {
+    /// Inputs up to this many pixels (64x64) count as small (CIFAR-like).
+    pub const SMALL_PIXELS: usize = 64 * 64;
+
+    pub fn for_pixels(pixels: usize) -> Budget {
+        if pixels <= Self::SMALL_PIXELS {
+            Budget {
+                num: 64,
+                iters: 200,
+                holdout: 32,
+            }
+        } else {
+            Budget {
+                num: 32,
+                iters: 50,
+                holdout: 16,
+            }
+        }
+    }
+}
+
 /// Held-out images are distilled from a seed of their own, derived from the user's: the same
 /// `--seed` must not give the calibration images again ("holdout" in ASCII).
 const HOLDOUT_SEED_XOR: u64 = 0x0068_6F6C_646F_7574;
