@@ -95,7 +95,7 @@ pub enum Command {
     /// ONNX model that ONNX Runtime runs with integer kernels. Its agreement with the FP32 model
     /// is estimated on held-out distilled images; --min-agreement / --max-kl turn that estimate
     /// into a gate (exit 1, nothing written).
-    Quantize(QuantizeArgs),
+    Quantize(Box<QuantizeArgs>),
     /// Measure zq's integer kernels: GOPS of every kernel variant this CPU runs (scalar, AVX2,
     /// AVX-512 VNNI) on real layer shapes, single thread, against the measured VNNI peak.
     Bench(BenchArgs),

@@ -22,7 +22,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(a) => cmd_inspect(&p, a),
         Command::Eval(a) => cmd_eval(&p, a),
         Command::Distill(a) => cmd_distill(&p, a),
-        Command::Quantize(a) => cmd_quantize(&p, a),
+        Command::Quantize(a) => cmd_quantize(&p, *a),
         Command::Bench(a) => bench::cmd_bench(&p, a),
     }
 }
