@@ -35,54 +35,138 @@ pub struct Model {
 
 /// Read and import an ONNX file.
 pub fn read_model(path: &Path) -> Result<Model> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if meta.is_dir() {
-        return Err(Error::Model {
-            path: path.into(),
-            msg: "is a directory, not an ONNX file".into(),
-        });
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(Error::Model {
-            path: path.into(),
-            msg: format!(
-                "file is {} bytes; protobuf models are limited to 2 GiB",
-                meta.len()
-            ),
-        });
-    }
-    let bytes = std::fs::read(path).map_err(io)?;
-    let dir = path.parent().map(|p| {
-        if p.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            p
+    read_model_bound(path, &HashMap::new())
+}
+
+/// A model file decoded but not yet imported (`zq run` looks at its declared inputs first).
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    pub path: PathBuf,
+    pub proto: proto::ModelProto,
+    pub file_bytes: u64,
+}
+
+/// A graph input or output as the file declares it: name, element type and dimensions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Declared {
+    pub name: String,
+    pub dtype: DType,
+    pub dims: Vec<Dim>,
+}
+
+impl ModelFile {
+    /// Read and decode `path` (size-checked; not imported).
+    pub fn open(path: &Path) -> Result<ModelFile> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if meta.is_dir() {
+            return Err(Error::Model {
+                path: path.into(),
+                msg: "is a directory, not an ONNX file".into(),
+            });
         }
-    });
-    let to_model = |e| match e {
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(Error::Model {
+                path: path.into(),
+                msg: format!(
+                    "file is {} bytes; protobuf models are limited to 2 GiB",
+                    meta.len()
+                ),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(io)?;
+        let proto = decode(&bytes).map_err(|e| in_file(path, e))?;
+        Ok(ModelFile {
+            path: path.into(),
+            proto,
+            file_bytes: meta.len(),
+        })
+    }
+
+    /// The graph inputs that are not initializers, as declared (any element type).
+    pub fn inputs(&self) -> Result<Vec<Declared>> {
+        let gp = self.graph_proto()?;
+        let inits: HashSet<&str> = gp.initializer.iter().map(|t| t.name()).collect();
+        self.declared(gp.input.iter().filter(|vi| !inits.contains(vi.name())), "input")
+    }
+
+    /// The graph outputs, as declared.
+    pub fn outputs(&self) -> Result<Vec<Declared>> {
+        let gp = self.graph_proto()?;
+        self.declared(gp.output.iter(), "output")
+    }
+
+    fn graph_proto(&self) -> Result<&proto::GraphProto> {
+        self.proto.graph.as_ref().ok_or_else(|| Error::Model {
+            path: self.path.clone(),
+            msg: "not an ONNX model: it has no graph".into(),
+        })
+    }
+
+    fn declared<'a>(
+        &self,
+        vis: impl Iterator<Item = &'a proto::ValueInfoProto>,
+        what: &str,
+    ) -> Result<Vec<Declared>> {
+        vis.map(|vi| {
+            let (dtype, dims) = value_info_type(vi).map_err(|e| Error::Model {
+                path: self.path.clone(),
+                msg: format!("{what} '{}': {e}", vi.name()),
+            })?;
+            Ok(Declared {
+                name: vi.name().to_string(),
+                dtype,
+                dims,
+            })
+        })
+        .collect()
+    }
+
+    /// Import the graph. Graph inputs named in `bound` become constants holding those tensors
+    /// (their element type must be the declared one); this is how a caller that knows an
+    /// integer input's value (`zq run`) hands it in, since zq graphs take float inputs.
+    pub fn import(&self, bound: &HashMap<String, Tensor>) -> Result<Model> {
+        let dir = self.path.parent().map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        });
+        let m = &self.proto;
+        let graph = import_bound(m, dir, bound).map_err(|e| in_file(&self.path, e))?;
+        let mut op_counts = std::collections::BTreeMap::new();
+        for n in m.graph.iter().flat_map(|g| &g.node) {
+            *op_counts.entry(n.op_type().to_string()).or_insert(0) += 1;
+        }
+        Ok(Model {
+            path: self.path.clone(),
+            graph,
+            file_bytes: self.file_bytes,
+            ir_version: m.ir_version(),
+            op_counts,
+        })
+    }
+}
+
+/// A model-level message names the file.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
         Error::Usage(msg) => Error::Model {
             path: path.into(),
             msg,
         },
         e => e,
-    };
-    let m = decode(&bytes).map_err(to_model)?;
-    let graph = import(&m, dir).map_err(to_model)?;
-    let mut op_counts = std::collections::BTreeMap::new();
-    for n in m.graph.iter().flat_map(|g| &g.node) {
-        *op_counts.entry(n.op_type().to_string()).or_insert(0) += 1;
     }
-    Ok(Model {
-        path: path.into(),
-        graph,
-        file_bytes: meta.len(),
-        ir_version: m.ir_version(),
-        op_counts,
-    })
+}
+
+/// Read and import an ONNX file with some graph inputs bound to constants (see
+/// [`ModelFile::import`]).
+pub fn read_model_bound(path: &Path, bound: &HashMap<String, Tensor>) -> Result<Model> {
+    ModelFile::open(path)?.import(bound)
 }
 
 /// Decode and import a model from memory. `dir` is where external data may live (None: refused).
@@ -107,6 +191,15 @@ fn bad(msg: impl Into<String>) -> Error {
 
 /// Import a decoded ModelProto.
 pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
+    import_bound(m, dir, &HashMap::new())
+}
+
+/// Import a decoded ModelProto, the graph inputs named in `bound` taken as constants.
+fn import_bound(
+    m: &proto::ModelProto,
+    dir: Option<&Path>,
+    bound: &HashMap<String, Tensor>,
+) -> Result<Graph> {
     let gp = m
         .graph
         .as_ref()
@@ -154,6 +247,17 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
             continue; // an initializer with a default value: treat as a constant
         }
         let (dtype, dims) = value_info_type(vi).map_err(|e| bad(format!("input '{name}': {e}")))?;
+        if let Some(t) = bound.get(&name) {
+            if t.dtype != dtype {
+                return Err(bad(format!(
+                    "input '{name}' is declared {dtype}, the value given is {}",
+                    t.dtype
+                )));
+            }
+            let id = g.add_const(name.clone(), t.clone());
+            by_name.insert(name, id);
+            continue;
+        }
         if !dtype.is_float() {
             return Err(bad(format!(
                 "input '{name}' has element type {dtype}; zq models take float inputs"
@@ -164,7 +268,7 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
         by_name.insert(name, id);
         g.inputs.push(GraphInput { value: id, dims });
     }
-    if g.inputs.is_empty() {
+    if g.inputs.is_empty() && bound.is_empty() {
         return Err(bad("the graph has no (non-constant) inputs"));
     }
 
@@ -976,4 +1080,92 @@ fn read_external(
     f.read_exact(&mut buf)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{
+        tensor_shape_proto::{dimension::Value as DV, Dimension},
+        type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+        TensorShapeProto, TypeProto, ValueInfoProto,
+    };
+
+    fn vi(name: &str, elem: i32, dims: &[i64]) -> ValueInfoProto {
+        ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(elem),
+                    shape: Some(TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| Dimension {
+                                value: Some(DV::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// `y = op(x)` on a float [2] input at `opset`, with one int attribute.
+    fn one_node(op: &str, opset: i64, attr: Option<(&str, i64)>) -> ModelProto {
+        ModelProto {
+            ir_version: Some(10),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(opset),
+            }],
+            graph: Some(GraphProto {
+                name: Some("g".into()),
+                node: vec![NodeProto {
+                    op_type: Some(op.into()),
+                    input: vec!["x".into()],
+                    output: vec!["y".into()],
+                    attribute: attr
+                        .map(|(n, v)| AttributeProto {
+                            name: Some(n.into()),
+                            i: Some(v),
+                            r#type: Some(AttributeType::Int as i32),
+                            ..Default::default()
+                        })
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                }],
+                input: vec![vi("x", 1, &[2])],
+                output: vec![vi("y", 1, &[2])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bound_inputs_become_constants_of_the_declared_type() {
+        let mut m = one_node("Relu", 21, None);
+        let g = m.graph.as_mut().unwrap();
+        g.input.push(vi("k", 7, &[1]));
+        g.node[0].op_type = Some("Add".into());
+        g.node[0].input.push("k".into());
+        // An int64 input alone is refused (zq graphs take float inputs) ...
+        let e = import(&m, None).unwrap_err().to_string();
+        assert!(e.contains("input 'k' has element type int64"), "{e}");
+        // ... bound, it is a constant.
+        let mut bound = HashMap::new();
+        bound.insert("k".to_string(), Tensor::i64(vec![1], vec![3]));
+        let g = import_bound(&m, None, &bound).unwrap();
+        assert_eq!(g.inputs.len(), 1);
+        let k = g.values.iter().position(|v| v.name == "k").unwrap();
+        assert_eq!(g.konst(k).unwrap().to_i64_vec(), vec![3]);
+        // A bound value of another type is refused, naming the input.
+        bound.insert("k".to_string(), Tensor::f32(vec![1], vec![3.0]));
+        let e = import_bound(&m, None, &bound).unwrap_err().to_string();
+        assert!(e.contains("input 'k' is declared int64"), "{e}");
+    }
 }
