@@ -20,7 +20,11 @@ pub const MAX_FILE_BYTES: u64 = 2 << 30;
 pub const MAX_NODES: usize = 100_000;
 pub const MAX_TENSOR_ELEMS: usize = 1 << 31;
 pub const MIN_OPSET: i64 = 11;
-pub const MAX_OPSET: i64 = 21;
+/// Opsets 22-28 changed the ops zq reads only by admitting new element types (bfloat16, float8,
+/// float4, 2-bit integers: refused as element types) and by new attributes (Cast's
+/// `round_mode`, QuantizeLinear's `precision`, DequantizeLinear's `output_dtype`), which the
+/// attribute parsers refuse; their semantics are opset 21's.
+pub const MAX_OPSET: i64 = 28;
 
 /// A model read from disk: the IR plus what inspect wants to know about the file.
 #[derive(Debug, Clone)]
@@ -1144,6 +1148,28 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn opsets_up_to_28_are_read_and_their_new_attributes_refused() {
+        for opset in [21, 22, 25, 28] {
+            import(&one_node("Relu", opset, None), None).unwrap();
+            import(&one_node("Cast", opset, Some(("to", 1))), None).unwrap();
+        }
+        let e = import(&one_node("Relu", 29, None), None).unwrap_err().to_string();
+        assert!(e.contains("opset 29 is not supported"), "{e}");
+        let e = import(&one_node("Cast", 28, Some(("round_mode", 1))), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attribute 'round_mode'"), "{e}");
+        let e = import(&one_node("QuantizeLinear", 28, Some(("precision", 1))), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attribute 'precision'"), "{e}");
+        let e = import(&one_node("DequantizeLinear", 28, Some(("output_dtype", 1))), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("output_dtype"), "{e}");
     }
 
     #[test]
