@@ -906,7 +906,22 @@ pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<T
             Data::I64(crate::ir::qdq::unpack4(b, n, dtype == DType::I4))
         }
         None if matches!(dtype, DType::I4 | DType::U4) => {
-            return Err(format!("{dtype} tensors must use raw_data"));
+            // int32_data holds the packed bytes, one per entry (two elements each).
+            if t.int32_data.len() != n.div_ceil(2) {
+                return Err(format!(
+                    "declared shape {:?} of {dtype} needs {} packed bytes but int32_data holds {}",
+                    t.dims,
+                    n.div_ceil(2),
+                    t.int32_data.len()
+                ));
+            }
+            let packed = t
+                .int32_data
+                .iter()
+                .map(|&b| u8::try_from(b))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|_| format!("{dtype} int32_data entries must be bytes (0..=255)"))?;
+            Data::I64(crate::ir::qdq::unpack4(&packed, n, dtype == DType::I4))
         }
         Some(b) => decode_raw(b, dtype),
         None => {
@@ -1170,6 +1185,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("output_dtype"), "{e}");
+    }
+
+    #[test]
+    fn int4_tensors_read_from_packed_int32_data() {
+        // As onnx.numpy_helper writes them: [0, 1, 7, -4, -8] packed low nibble first.
+        let t = proto::TensorProto {
+            dims: vec![5],
+            data_type: Some(22),
+            int32_data: vec![16, 199, 8],
+            ..Default::default()
+        };
+        let x = tensor_from_proto(&t, None).unwrap();
+        assert_eq!(x.to_i64_vec(), vec![0, 1, 7, -4, -8]);
+        let short = proto::TensorProto {
+            int32_data: vec![16, 199],
+            ..t.clone()
+        };
+        let e = tensor_from_proto(&short, None).unwrap_err();
+        assert!(e.contains("needs 3 packed bytes"), "{e}");
+        let wide = proto::TensorProto {
+            int32_data: vec![16, 199, 300],
+            ..t
+        };
+        assert!(tensor_from_proto(&wide, None).is_err());
     }
 
     #[test]
