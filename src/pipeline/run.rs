@@ -276,6 +276,16 @@ pub fn read_npy(path: &Path, bytes: &[u8], want: DType, what: &str) -> Result<Te
 
 /// Read an input tensor from `.npy` or `.pb` (ONNX TensorProto); it must be of type `want`.
 pub fn read_tensor(path: &Path, want: DType, what: &str) -> Result<Tensor> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if ext != "npy" && ext != "pb" {
+        return Err(file_err(
+            path,
+            "give a .npy file or an ONNX TensorProto .pb file",
+        ));
+    }
     let meta = std::fs::metadata(path).map_err(|source| Error::Io {
         path: path.into(),
         source,
@@ -287,13 +297,10 @@ pub fn read_tensor(path: &Path, want: DType, what: &str) -> Result<Tensor> {
         path: path.into(),
         source,
     })?;
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
     match ext.as_str() {
         "npy" => read_npy(path, &bytes, want, what),
-        "pb" => {
+        _ => {
+            // .pb
             let tp = crate::onnx::proto::TensorProto::decode(bytes.as_slice()).map_err(|e| {
                 file_err(path, format!("not an ONNX TensorProto (protobuf decoding failed: {e})"))
             })?;
@@ -303,10 +310,6 @@ pub fn read_tensor(path: &Path, want: DType, what: &str) -> Result<Tensor> {
             }
             Ok(t)
         }
-        _ => Err(file_err(
-            path,
-            "give a .npy file or an ONNX TensorProto .pb file",
-        )),
     }
 }
 
@@ -508,7 +511,13 @@ pub fn run(model: &Path, opts: &RunOptions) -> Result<RunReport> {
         gi.dims = t.shape.iter().map(|&n| Dim::Fixed(n)).collect();
         xs.push(t);
     }
-    let batch = xs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
+    // Specialisation reads a leading dimension of 0 as "the batch size": with every input's
+    // dimensions fixed from its file, the batch is needed only for an empty input's.
+    let batch = if xs.iter().any(|t| t.shape.first() == Some(&0)) {
+        0
+    } else {
+        xs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1)
+    };
     let engine = opts.engine.unwrap_or(if crate::pipeline::eval::is_quantized(&g) {
         Engine::Native
     } else {

@@ -1,0 +1,150 @@
+//! `zq run`: outputs against ONNX Runtime's stored ones, every engine, and the one-line errors for
+//! missing, extra, misnamed, mistyped and misshaped inputs.
+
+use std::path::Path;
+
+use zq::ir::DType;
+use zq::pipeline::run::{npy_bytes, read_tensor};
+
+use crate::util::*;
+
+/// The digits fixture's input (from io.safetensors) as `dir/x.npy`, with ONNX Runtime's output.
+fn digits_input(dir: &Path) -> (Vec<f32>, Vec<usize>) {
+    let (x, xs, y, ys) = read_io(&fixture("digits_bn/io.safetensors"));
+    std::fs::write(
+        dir.join("x.npy"),
+        npy_bytes(&x, &xs, DType::F32, "x").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ys[0], xs[0]);
+    (y, ys)
+}
+
+#[test]
+fn digits_outputs_match_onnx_runtime_on_both_engines() {
+    let d = tempfile::tempdir().unwrap();
+    let (y, ys) = digits_input(d.path());
+    let model = fixture("digits_bn/model.onnx");
+    for engine in ["zq", "native"] {
+        let out = d.path().join(engine);
+        let o = zq_in(
+            d.path(),
+            &[
+                "run",
+                s(&model),
+                "--input",
+                "input=x.npy",
+                "-o",
+                s(&out),
+                "--engine",
+                engine,
+                "--json",
+            ],
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let j = o.json();
+        assert_eq!(j["engine"], engine);
+        assert_eq!(j["outputs"][0]["name"], "logits");
+        assert_eq!(j["outputs"][0]["dtype"], "float32");
+        let got = read_tensor(&out.join("logits.npy"), DType::F32, "logits").unwrap();
+        assert_eq!(got.shape, ys);
+        let diff = max_abs_diff(&got.to_f32_vec(), &y);
+        assert!(diff < 1e-4, "{engine}: max abs difference {diff}");
+    }
+}
+
+#[test]
+fn default_engine_is_zq_for_a_float_model_and_output_dir_defaults_to_cwd() {
+    let d = tempfile::tempdir().unwrap();
+    digits_input(d.path());
+    let model = fixture("digits_bn/model.onnx");
+    let o = zq_in(d.path(), &["run", s(&model), "-i", "input=x.npy", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.json()["engine"], "zq");
+    assert!(d.path().join("logits.npy").is_file());
+}
+
+#[test]
+fn bad_inputs_are_one_line_errors_naming_the_input_and_file() {
+    let d = tempfile::tempdir().unwrap();
+    let (x, xs, _, _) = read_io(&fixture("digits_bn/io.safetensors"));
+    let model = fixture("digits_bn/model.onnx");
+    let write = |name: &str, v: &[f32], shape: &[usize], dt: DType| {
+        std::fs::write(d.path().join(name), npy_bytes(v, shape, dt, name).unwrap()).unwrap();
+    };
+    write("x.npy", &x, &xs, DType::F32);
+    let ints: Vec<f32> = x.iter().map(|v| v.round()).collect();
+    write("ints.npy", &ints, &xs, DType::I64);
+    write("flat.npy", &x, &[x.len()], DType::F32);
+    let mut wide = xs.clone();
+    wide[2] = 2;
+    wide[3] = x.len() / (xs[0] * 2);
+    write("wide.npy", &x, &wide, DType::F32);
+    let run = |args: &[&str]| {
+        let mut a = vec!["run", s(&model), "-o", "out"];
+        a.extend_from_slice(args);
+        zq_in(d.path(), &a)
+    };
+    run(&[]).assert_error("no --input for input");
+    run(&["-i", "input=x.npy", "-i", "image=x.npy"])
+        .assert_error("the model has no input 'image'; its inputs: input (float32 [N, 1, 8, 8])");
+    run(&["-i", "input=x.npy", "-i", "input=x.npy"]).assert_error("--input input is given twice");
+    run(&["-i", "input=ints.npy"]).assert_error("ints.npy: holds int64, input 'input' is float32");
+    run(&["-i", "input=flat.npy"]).assert_error("input 'input' (flat.npy): shape");
+    run(&["-i", "input=wide.npy"]).assert_error("differs from the declared [N, 1, 8, 8] at dimension 2");
+    run(&["-i", "input=missing.npy"]).assert_error("missing.npy");
+    run(&["-i", "input=x.txt"]).assert_error("give a .npy file or an ONNX TensorProto .pb file");
+    run(&["-i", "input"]).assert_error("expected NAME=FILE");
+    std::fs::write(d.path().join("bad.pb"), b"\xff\xff\xff").unwrap();
+    run(&["-i", "input=bad.pb"]).assert_error("bad.pb: not an ONNX TensorProto");
+    std::fs::write(d.path().join("afile"), b"").unwrap();
+    let o = zq_in(
+        d.path(),
+        &["run", s(&model), "-i", "input=x.npy", "-o", "afile"],
+    );
+    o.assert_error("-o afile exists and is not a directory");
+    // Nothing was written by any of the failures.
+    assert!(!d.path().join("out").exists());
+}
+
+#[test]
+fn integer_inputs_are_bound_and_int4_outputs_written_in_8_bit_containers() {
+    // QuantizeLinear to int4 with an int4 zero point given as a .npy of int8: the output is an
+    // int8 .npy of values in -8..=7, as ONNX defines them.
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("q4.onnx");
+    let py = r#"
+import sys, onnx
+from onnx import helper, TensorProto as T
+n = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])
+g = helper.make_graph([n], "q", [helper.make_tensor_value_info("x", T.FLOAT, [4]),
+    helper.make_tensor_value_info("s", T.FLOAT, []), helper.make_tensor_value_info("z", T.INT4, [])],
+    [helper.make_tensor_value_info("y", T.INT4, [4])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+m.ir_version = 10
+onnx.save(m, sys.argv[1])
+"#;
+    let Some(made) = crate::conformance::python_run(py, &[s(&model)]) else {
+        return;
+    };
+    assert!(made, "could not write the model");
+    let w = |name: &str, v: &[f32], shape: &[usize], dt: DType| {
+        std::fs::write(d.path().join(name), npy_bytes(v, shape, dt, name).unwrap()).unwrap();
+    };
+    w("x.npy", &[-20.0, -1.0, 0.4, 30.0], &[4], DType::F32);
+    w("s.npy", &[2.0], &[], DType::F32);
+    w("z.npy", &[1.0], &[], DType::I8);
+    for engine in ["zq", "native"] {
+        let o = zq_in(
+            d.path(),
+            &[
+                "run", s(&model), "-i", "x=x.npy", "-i", "s=s.npy", "-i", "z=z.npy", "-o",
+                engine, "--engine", engine,
+            ],
+        );
+        assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
+        let y = read_tensor(&d.path().join(engine).join("y.npy"), DType::I8, "y").unwrap();
+        // round(x / 2) + 1, saturated to int4: -10+1 -> -8, -0.5 -> 0 (+1), 0.2 -> 0 (+1), 15+1 -> 7.
+        assert_eq!(y.to_i64_vec(), vec![-8, 1, 1, 7], "{engine}");
+    }
+}
