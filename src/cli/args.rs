@@ -140,7 +140,12 @@ pub struct RunArgs {
     #[arg(long = "input", short = 'i', value_name = "NAME=FILE", value_parser = named_file)]
     pub inputs: Vec<NamedFile>,
     /// Directory for the outputs, <output name>.npy each (created if missing).
-    #[arg(long = "output-dir", short = 'o', value_name = "OUTDIR", default_value = ".")]
+    #[arg(
+        long = "output-dir",
+        short = 'o',
+        value_name = "OUTDIR",
+        default_value = "."
+    )]
     pub output_dir: PathBuf,
     /// Which executor runs the model [default: native for models with QuantizeLinear, else zq].
     #[arg(long, value_enum)]

@@ -94,7 +94,10 @@ impl ModelFile {
     pub fn inputs(&self) -> Result<Vec<Declared>> {
         let gp = self.graph_proto()?;
         let inits: HashSet<&str> = gp.initializer.iter().map(|t| t.name()).collect();
-        self.declared(gp.input.iter().filter(|vi| !inits.contains(vi.name())), "input")
+        self.declared(
+            gp.input.iter().filter(|vi| !inits.contains(vi.name())),
+            "input",
+        )
     }
 
     /// The graph outputs, as declared.
@@ -1171,19 +1174,27 @@ mod tests {
             import(&one_node("Relu", opset, None), None).unwrap();
             import(&one_node("Cast", opset, Some(("to", 1))), None).unwrap();
         }
-        let e = import(&one_node("Relu", 29, None), None).unwrap_err().to_string();
+        let e = import(&one_node("Relu", 29, None), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("opset 29 is not supported"), "{e}");
         let e = import(&one_node("Cast", 28, Some(("round_mode", 1))), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("attribute 'round_mode'"), "{e}");
-        let e = import(&one_node("QuantizeLinear", 28, Some(("precision", 1))), None)
-            .unwrap_err()
-            .to_string();
+        let e = import(
+            &one_node("QuantizeLinear", 28, Some(("precision", 1))),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("attribute 'precision'"), "{e}");
-        let e = import(&one_node("DequantizeLinear", 28, Some(("output_dtype", 1))), None)
-            .unwrap_err()
-            .to_string();
+        let e = import(
+            &one_node("DequantizeLinear", 28, Some(("output_dtype", 1))),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("output_dtype"), "{e}");
     }
 

@@ -144,7 +144,8 @@ fn npy_dtype(descr: &str) -> Option<DType> {
 pub fn read_npy(path: &Path, bytes: &[u8], want: DType, what: &str) -> Result<Tensor> {
     use ndarray_npy::npy::header::Header;
     let mut r = bytes;
-    let h = Header::from_reader(&mut r).map_err(|e| file_err(path, format!("not a .npy file: {e}")))?;
+    let h =
+        Header::from_reader(&mut r).map_err(|e| file_err(path, format!("not a .npy file: {e}")))?;
     let descr = match &h.type_descriptor {
         py_literal::Value::String(s) => s.clone(),
         other => {
@@ -183,10 +184,7 @@ pub fn read_npy(path: &Path, bytes: &[u8], want: DType, what: &str) -> Result<Te
         w => w,
     };
     if got != container {
-        return Err(file_err(
-            path,
-            format!("holds {got}, {what} is {want}"),
-        ));
+        return Err(file_err(path, format!("holds {got}, {what} is {want}")));
     }
     fn load<T: ndarray_npy::ReadableElement + Copy>(
         path: &Path,
@@ -291,7 +289,10 @@ pub fn read_tensor(path: &Path, want: DType, what: &str) -> Result<Tensor> {
         source,
     })?;
     if meta.len() > crate::onnx::read::MAX_FILE_BYTES {
-        return Err(file_err(path, format!("file is {} bytes, over 2 GiB", meta.len())));
+        return Err(file_err(
+            path,
+            format!("file is {} bytes, over 2 GiB", meta.len()),
+        ));
     }
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.into(),
@@ -302,11 +303,18 @@ pub fn read_tensor(path: &Path, want: DType, what: &str) -> Result<Tensor> {
         _ => {
             // .pb
             let tp = crate::onnx::proto::TensorProto::decode(bytes.as_slice()).map_err(|e| {
-                file_err(path, format!("not an ONNX TensorProto (protobuf decoding failed: {e})"))
+                file_err(
+                    path,
+                    format!("not an ONNX TensorProto (protobuf decoding failed: {e})"),
+                )
             })?;
-            let t = crate::onnx::read::tensor_from_proto(&tp, None).map_err(|e| file_err(path, e))?;
+            let t =
+                crate::onnx::read::tensor_from_proto(&tp, None).map_err(|e| file_err(path, e))?;
             if t.dtype != want {
-                return Err(file_err(path, format!("holds {}, {what} is {want}", t.dtype)));
+                return Err(file_err(
+                    path,
+                    format!("holds {}, {what} is {want}", t.dtype),
+                ));
             }
             Ok(t)
         }
@@ -406,7 +414,8 @@ fn check_shape(
     file: &Path,
     symbols: &mut HashMap<String, usize>,
 ) -> Result<()> {
-    let fail = |msg: String| Error::Usage(format!("input '{}' ({}): {msg}", d.name, file.display()));
+    let fail =
+        |msg: String| Error::Usage(format!("input '{}' ({}): {msg}", d.name, file.display()));
     if t.shape.len() != d.dims.len() {
         return Err(fail(format!(
             "shape {:?} has rank {}, the model declares rank {} ({})",
@@ -516,13 +525,17 @@ pub fn run(model: &Path, opts: &RunOptions) -> Result<RunReport> {
     let batch = if xs.iter().any(|t| t.shape.first() == Some(&0)) {
         0
     } else {
-        xs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1)
+        xs.first()
+            .and_then(|t| t.shape.first().copied())
+            .unwrap_or(1)
     };
-    let engine = opts.engine.unwrap_or(if crate::pipeline::eval::is_quantized(&g) {
-        Engine::Native
-    } else {
-        Engine::Zq
-    });
+    let engine = opts
+        .engine
+        .unwrap_or(if crate::pipeline::eval::is_quantized(&g) {
+            Engine::Native
+        } else {
+            Engine::Zq
+        });
     let t0 = Instant::now();
     let results: Vec<(Vec<f32>, Vec<usize>)> = match engine {
         Engine::Zq => {
@@ -669,21 +682,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.npy");
         std::fs::write(&p, npy_bytes(&[1.0, 2.0], &[2], DType::I64, "t").unwrap()).unwrap();
-        let e = read_tensor(&p, DType::F32, "input 'x'").unwrap_err().to_string();
-        assert!(e.contains("x.npy") && e.contains("holds int64, input 'x' is float32"), "{e}");
+        let e = read_tensor(&p, DType::F32, "input 'x'")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x.npy") && e.contains("holds int64, input 'x' is float32"),
+            "{e}"
+        );
         let mut b = npy_bytes(&[1.0, 2.0, 3.0], &[3], DType::F32, "t").unwrap();
         b.truncate(b.len() - 2);
         std::fs::write(&p, &b).unwrap();
-        let e = read_tensor(&p, DType::F32, "input 'x'").unwrap_err().to_string();
+        let e = read_tensor(&p, DType::F32, "input 'x'")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("needs 12 data bytes"), "{e}");
         std::fs::write(&p, npy_bytes(&[9.0], &[1], DType::U8, "t").unwrap()).unwrap();
-        let e = read_tensor(&p, DType::I4, "input 'x'").unwrap_err().to_string();
+        let e = read_tensor(&p, DType::I4, "input 'x'")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("holds uint8"), "{e}");
         std::fs::write(&p, npy_bytes(&[9.0], &[1], DType::I8, "t").unwrap()).unwrap();
-        let e = read_tensor(&p, DType::I4, "input 'x'").unwrap_err().to_string();
+        let e = read_tensor(&p, DType::I4, "input 'x'")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("outside int4's range"), "{e}");
         std::fs::write(&p, b"not numpy").unwrap();
-        let e = read_tensor(&p, DType::F32, "input 'x'").unwrap_err().to_string();
+        let e = read_tensor(&p, DType::F32, "input 'x'")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a .npy file"), "{e}");
     }
 

@@ -107,7 +107,12 @@ fn python() -> Option<PathBuf> {
 /// succeeded.
 pub fn python_run(code: &str, args: &[&str]) -> Option<bool> {
     let py = python()?;
-    let o = Command::new(py).arg("-c").arg(code).args(args).output().ok()?;
+    let o = Command::new(py)
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .ok()?;
     if !o.status.success() {
         eprintln!("{}", String::from_utf8_lossy(&o.stderr));
     }
@@ -174,7 +179,12 @@ fn run_case(dir: &Path, case: &Case, engine: &str, work: &Path) -> Outcome {
         args.push("--input".into());
         args.push(format!("{name}={}", s(&data.join(format!("input_{j}.pb")))));
     }
-    args.extend(["-o".into(), s(&out).into(), "--engine".into(), engine.into()]);
+    args.extend([
+        "-o".into(),
+        s(&out).into(),
+        "--engine".into(),
+        engine.into(),
+    ]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = zq_in(work, &argv);
     let err = o.stderr.trim_end();
@@ -197,13 +207,18 @@ fn run_case(dir: &Path, case: &Case, engine: &str, work: &Path) -> Outcome {
     for (j, name) in case.outputs.iter().enumerate() {
         let want = match read_pb(&data.join(format!("output_{j}.pb"))) {
             Ok(t) => t,
-            Err(e) => return Outcome::Fail(format!("zq ran, but the expected output is unreadable here: {e}")),
+            Err(e) => {
+                return Outcome::Fail(format!(
+                    "zq ran, but the expected output is unreadable here: {e}"
+                ))
+            }
         };
         let file = out.join(format!("{}.npy", zq::pipeline::run::file_stem(name)));
-        let got = match zq::pipeline::run::read_tensor(&file, want.dtype, &format!("output '{name}'")) {
-            Ok(t) => t,
-            Err(e) => return Outcome::Fail(e.to_string()),
-        };
+        let got =
+            match zq::pipeline::run::read_tensor(&file, want.dtype, &format!("output '{name}'")) {
+                Ok(t) => t,
+                Err(e) => return Outcome::Fail(e.to_string()),
+            };
         if let Err(e) = compare(&want, &got, case.rtol, case.atol) {
             return Outcome::Fail(format!("output '{name}' ({}): {e}", want.dtype));
         }
@@ -343,7 +358,13 @@ fn table(cases: &[Case], results: &[[Outcome; 2]], onnx_version: &str) -> String
 fn comparison_is_numpy_allclose_for_floats_and_exact_for_integers() {
     let f = |v: Vec<f32>| Tensor::f32(vec![v.len()], v);
     let (rtol, atol) = (1e-3, 1e-7);
-    assert!(compare(&f(vec![1000.0, f32::NAN]), &f(vec![1000.9, f32::NAN]), rtol, atol).is_ok());
+    assert!(compare(
+        &f(vec![1000.0, f32::NAN]),
+        &f(vec![1000.9, f32::NAN]),
+        rtol,
+        atol
+    )
+    .is_ok());
     assert!(compare(&f(vec![1000.0]), &f(vec![1001.1]), rtol, atol).is_err());
     assert!(compare(&f(vec![0.0]), &f(vec![1e-6]), rtol, atol).is_err());
     assert!(compare(&f(vec![1.0]), &f(vec![f32::NAN]), rtol, atol).is_err());

@@ -91,7 +91,8 @@ fn bad_inputs_are_one_line_errors_naming_the_input_and_file() {
     run(&["-i", "input=x.npy", "-i", "input=x.npy"]).assert_error("--input input is given twice");
     run(&["-i", "input=ints.npy"]).assert_error("ints.npy: holds int64, input 'input' is float32");
     run(&["-i", "input=flat.npy"]).assert_error("input 'input' (flat.npy): shape");
-    run(&["-i", "input=wide.npy"]).assert_error("differs from the declared [N, 1, 8, 8] at dimension 2");
+    run(&["-i", "input=wide.npy"])
+        .assert_error("differs from the declared [N, 1, 8, 8] at dimension 2");
     run(&["-i", "input=missing.npy"]).assert_error("missing.npy");
     run(&["-i", "input=x.txt"]).assert_error("give a .npy file or an ONNX TensorProto .pb file");
     run(&["-i", "input"]).assert_error("expected NAME=FILE");
@@ -138,8 +139,18 @@ onnx.save(m, sys.argv[1])
         let o = zq_in(
             d.path(),
             &[
-                "run", s(&model), "-i", "x=x.npy", "-i", "s=s.npy", "-i", "z=z.npy", "-o",
-                engine, "--engine", engine,
+                "run",
+                s(&model),
+                "-i",
+                "x=x.npy",
+                "-i",
+                "s=s.npy",
+                "-i",
+                "z=z.npy",
+                "-o",
+                engine,
+                "--engine",
+                engine,
             ],
         );
         assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
