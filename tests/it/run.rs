@@ -159,3 +159,50 @@ onnx.save(m, sys.argv[1])
         assert_eq!(y.to_i64_vec(), vec![-8, 1, 1, 7], "{engine}");
     }
 }
+
+#[test]
+fn a_float16_cast_inside_a_float_graph_rounds_on_both_engines() {
+    // x -> Cast(float16) -> Cast(float32): the values float16 holds, not x.
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("f16.onnx");
+    let py = r#"
+import sys, onnx
+from onnx import helper, TensorProto as T
+a = helper.make_node("Cast", ["x"], ["h"], to=T.FLOAT16)
+b = helper.make_node("Cast", ["h"], ["y"], to=T.FLOAT)
+g = helper.make_graph([a, b], "c", [helper.make_tensor_value_info("x", T.FLOAT, [4])],
+    [helper.make_tensor_value_info("y", T.FLOAT, [4])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+m.ir_version = 10
+onnx.save(m, sys.argv[1])
+"#;
+    let Some(made) = crate::conformance::python_run(py, &[s(&model)]) else {
+        return;
+    };
+    assert!(made, "could not write the model");
+    let x = [1.0001f32, 65519.0, 1e-8, -2.0009765625];
+    std::fs::write(
+        d.path().join("x.npy"),
+        npy_bytes(&x, &[4], DType::F32, "x").unwrap(),
+    )
+    .unwrap();
+    for engine in ["zq", "native"] {
+        let o = zq_in(
+            d.path(),
+            &[
+                "run",
+                s(&model),
+                "-i",
+                "x=x.npy",
+                "-o",
+                engine,
+                "--engine",
+                engine,
+            ],
+        );
+        assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
+        let y = read_tensor(&d.path().join(engine).join("y.npy"), DType::F32, "y").unwrap();
+        // -2.0009765625 is halfway between two float16 values: ties to even (-2.0).
+        assert_eq!(y.to_f32_vec(), vec![1.0, 65504.0, 0.0, -2.0], "{engine}");
+    }
+}
