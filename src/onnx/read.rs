@@ -362,6 +362,10 @@ fn import_bound(
             }
             outputs.push(id);
         }
+        if op_type == "QLinearMatMul" {
+            expand_qlinear_matmul(&mut g, np, &name, opset, &inputs, &outputs)?;
+            continue;
+        }
         if op_type == "Constant" {
             let t = constant_value(np, dir).map_err(|e| Error::node(&name, op_type, e))?;
             let o = *outputs
@@ -402,6 +406,98 @@ fn import_bound(
     }
     g.check().map_err(bad)?;
     Ok(g)
+}
+
+/// QLinearMatMul as ONNX defines it, `Q(DQ(a) x DQ(b))`: `DequantizeLinear(a, a_scale,
+/// a_zero_point)` per tensor or per row (axis -2), `DequantizeLinear(b, ...)` per tensor or per
+/// column (axis -1), MatMul, and `QuantizeLinear(y_scale, y_zero_point)` per tensor. ONNX's
+/// reference rounds `(A - a_zp)(B - b_zp) * (a_scale * b_scale / y_scale)`; computed in float
+/// the product differs only at rounding ties, and the native engine runs this pattern as one
+/// integer GEMM with that requantization fused. `y_scale` must be known to hold one element
+/// (a constant, or a graph input declared so).
+fn expand_qlinear_matmul(
+    g: &mut Graph,
+    np: &proto::NodeProto,
+    name: &str,
+    opset: i64,
+    inputs: &[Option<ValueId>],
+    outputs: &[ValueId],
+) -> Result<()> {
+    let op = "QLinearMatMul";
+    if !np.attribute.is_empty() {
+        return Err(Error::Unsupported {
+            node: name.into(),
+            op: op.into(),
+            opset,
+            what: format!("attribute '{}'", np.attribute[0].name()),
+        });
+    }
+    if inputs.len() != 8 || inputs.iter().any(Option::is_none) || outputs.len() != 1 {
+        return Err(Error::node(
+            name,
+            op,
+            "needs 8 inputs (a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point) and 1 output",
+        ));
+    }
+    let v: Vec<ValueId> = inputs.iter().map(|i| i.expect("checked above")).collect();
+    for &k in &v[6..8] {
+        let declared: Option<usize> = match g.konst(k) {
+            Some(t) => Some(t.len()),
+            None => g.inputs.iter().find(|gi| gi.value == k).and_then(|gi| {
+                gi.dims
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => Some(*n),
+                        Dim::Sym(_) => None,
+                    })
+                    .product()
+            }),
+        };
+        if declared != Some(1) {
+            return Err(Error::node(
+                name,
+                op,
+                format!(
+                    "'{}' must hold one element (per-tensor output quantization) and be a constant or a graph input declared so",
+                    g.values[k].name
+                ),
+            ));
+        }
+    }
+    let mut node =
+        |g: &mut Graph, suffix: &str, op: Op, ins: Vec<ValueId>, out: Option<ValueId>| {
+            let o = out.unwrap_or_else(|| g.add_value(format!("{name}::{suffix}"), DType::F32));
+            g.nodes.push(Node {
+                name: format!("{name}::{suffix}"),
+                op,
+                inputs: ins.into_iter().map(Some).collect(),
+                outputs: vec![o],
+            });
+            o
+        };
+    let a = node(
+        g,
+        "dq_a",
+        Op::DequantizeLinear { axis: -2 },
+        v[0..3].to_vec(),
+        None,
+    );
+    let b = node(
+        g,
+        "dq_b",
+        Op::DequantizeLinear { axis: -1 },
+        v[3..6].to_vec(),
+        None,
+    );
+    let y = node(g, "matmul", Op::MatMul, vec![a, b], None);
+    node(
+        g,
+        "q_y",
+        Op::QuantizeLinear { axis: 1 },
+        vec![y, v[6], v[7]],
+        Some(outputs[0]),
+    );
+    Ok(())
 }
 
 fn node_name(n: &proto::NodeProto, i: usize) -> String {

@@ -206,3 +206,129 @@ onnx.save(m, sys.argv[1])
         assert_eq!(y.to_f32_vec(), vec![1.0, 65504.0, 0.0, -2.0], "{engine}");
     }
 }
+
+#[test]
+fn qlinear_matmul_per_row_and_per_column_scales_match_onnx_reference() {
+    // a [2, 3, 4] per-row scales (3), b [4, 5] int8 per-column scales (5), against ONNX's
+    // definition (integer product, one rounding), computed in numpy.
+    let d = tempfile::tempdir().unwrap();
+    let py = r#"
+import sys, os, onnx, numpy as np
+from onnx import helper, numpy_helper, TensorProto as T
+d = sys.argv[1]
+rng = np.random.default_rng(0)
+ins = {"a": rng.integers(0, 256, (2, 3, 4)).astype(np.uint8),
+       "a_scale": np.array([0.02, 0.05, 0.011], np.float32), "a_zero_point": np.array([120, 3, 250], np.uint8),
+       "b": rng.integers(-128, 128, (4, 5)).astype(np.int8),
+       "b_scale": np.array([0.01, 0.03, 0.02, 0.005, 0.04], np.float32), "b_zero_point": np.array([0, 1, -2, 3, 0], np.int8),
+       "y_scale": np.array(0.07, np.float32), "y_zero_point": np.array(128, np.uint8)}
+n = helper.make_node("QLinearMatMul", list(ins), ["y"])
+vi = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in ins.items()]
+g = helper.make_graph([n], "q", vi, [helper.make_tensor_value_info("y", T.UINT8, [2, 3, 5])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+m.ir_version = 10
+onnx.save(m, os.path.join(d, "m.onnx"))
+for k, v in ins.items():
+    np.save(os.path.join(d, k + ".npy"), v)
+A = ins["a"].astype(np.int32) - ins["a_zero_point"].astype(np.int32)[:, None]
+B = ins["b"].astype(np.int32) - ins["b_zero_point"].astype(np.int32)
+D = np.matmul(A, B) * (ins["a_scale"][:, None] * ins["b_scale"] / ins["y_scale"]) + 128
+np.save(os.path.join(d, "expected.npy"), np.clip(np.rint(D), 0, 255).astype(np.uint8))
+"#;
+    let Some(made) = crate::conformance::python_run(py, &[s(d.path())]) else {
+        return;
+    };
+    assert!(made, "could not write the model");
+    let names = [
+        "a",
+        "a_scale",
+        "a_zero_point",
+        "b",
+        "b_scale",
+        "b_zero_point",
+        "y_scale",
+        "y_zero_point",
+    ];
+    let want = read_tensor(&d.path().join("expected.npy"), DType::U8, "y").unwrap();
+    for engine in ["zq", "native"] {
+        let mut args = vec!["run".to_string(), "m.onnx".into()];
+        for n in names {
+            args.extend(["-i".into(), format!("{n}={n}.npy")]);
+        }
+        args.extend(["-o".into(), engine.into(), "--engine".into(), engine.into()]);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = zq_in(d.path(), &argv);
+        assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
+        let y = read_tensor(&d.path().join(engine).join("y.npy"), DType::U8, "y").unwrap();
+        assert_eq!(y.shape, want.shape);
+        let diff = y
+            .to_i64_vec()
+            .iter()
+            .zip(want.to_i64_vec())
+            .filter(|(a, b)| **a != *b)
+            .count();
+        assert_eq!(
+            diff,
+            0,
+            "{engine}: {:?} vs {:?}",
+            y.to_i64_vec(),
+            want.to_i64_vec()
+        );
+    }
+}
+
+#[test]
+fn qlinear_matmul_after_quantize_linear_runs_on_the_integer_kernels_exactly() {
+    // x -> QuantizeLinear -> QLinearMatMul(constant int8 b, per-column scales): the native
+    // engine's integer GEMM and the reference executor's float path against ONNX's definition.
+    let d = tempfile::tempdir().unwrap();
+    let py = r#"
+import sys, os, onnx, numpy as np
+from onnx import helper, numpy_helper, TensorProto as T
+d = sys.argv[1]
+rng = np.random.default_rng(1)
+x = rng.normal(size=(8, 32)).astype(np.float32)
+b = rng.integers(-127, 128, (32, 16)).astype(np.int8)
+bs = rng.uniform(0.001, 0.01, 16).astype(np.float32)
+xs, xz, ys, yz = np.float32(0.03), np.uint8(128), np.float32(0.05), np.uint8(100)
+inits = [numpy_helper.from_array(np.array(v), k) for k, v in
+         [("xs", xs), ("xz", xz), ("b", b), ("bs", bs), ("bz", np.zeros(16, np.int8)), ("ys", ys), ("yz", yz)]]
+nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["q"]),
+         helper.make_node("QLinearMatMul", ["q", "xs", "xz", "b", "bs", "bz", "ys", "yz"], ["y"])]
+g = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", T.FLOAT, [8, 32])],
+    [helper.make_tensor_value_info("y", T.UINT8, [8, 16])], initializer=inits)
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+m.ir_version = 10
+onnx.save(m, os.path.join(d, "m.onnx"))
+np.save(os.path.join(d, "x.npy"), x)
+q = np.clip(np.rint(x / xs) + 128, 0, 255).astype(np.int32) - 128
+D = np.matmul(q, b.astype(np.int32)) * (xs * bs / ys) + 100
+np.save(os.path.join(d, "expected.npy"), np.clip(np.rint(D), 0, 255).astype(np.uint8))
+"#;
+    let Some(made) = crate::conformance::python_run(py, &[s(d.path())]) else {
+        return;
+    };
+    assert!(made, "could not write the model");
+    let want = read_tensor(&d.path().join("expected.npy"), DType::U8, "y").unwrap();
+    for engine in ["zq", "native"] {
+        let o = zq_in(
+            d.path(),
+            &[
+                "run", "m.onnx", "-i", "x=x.npy", "-o", engine, "--engine", engine,
+            ],
+        );
+        assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
+        let y = read_tensor(&d.path().join(engine).join("y.npy"), DType::U8, "y").unwrap();
+        let off: Vec<(i64, i64)> = y
+            .to_i64_vec()
+            .into_iter()
+            .zip(want.to_i64_vec())
+            .filter(|(a, b)| a != b)
+            .collect();
+        assert!(
+            off.is_empty(),
+            "{engine}: {} of 128 differ: {off:?}",
+            off.len()
+        );
+    }
+}
