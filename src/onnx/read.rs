@@ -464,17 +464,16 @@ fn expand_qlinear_matmul(
             ));
         }
     }
-    let mut node =
-        |g: &mut Graph, suffix: &str, op: Op, ins: Vec<ValueId>, out: Option<ValueId>| {
-            let o = out.unwrap_or_else(|| g.add_value(format!("{name}::{suffix}"), DType::F32));
-            g.nodes.push(Node {
-                name: format!("{name}::{suffix}"),
-                op,
-                inputs: ins.into_iter().map(Some).collect(),
-                outputs: vec![o],
-            });
-            o
-        };
+    let node = |g: &mut Graph, suffix: &str, op: Op, ins: Vec<ValueId>, out: Option<ValueId>| {
+        let o = out.unwrap_or_else(|| g.add_value(format!("{name}::{suffix}"), DType::F32));
+        g.nodes.push(Node {
+            name: format!("{name}::{suffix}"),
+            op,
+            inputs: ins.into_iter().map(Some).collect(),
+            outputs: vec![o],
+        });
+        o
+    };
     let a = node(
         g,
         "dq_a",

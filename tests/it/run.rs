@@ -180,7 +180,7 @@ onnx.save(m, sys.argv[1])
         return;
     };
     assert!(made, "could not write the model");
-    let x = [1.0001f32, 65519.0, 1e-8, -2.0009765625];
+    let x = [1.0001f32, 65519.0, 1e-8, -(2.0 + 1.0 / 1024.0)];
     std::fs::write(
         d.path().join("x.npy"),
         npy_bytes(&x, &[4], DType::F32, "x").unwrap(),
@@ -202,7 +202,7 @@ onnx.save(m, sys.argv[1])
         );
         assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
         let y = read_tensor(&d.path().join(engine).join("y.npy"), DType::F32, "y").unwrap();
-        // -2.0009765625 is halfway between two float16 values: ties to even (-2.0).
+        // -(2 + 2^-10) is halfway between two float16 values: ties to even (-2.0).
         assert_eq!(y.to_f32_vec(), vec![1.0, 65504.0, 0.0, -2.0], "{engine}");
     }
 }
