@@ -101,8 +101,9 @@ pub enum Command {
     /// Inputs are .npy files or ONNX TensorProto .pb files (as ONNX's backend tests store
     /// them), one --input NAME=FILE per graph input, of the declared element type and shape
     /// (symbolic dimensions take the file's size). Integer inputs (shapes, axes, indices,
-    /// quantized data, zero points) are bound as constants before the model is compiled; float
-    /// inputs are run-time tensors. Output names become file names with every character other
+    /// quantized data, zero points) and scalar float inputs (Clip bounds, Pad values, scales)
+    /// are bound as constants before the model is compiled; other float inputs are run-time
+    /// tensors. Output names become file names with every character other
     /// than ASCII letters, digits, '-', '_' and '.' (and any leading '.') replaced by '_'.
     /// Outputs are written in their declared element type (int4/uint4 as int8/uint8 arrays;
     /// float16 outputs are refused).

@@ -1,9 +1,11 @@
 //! `zq run`: a model on tensors read from files (`.npy`, or ONNX TensorProto `.pb` as ONNX's
 //! backend tests store them), every graph output written as `OUTDIR/<output name>.npy`.
 //!
-//! Integer-typed graph inputs (shapes, axes, indices, quantized data, zero points) are bound as
-//! constants before the graph is specialised: zq compiles a model for the inputs it is given,
-//! and its engines run float tensors. Float inputs are the run-time tensors.
+//! Integer-typed graph inputs (shapes, axes, indices, quantized data, zero points) and scalar
+//! float inputs (parameters: Clip bounds, Pad values, scales) are bound as constants before the
+//! graph is specialised: zq compiles a model for the inputs it is given, its engines run float
+//! tensors, and several ops need those parameters constant. Other float inputs are the
+//! run-time tensors.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -502,7 +504,8 @@ pub fn run(model: &Path, opts: &RunOptions) -> Result<RunReport> {
             dtype: d.dtype.to_string(),
             shape: t.shape.clone(),
         });
-        if d.dtype.is_float() {
+        // Scalars are parameters (Clip bounds, Pad values, scales): bound, like integers.
+        if d.dtype.is_float() && !t.shape.is_empty() {
             float_inputs.insert(d.name.clone(), t);
         } else {
             bound.insert(d.name.clone(), t);

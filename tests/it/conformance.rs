@@ -333,8 +333,8 @@ fn table(cases: &[Case], results: &[[Outcome; 2]], onnx_version: &str) -> String
          A case passes when every output matches ONNX's expected one (floats within the case's\n\
          tolerance, rtol 1e-3 and atol 1e-7 by default; integers exactly); it is refused when zq\n\
          exits 2 with a one-line error (no panic, no internal error); anything else fails, and the\n\
-         test requires 0 failures. Integer inputs are bound as constants (as `zq run` does), so a\n\
-         case whose inputs are all integers is computed while the model is compiled.\n\n\
+         test requires 0 failures. Integer and scalar inputs are bound as constants (as `zq run`\n\
+         does), so a case with no other input is computed while the model is compiled.\n\n\
          ## Totals\n\n| family {head}| **all** | {} |\n",
         total.cells()
     );
