@@ -523,8 +523,8 @@ fn value_info_type(vi: &proto::ValueInfoProto) -> Result<(DType, Vec<Dim>), Stri
         Some(TV::TensorType(t)) => t,
         _ => return Err("is not a tensor".into()),
     };
-    let dtype = DType::from_onnx_code(tt.elem_type())
-        .ok_or_else(|| format!("element type {} is not supported", tt.elem_type()))?;
+    let dtype =
+        DType::from_onnx_code(tt.elem_type()).ok_or_else(|| unsupported_type(tt.elem_type()))?;
     let shape = tt.shape.as_ref().ok_or("has no declared shape")?;
     use proto::tensor_shape_proto::dimension::Value as DV;
     let dims = shape
@@ -955,10 +955,31 @@ fn constant_value(np: &proto::NodeProto, dir: Option<&Path>) -> Result<Tensor, S
     })
 }
 
+/// "element type N (its ONNX name) is not supported".
+fn unsupported_type(code: i32) -> String {
+    let name = match code {
+        0 => "undefined",
+        8 => "string",
+        14 => "complex64",
+        15 => "complex128",
+        16 => "bfloat16",
+        17 => "float8e4m3fn",
+        18 => "float8e4m3fnuz",
+        19 => "float8e5m2",
+        20 => "float8e5m2fnuz",
+        23 => "float4e2m1",
+        24 => "float8e8m0",
+        25 => "uint2",
+        26 => "int2",
+        _ => "unknown",
+    };
+    format!("element type {code} ({name}) is not supported")
+}
+
 /// Decode a TensorProto, checking declared sizes against the bytes present before allocating.
 pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<Tensor, String> {
-    let dtype = DType::from_onnx_code(t.data_type())
-        .ok_or_else(|| format!("element type {} is not supported", t.data_type()))?;
+    let dtype =
+        DType::from_onnx_code(t.data_type()).ok_or_else(|| unsupported_type(t.data_type()))?;
     let mut shape = Vec::with_capacity(t.dims.len());
     let mut n: usize = 1;
     for &d in &t.dims {
