@@ -21,26 +21,32 @@ fn digits_input(dir: &Path) -> (Vec<f32>, Vec<usize>) {
 }
 
 #[test]
-fn digits_outputs_match_onnx_runtime_on_both_engines() {
+fn digits_outputs_match_onnx_runtime_on_every_engine() {
     let d = tempfile::tempdir().unwrap();
     let (y, ys) = digits_input(d.path());
     let model = fixture("digits_bn/model.onnx");
-    for engine in ["zq", "native"] {
+    let ort = ort_lib();
+    let mut engines = vec!["zq", "native"];
+    if ort.is_some() {
+        engines.push("ort");
+    }
+    for engine in engines {
         let out = d.path().join(engine);
-        let o = zq_in(
-            d.path(),
-            &[
-                "run",
-                s(&model),
-                "--input",
-                "input=x.npy",
-                "-o",
-                s(&out),
-                "--engine",
-                engine,
-                "--json",
-            ],
-        );
+        let mut args = vec![
+            "run",
+            s(&model),
+            "--input",
+            "input=x.npy",
+            "-o",
+            s(&out),
+            "--engine",
+            engine,
+            "--json",
+        ];
+        if let Some(lib) = &ort {
+            args.extend(["--ort-lib", s(lib)]);
+        }
+        let o = zq_in(d.path(), &args);
         assert_eq!(o.code, 0, "{}", o.stderr);
         let j = o.json();
         assert_eq!(j["engine"], engine);
