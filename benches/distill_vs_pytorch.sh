@@ -15,7 +15,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # Alternate the two engines twice so neither profits from a quieter moment of the machine.
 for round in 1 2; do
-  ./target/release/zq distill "$MODEL" --num 32 --batch 32 --iters "$ITERS" -o "$tmp/d.safetensors" --json --quiet > "$tmp/zq$round.json"
+  ./target/release/zq distill "$MODEL" --num 32 --batch 32 --iters "$ITERS" --schedule plateau -o "$tmp/d.safetensors" --json --quiet > "$tmp/zq$round.json"
   "$PYTHON" benches/zeroq_pytorch.py "$MODEL" --iters "$ITERS" --batch 32 --threads 2 > "$tmp/pt$round.json"
 done
 "$PYTHON" - "$tmp" "$MODEL" "$ITERS" <<'PY'

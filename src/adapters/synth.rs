@@ -199,10 +199,14 @@ mod tests {
         let spatial = PlanTaps::new(&sliced_bn(3, 0, 2), 3).unwrap();
         let mut tape = spatial.tape().unwrap();
         let mut auto = Autograd::new(&spatial);
-        let x = zq_synth::adam::normal(3 * 2 * 4 * 4, 5);
+        let x = zq_synth::zeroq::PixelMap::noise(3 * 2 * 4 * 4, 5);
+        let map = zq_synth::zeroq::PixelMap {
+            channels: vec![(0.5, 0.25); 2],
+            hw: 16,
+        };
         let stats = zq_synth::zeroq::Stats::PerSample;
-        let (la, _, ga) = zq_synth::zeroq::loss_and_grad(&mut tape, &x, stats, true).unwrap();
-        let (lb, _, gb) = zq_synth::zeroq::loss_and_grad(&mut auto, &x, stats, true).unwrap();
+        let (la, _, ga) = zq_synth::zeroq::loss_and_grad(&mut tape, &x, &map, stats, true).unwrap();
+        let (lb, _, gb) = zq_synth::zeroq::loss_and_grad(&mut auto, &x, &map, stats, true).unwrap();
         assert!((la - lb).abs() < 1e-4 * lb.abs().max(1.0), "{la} vs {lb}");
         let err = ga
             .iter()

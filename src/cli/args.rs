@@ -235,6 +235,23 @@ impl From<StatsArg> for zq_synth::zeroq::Stats {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    /// Half a cosine from --lr to zero over the iterations: converged however few there are.
+    Cosine,
+    /// ZeroQ's reference: tenfold lower after 100 steps without improvement, down to 1e-4.
+    Plateau,
+}
+
+impl From<ScheduleArg> for zq_synth::zeroq::Schedule {
+    fn from(s: ScheduleArg) -> Self {
+        match s {
+            ScheduleArg::Cosine => zq_synth::zeroq::Schedule::Cosine,
+            ScheduleArg::Plateau => zq_synth::zeroq::Schedule::Plateau,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DistillArgs {
     /// The ONNX model (it must contain BatchNormalization layers).
@@ -251,7 +268,8 @@ pub struct DistillArgs {
     /// Adam steps per batch.
     #[arg(long, value_name = "I", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub iters: u32,
-    /// Adam learning rate (lowered on plateaus).
+    /// Adam learning rate in pixel units (pixels span [0,1] whatever --mean/--std say; lowered on
+    /// plateaus).
     #[arg(long, value_name = "LR", default_value_t = crate::pipeline::distill::DEFAULT_LR)]
     pub lr: f32,
     /// Random seed: the same seed on the same machine gives a byte-identical output.
@@ -263,6 +281,9 @@ pub struct DistillArgs {
     /// Which BatchNormalization statistics to match.
     #[arg(long, value_enum, default_value_t = StatsArg::PerSample)]
     pub stats: StatsArg,
+    /// How the learning rate falls over the iterations.
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    pub schedule: ScheduleArg,
     #[command(flatten)]
     pub pre: PreprocessArgs,
 }

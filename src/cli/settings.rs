@@ -23,6 +23,7 @@ pub fn distill_options(a: &DistillArgs) -> crate::Result<distill::DistillOptions
         seed: a.seed,
         pre: preprocess(&a.pre),
         stats: a.stats.into(),
+        schedule: a.schedule.into(),
     };
     o.validate()?;
     Ok(o)

@@ -27,6 +27,8 @@ pub struct DistillOptions {
     pub pre: Preprocess,
     /// Per-sample (ZeroQ) or batch BatchNormalization statistics.
     pub stats: zeroq::Stats,
+    /// How the learning rate falls.
+    pub schedule: zeroq::Schedule,
 }
 
 impl DistillOptions {
@@ -48,8 +50,9 @@ impl DistillOptions {
     }
 }
 
-/// Adam's initial learning rate (ZeroQ's reference uses 0.5 on normalised inputs).
-pub const DEFAULT_LR: f32 = 0.5;
+/// Adam's initial learning rate, in pixel units (ZeroQ's reference uses 0.5 on inputs normalised
+/// by a std of about 0.25, which is this on pixels).
+pub const DEFAULT_LR: f32 = 0.125;
 
 /// One BatchNormalization layer's share of the loss (averaged over all images).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -75,6 +78,8 @@ pub struct DistillMeta {
     pub seed: u64,
     /// "per-sample" (ZeroQ) or "batch": which statistics the losses below match.
     pub stats: &'static str,
+    /// "plateau" (ZeroQ's) or "cosine": how the learning rate fell.
+    pub schedule: &'static str,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
     /// Per-channel valid input box [lo, hi]: pixels 0 and 1 mapped through the preprocessing.
@@ -82,7 +87,8 @@ pub struct DistillMeta {
     /// Sum over BN layers of the ZeroQ statistic loss, averaged over images.
     pub bn_loss_initial: f32,
     pub bn_loss_final: f32,
-    /// The same loss for Gaussian noise of the same shape (the usual yardstick).
+    /// The same loss for Gaussian noise of the same shape (pixels `N(0.5, 0.25)` through the
+    /// preprocessing: the usual yardstick, independent of the input convention).
     pub bn_loss_noise: f32,
     pub layers: Vec<LayerLoss>,
 }
@@ -97,7 +103,7 @@ pub struct Distilled {
 }
 
 /// Identifies the tensor layout and metadata version of distilled-data files.
-pub const FORMAT: &str = "zq.distilled.v1";
+pub const FORMAT: &str = "zq.distilled.v2";
 
 /// The valid input box per channel: pixel values 0 and 1 through `(p - mean) / std`.
 pub fn input_box(pc: &[(f32, f32)]) -> Vec<(f32, f32)> {
@@ -155,6 +161,10 @@ pub fn distill(
     }
     let pc = opts.pre.per_channel(c)?;
     let bounds = input_box(&pc);
+    let map = zeroq::PixelMap {
+        channels: pc.clone(),
+        hw: h * w,
+    };
     let model_sha256 = sha256_file(path)?;
     let nb = opts.num.div_ceil(opts.batch);
     let total_steps = nb * opts.iters;
@@ -184,8 +194,9 @@ pub fn distill(
             iters: opts.iters,
             lr: opts.lr,
             seed: batch_seed(opts.seed, b),
-            bounds: bounds.clone(),
+            map: map.clone(),
             stats: opts.stats,
+            schedule: opts.schedule,
         };
         let done = b * opts.iters;
         let (mut engine, name) = tm.engine_named();
@@ -195,6 +206,7 @@ pub fn distill(
         })?;
         let noise = noise_loss(
             &mut *engine,
+            &map,
             batch_seed(opts.seed ^ NOISE_SEED_XOR, b),
             opts.stats,
         )?;
@@ -224,6 +236,7 @@ pub fn distill(
         lr: opts.lr,
         seed: opts.seed,
         stats: opts.stats.name(),
+        schedule: opts.schedule.name(),
         mean: pc.iter().map(|p| p.0).collect(),
         std: pc.iter().map(|p| p.1).collect(),
         bounds: bounds.iter().map(|&(a, b)| [a, b]).collect(),
@@ -240,11 +253,17 @@ pub fn distill(
     })
 }
 
-/// Per-layer BN loss of standard Gaussian noise shaped like the model's input batch.
-fn noise_loss(engine: &mut dyn TapGrad, seed: u64, stats: zeroq::Stats) -> Result<Vec<f32>> {
+/// Per-layer BN loss of Gaussian pixel noise (`N(0.5, 0.25)`, mapped through the preprocessing)
+/// shaped like the model's input batch: the same yardstick whatever the input convention.
+fn noise_loss(
+    engine: &mut dyn TapGrad,
+    map: &zeroq::PixelMap,
+    seed: u64,
+    stats: zeroq::Stats,
+) -> Result<Vec<f32>> {
     let n = engine.input_shape().iter().product();
-    let x = zq_synth::adam::normal(n, seed);
-    let (_, per, _) = zeroq::loss_and_grad(engine, &x, stats, false)?;
+    let p = zeroq::PixelMap::noise(n, seed);
+    let (_, per, _) = zeroq::loss_and_grad(engine, &p, map, stats, false)?;
     Ok(per)
 }
 

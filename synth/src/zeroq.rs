@@ -78,7 +78,8 @@ mod tests {
         own_loss(&m, &target.mean)? + own_loss(&s, &target.std)?
     }
 
-    /// The input term: each image's per-channel mean pulled to 0 and std to 1.
+    /// The input term: each image's per-channel mean pulled to 0 and std to 1 (applied to the
+    /// standardised pixels).
     fn input_loss(x: &Tensor) -> Result<Tensor> {
         let c = x.dim(1)?;
         let (m, s) = channel_stats(x, 0.0)?;
@@ -182,16 +183,26 @@ mod tests {
                 target(vec![1.0, 0.5], vec![2.0, 0.7]),
             ],
         };
-        let xv: Vec<f32> = crate::adam::normal(shape.iter().product(), 5);
+        // Pixels, and a map with a small and a large standard deviation (the gradient must come
+        // back in pixel units whatever the model's normalisation).
+        let pv = PixelMap::noise(shape.iter().product(), 5);
+        let map = PixelMap {
+            channels: vec![(0.45, 0.2), (0.0, 1.0 / 255.0)],
+            hw: 20,
+        };
         for stats in [Stats::PerSample, Stats::Batch] {
             let mut eng = crate::Autograd::new(&toy);
-            let (l, per, g) = loss_and_grad(&mut eng, &xv, stats, true)?;
-            let x = Var::from_tensor(&Tensor::from_slice(&xv, shape.as_slice(), &dev)?)?;
-            let taps = crate::TapModel::forward_taps(&toy, x.as_tensor())?;
-            let (total, per_ref) = loss_with(x.as_tensor(), &taps, &toy.targets, stats)?;
+            let (l, per, g) = loss_and_grad(&mut eng, &pv, &map, stats, true)?;
+            let p = Var::from_tensor(&Tensor::from_slice(&pv, shape.as_slice(), &dev)?)?;
+            let mean = Tensor::from_slice(&[0.45f32, 0.0], (1, 2, 1, 1), &dev)?;
+            let std = Tensor::from_slice(&[0.2f32, 1.0 / 255.0], (1, 2, 1, 1), &dev)?;
+            let x = p.as_tensor().broadcast_sub(&mean)?.broadcast_div(&std)?;
+            let z = ((p.as_tensor() - f64::from(PIXEL_MEAN))? / f64::from(PIXEL_STD))?;
+            let taps = crate::TapModel::forward_taps(&toy, &x)?;
+            let (total, per_ref) = loss_with(&z, &taps, &toy.targets, stats)?;
             let g_ref: Vec<f32> = total
                 .backward()?
-                .get(x.as_tensor())
+                .get(p.as_tensor())
                 .unwrap()
                 .flatten_all()?
                 .to_vec1()?;
@@ -242,24 +253,54 @@ const PLATEAU_PATIENCE: usize = 100;
 /// ... and never below this.
 const MIN_LR: f32 = 1e-4;
 
-/// Settings of a ZeroQ distillation run (reference defaults: lr 0.5, 500 iterations, plateau
-/// patience 100, min lr 1e-4).
+/// Settings of a ZeroQ distillation run (reference defaults: lr 0.5 on normalised inputs, 500
+/// iterations, plateau patience 100, min lr 1e-4). zq optimises pixels, not model inputs: the
+/// learning rate is in pixel units, so it means the same whatever normalisation the model takes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ZeroQConfig {
     pub iters: usize,
     pub lr: f32,
     pub seed: u64,
-    /// Per-channel valid input box `[lo, hi]` (pixels in `[0, 1]` mapped through the preprocessing);
-    /// iterates are projected into it after every step.
-    pub bounds: Vec<(f32, f32)>,
+    /// How pixels in `[0, 1]` become the model's input; pixels are kept in the box after every
+    /// step.
+    pub map: PixelMap,
     /// Which BatchNormalization statistics are matched.
     pub stats: Stats,
+    /// How the learning rate falls over the run.
+    pub schedule: Schedule,
+}
+
+/// How the learning rate falls over a distillation run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// ZeroQ's reference: tenfold lower after 100 steps without improvement, down to 1e-4.
+    Plateau,
+    /// Half a cosine from the initial rate to zero over the run's iterations: every run ends
+    /// converged, however short.
+    #[default]
+    Cosine,
+}
+
+impl Schedule {
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Plateau => "plateau",
+            Schedule::Cosine => "cosine",
+        }
+    }
+}
+
+/// The cosine schedule's rate at step `it` (0-based) of `iters`.
+fn cosine(lr: f32, it: usize, iters: usize) -> f32 {
+    let t = it as f64 / iters.max(1) as f64;
+    (f64::from(lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())) as f32
 }
 
 /// The result of one distilled batch.
 #[derive(Debug, Clone)]
 pub struct Distilled {
-    /// `[N, C, H, W]` flattened, inside the box.
+    /// `[N, C, H, W]` flattened, in the model's input space (pixels mapped through the
+    /// [`PixelMap`]).
     pub images: Vec<f32>,
     pub bn_loss_initial: f32,
     pub bn_loss_final: f32,
@@ -267,12 +308,57 @@ pub struct Distilled {
     pub per_layer: Vec<f32>,
 }
 
-fn project(x: &mut [f32], bounds: &[(f32, f32)], hw: usize) {
-    let c = bounds.len();
-    for (i, v) in x.iter_mut().enumerate() {
-        let (lo, hi) = bounds[(i / hw) % c];
-        *v = v.clamp(lo, hi);
+/// Natural images' per-channel pixel mean and standard deviation, roughly (CIFAR-10 and ImageNet
+/// both sit near these): the distribution synthetic pixels start from and whose moments the input
+/// term pulls them to. Being defined on pixels, they are the same for every input convention.
+pub const PIXEL_MEAN: f32 = 0.5;
+pub const PIXEL_STD: f32 = 0.25;
+
+/// How pixels `p` in `[0, 1]` map to the model's input, per channel: `x = (p - mean) / std`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PixelMap {
+    /// `(mean, std)` per input channel; `std` is non-zero.
+    pub channels: Vec<(f32, f32)>,
+    /// Positions per channel plane (H * W).
+    pub hw: usize,
+}
+
+impl PixelMap {
+    /// The model input for pixels `p` (`[N, C, hw]` flattened).
+    pub fn to_input(&self, p: &[f32]) -> Vec<f32> {
+        let c = self.channels.len();
+        p.chunks(self.hw.max(1))
+            .enumerate()
+            .flat_map(|(k, plane)| {
+                let (m, s) = self.channels[k % c];
+                plane.iter().map(move |&v| (v - m) / s)
+            })
+            .collect()
     }
+
+    /// Turn a gradient with respect to the model input into one with respect to the pixels, in
+    /// place.
+    pub fn grad_to_pixels(&self, g: &mut [f32]) {
+        let c = self.channels.len();
+        for (k, plane) in g.chunks_mut(self.hw.max(1)).enumerate() {
+            let s = self.channels[k % c].1;
+            plane.iter_mut().for_each(|v| *v /= s);
+        }
+    }
+
+    /// Gaussian pixels `N(PIXEL_MEAN, PIXEL_STD)` for a batch of `n` values (not clipped): the
+    /// noise yardstick, the same for every input convention.
+    pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+        crate::adam::normal(n, seed)
+            .into_iter()
+            .map(|z| PIXEL_MEAN + PIXEL_STD * z)
+            .collect()
+    }
+}
+
+/// Keep pixels in `[0, 1]`.
+fn project(p: &mut [f32]) {
+    p.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
 }
 
 /// The BatchNormalization loss of one layer from its tap's moments, and the gradient at the tap.
@@ -328,7 +414,9 @@ pub fn layer_loss_moments(m: &Moments, target: &BnTarget, stats: Stats) -> (f64,
     (loss, Coeffs { a, b })
 }
 
-/// The input term from the input's moments: each image's per-channel mean pulled to 0, std to 1.
+/// The input term on standardised pixels `z = (p - PIXEL_MEAN) / PIXEL_STD`: each image's
+/// per-channel mean pulled to 0, std to 1 (ZeroQ's term, defined on pixels so that it is the same
+/// for every input convention).
 pub fn input_loss_moments(m: &Moments) -> (f64, Coeffs) {
     let target = BnTarget {
         name: String::new(),
@@ -339,16 +427,18 @@ pub fn input_loss_moments(m: &Moments) -> (f64, Coeffs) {
     layer_loss_moments(m, &target, Stats::PerSample)
 }
 
-/// One evaluation of the ZeroQ loss at `x` and, when `grad`, its gradient: (total, per-layer BN
-/// terms, gradient).
+/// One evaluation of the ZeroQ loss at pixels `p` and, when `grad`, its gradient with respect to
+/// the pixels: (total, per-layer BN terms, gradient).
 pub fn loss_and_grad(
     model: &mut dyn TapGrad,
-    x: &[f32],
+    p: &[f32],
+    map: &PixelMap,
     stats: Stats,
     grad: bool,
 ) -> Result<(f32, Vec<f32>, Vec<f32>)> {
     let shape = model.input_shape();
-    let moments = model.forward(x)?;
+    let x = map.to_input(p);
+    let moments = model.forward(&x)?;
     let targets = model.bn_targets();
     if moments.len() != targets.len() {
         candle_core::bail!(
@@ -375,14 +465,21 @@ pub fn loss_and_grad(
         coeffs.push(k);
     }
     let (n, c, hw) = (shape[0], shape[1], shape[2..].iter().product::<usize>());
-    let xm = Moments::of(x, n, c, hw);
-    let (li, ki) = input_loss_moments(&xm);
+    let z: Vec<f32> = p.iter().map(|&v| (v - PIXEL_MEAN) / PIXEL_STD).collect();
+    let zm = Moments::of(&z, n, c, hw);
+    let (li, ki) = input_loss_moments(&zm);
     total += li;
     if !grad {
         return Ok((total as f32, per_layer, Vec::new()));
     }
     let mut g = model.backward(&coeffs)?;
-    ki.add_grad(x, &xm, &mut g);
+    map.grad_to_pixels(&mut g);
+    // dz/dp = 1 / PIXEL_STD.
+    let mut gz = vec![0f32; z.len()];
+    ki.add_grad(&z, &zm, &mut gz);
+    for (g, d) in g.iter_mut().zip(&gz) {
+        *g += d / PIXEL_STD;
+    }
     Ok((total as f32, per_layer, g))
 }
 
@@ -394,31 +491,37 @@ pub fn distill(
     progress: &mut dyn FnMut(usize, f32),
 ) -> Result<Distilled> {
     let shape = model.input_shape();
-    if shape.len() != 4 || cfg.bounds.len() != shape[1] {
+    if shape.len() != 4 || cfg.map.channels.len() != shape[1] || cfg.map.hw != shape[2] * shape[3] {
         candle_core::bail!(
-            "input shape {shape:?} with {} channel bounds",
-            cfg.bounds.len()
+            "input shape {shape:?} with a pixel map of {} channels of {} positions",
+            cfg.map.channels.len(),
+            cfg.map.hw
         );
     }
-    let hw = shape[2] * shape[3];
     let n: usize = shape.iter().product();
-    // Standard normal, then projected: the reference starts from randn in the input space.
-    let mut x = crate::adam::normal(n, cfg.seed);
-    project(&mut x, &cfg.bounds, hw);
+    // Natural-image-like noise on the pixels, kept in the box: the reference starts from randn
+    // on normalised inputs, which is this for a model normalised with (0.5, 0.25).
+    let mut p = PixelMap::noise(n, cfg.seed);
+    project(&mut p);
     let mut opt = crate::adam::Adam::new(n, cfg.lr);
     let mut sched = crate::adam::Plateau::new(PLATEAU_PATIENCE, MIN_LR);
-    let (_, per0, _) = loss_and_grad(model, &x, cfg.stats, false)?;
+    let (_, per0, _) = loss_and_grad(model, &p, &cfg.map, cfg.stats, false)?;
     let bn_loss_initial: f32 = per0.iter().sum();
     for it in 0..cfg.iters {
-        let (l, _, g) = loss_and_grad(model, &x, cfg.stats, true)?;
-        opt.step(&mut x, &g);
-        project(&mut x, &cfg.bounds, hw);
-        opt.lr = sched.observe(l, opt.lr);
+        if cfg.schedule == Schedule::Cosine {
+            opt.lr = cosine(cfg.lr, it, cfg.iters);
+        }
+        let (l, _, g) = loss_and_grad(model, &p, &cfg.map, cfg.stats, true)?;
+        opt.step(&mut p, &g);
+        project(&mut p);
+        if cfg.schedule == Schedule::Plateau {
+            opt.lr = sched.observe(l, opt.lr);
+        }
         progress(it + 1, l);
     }
-    let (_, per_layer, _) = loss_and_grad(model, &x, cfg.stats, false)?;
+    let (_, per_layer, _) = loss_and_grad(model, &p, &cfg.map, cfg.stats, false)?;
     Ok(Distilled {
-        images: x,
+        images: cfg.map.to_input(&p),
         bn_loss_initial,
         bn_loss_final: per_layer.iter().sum(),
         per_layer,

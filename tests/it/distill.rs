@@ -108,7 +108,7 @@ pub fn distil_and_check(
         );
     }
     let meta = d.meta.expect("zq metadata in the header");
-    assert_eq!(meta["format"], "zq.distilled.v1");
+    assert_eq!(meta["format"], "zq.distilled.v2");
     assert_eq!(
         meta["model_sha256"].as_str().unwrap(),
         zq::pipeline::distill::sha256_file(model).unwrap()
@@ -278,4 +278,128 @@ fn bad_flags_are_one_line_errors() {
     o.assert_error("-o");
     let o = zq(&["distill", s(&t.path().join("missing.onnx")), "-o", s(&out)]);
     o.assert_error("missing.onnx");
+}
+
+/// The de-normalised pixels `(x * std + mean)` of a distilled set.
+fn pixels_of(path: &Path, mean: &[f32], std: &[f32]) -> Vec<f32> {
+    let d = read_distilled(path).unwrap();
+    let [_, c, h, w] = d.shape;
+    d.images
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let ch = (i / (h * w)) % c;
+            let k = |v: &[f32]| v[if v.len() == 1 { 0 } else { ch }];
+            x * k(std) + k(mean)
+        })
+        .collect()
+}
+
+/// The same network behind other input conventions (fixtures/norm_variants/make.py builds them
+/// from the shared ResNet-20) is distilled from the same pixels with the same steps: learning
+/// rate, initialisation, box and input term live in pixel space, so a model that takes raw
+/// 0..255 pixels is treated exactly like one that takes normalised input.
+#[test]
+fn distillation_does_not_depend_on_the_input_convention() {
+    let Some(sh) = shared() else { return };
+    let Some(py) = python_with_onnx() else { return };
+    let t = tempfile::tempdir().unwrap();
+    let src = sh.join("models/resnet20_cifar10_bn.onnx");
+    let o = std::process::Command::new(&py)
+        .arg(fixture("norm_variants/make.py"))
+        .arg(&src)
+        .arg(t.path())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "make.py: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let imagenet = (vec![0.485f32, 0.456, 0.406], vec![0.229f32, 0.224, 0.225]);
+    let variants: Vec<(&str, Vec<f32>, Vec<f32>)> = vec![
+        ("imagenet", imagenet.0.clone(), imagenet.1.clone()),
+        ("half_affine", vec![0.5], vec![0.5]),
+        ("raw_affine", vec![0.0], vec![1.0 / 255.0]),
+        ("half_folded", vec![0.5], vec![0.5]),
+        ("raw_folded", vec![0.0], vec![1.0 / 255.0]),
+        ("gray_folded", vec![0.0], vec![1.0]),
+    ];
+    let run = |name: &str, mean: &[f32], std: &[f32], iters: &str| {
+        let model = if name == "imagenet" {
+            src.clone()
+        } else {
+            t.path().join(format!("{name}.onnx"))
+        };
+        let out = t.path().join(format!("{name}.{iters}.safetensors"));
+        let join = |v: &[f32]| {
+            v.iter()
+                .map(|x| format!("{x}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let o = zq(&[
+            "distill",
+            s(&model),
+            "-o",
+            s(&out),
+            "--num",
+            "8",
+            "--iters",
+            iters,
+            "--stats",
+            "batch",
+            "--seed",
+            "5",
+            "--mean",
+            &join(mean),
+            "--std",
+            &join(std),
+            "--json",
+            "-q",
+        ]);
+        assert_eq!(o.code, 0, "{name}: {}", o.stderr);
+        (pixels_of(&out, mean, std), o.json())
+    };
+    // Same start: identical pixels (up to the rounding of the normalisation).
+    let (p0, _) = run("imagenet", &imagenet.0, &imagenet.1, "0");
+    for (name, m, sd) in &variants[1..3] {
+        let (p, _) = run(name, m, sd, "0");
+        let d = max_abs_diff(&p0, &p);
+        assert!(d < 1e-5, "{name}: start pixels differ by {d}");
+    }
+    // Same steps: Adam amplifies rounding-level gradient differences where a gradient is near
+    // zero, so a few pixels drift apart, but the images stay the same. Before the steps were
+    // taken in pixel space, the raw-pixel model's pixels moved 255 times less.
+    let (p10, _) = run("imagenet", &imagenet.0, &imagenet.1, "10");
+    let moved = p10.iter().zip(&p0).map(|(a, b)| (a - b).abs()).sum::<f32>() / p0.len() as f32;
+    for (name, m, sd) in &variants[1..3] {
+        let (p, _) = run(name, m, sd, "10");
+        let d = p.iter().zip(&p10).map(|(a, b)| (a - b).abs()).sum::<f32>() / p.len() as f32;
+        eprintln!("{name}: mean pixel difference {d} after 10 steps (pixels moved {moved})");
+        assert!(
+            d < 0.05 * moved,
+            "{name}: pixels differ by {d} on average, moved {moved}"
+        );
+    }
+    // Same quality: the BN loss relative to pixel noise, on every convention, folded ones too
+    // (those differ from the original where the first conv's zero padding reaches; the
+    // grayscale one sees a different input altogether).
+    let ratio = |j: &serde_json::Value| {
+        j["bn_loss_final"].as_f64().unwrap() / j["bn_loss_noise"].as_f64().unwrap()
+    };
+    let (_, j0) = run("imagenet", &imagenet.0, &imagenet.1, "100");
+    let r0 = ratio(&j0);
+    for (name, m, sd) in &variants[1..] {
+        let (_, j) = run(name, m, sd, "100");
+        let r = ratio(&j);
+        eprintln!("{name}: BN loss {r:.4}x noise (imagenet-normalised original {r0:.4}x)");
+        assert!(r < 0.03, "{name}: BN loss {r}x noise");
+        if name.ends_with("affine") {
+            assert!(
+                (r / r0 - 1.0).abs() < 0.25,
+                "{name}: {r} vs the original's {r0}"
+            );
+        }
+    }
 }

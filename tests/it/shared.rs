@@ -33,6 +33,20 @@ fn resnet20_tape_engine_matches_autograd() {
     }
 }
 
+/// EfficientNet-Lite1: depthwise 3x3/5x5 convolutions (the tape's own depthwise kernel), ReLU6 as
+/// Clip, SAME padding as Pad.
+#[test]
+fn efficientnet_tape_engine_matches_autograd() {
+    let Some(sh) = shared() else { return };
+    let g = read_model(&sh.join("models/efficientnet_lite1_bn.onnx"))
+        .unwrap()
+        .graph;
+    assert!(
+        crate::synth::tape_matches_autograd(&g, "efficientnet_lite1_bn.onnx", 1),
+        "the tape must run EfficientNet-Lite1"
+    );
+}
+
 #[test]
 fn resnet20_logits_match_onnx_runtime() {
     let Some(sh) = shared() else { return };

@@ -28,8 +28,9 @@ fn real_images_match_bn_statistics_better_than_noise() {
         let loss = |x: &Tensor| -> f32 {
             let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut auto = zq_synth::Autograd::new(&tm);
+            let map = identity_map(&xs);
             let (_, per, _) =
-                zeroq::loss_and_grad(&mut auto, &xv, zeroq::Stats::PerSample, false).unwrap();
+                zeroq::loss_and_grad(&mut auto, &xv, &map, zeroq::Stats::PerSample, false).unwrap();
             per.iter().sum()
         };
         let data = Tensor::from_vec(x, xs.as_slice(), &dev).unwrap();
@@ -40,6 +41,14 @@ fn real_images_match_bn_statistics_better_than_noise() {
             ld < ln,
             "{m}: BN loss of data {ld} should be below noise {ln}"
         );
+    }
+}
+
+/// Pixels are the model input: the loss is then a function of the input itself.
+fn identity_map(shape: &[usize]) -> zeroq::PixelMap {
+    zeroq::PixelMap {
+        channels: vec![(0.0, 1.0); shape[1]],
+        hw: shape[2..].iter().product(),
     }
 }
 
@@ -63,20 +72,25 @@ fn zeroq_distillation_matches_statistics_inside_the_box() {
     let g = read_model(&fixture("digits_bn/model.onnx")).unwrap().graph;
     let tm = PlanTaps::new(&g, 8).unwrap();
     // digits_bn preprocessing: mean 0.5, std 0.5, so pixels in [0,1] map to [-1, 1].
+    let map = zeroq::PixelMap {
+        channels: vec![(0.5, 0.5)],
+        hw: 64,
+    };
     let cfg = zeroq::ZeroQConfig {
         iters: 150,
-        lr: 0.5,
+        lr: 0.25,
         seed: 3,
-        bounds: vec![(-1.0, 1.0)],
+        map: map.clone(),
         stats: zeroq::Stats::PerSample,
+        schedule: zeroq::Schedule::Cosine,
     };
     let a = zeroq::distill(&mut *tm.engine(), &cfg, &mut |_, _| {}).unwrap();
     assert!(a.images.iter().all(|v| (-1.0..=1.0).contains(v)));
-    // Gaussian noise of the same shape, scored the same way.
-    let noise = zq_synth::adam::normal(8 * 64, 99);
+    // Gaussian pixel noise of the same shape, scored the same way.
+    let noise = zeroq::PixelMap::noise(8 * 64, 99);
     let mut auto = zq_synth::Autograd::new(&tm);
     let (_, per, _) =
-        zeroq::loss_and_grad(&mut auto, &noise, zeroq::Stats::PerSample, false).unwrap();
+        zeroq::loss_and_grad(&mut auto, &noise, &map, zeroq::Stats::PerSample, false).unwrap();
     let noise_loss: f32 = per.iter().sum();
     eprintln!(
         "digits_bn: BN loss noise {noise_loss}, start {}, distilled {}",
@@ -107,9 +121,10 @@ pub fn tape_matches_autograd(g: &zq::ir::Graph, name: &str, batch: usize) -> boo
     let mut auto = zq_synth::Autograd::new(&tm);
     let n: usize = tm.input_shape().iter().product();
     let x = zq_synth::adam::normal(n, 11);
+    let map = identity_map(&tm.input_shape());
     for stats in [zeroq::Stats::PerSample, zeroq::Stats::Batch] {
-        let (la, pa, ga) = zeroq::loss_and_grad(&mut tape, &x, stats, true).unwrap();
-        let (lb, pb, gb) = zeroq::loss_and_grad(&mut auto, &x, stats, true).unwrap();
+        let (la, pa, ga) = zeroq::loss_and_grad(&mut tape, &x, &map, stats, true).unwrap();
+        let (lb, pb, gb) = zeroq::loss_and_grad(&mut auto, &x, &map, stats, true).unwrap();
         assert!(
             (la - lb).abs() <= 1e-4 * lb.abs().max(1.0),
             "{name} {stats:?}: loss {la} vs {lb}"

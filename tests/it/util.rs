@@ -152,3 +152,29 @@ pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// A Python interpreter that has `onnx` and `numpy` (for the fixture scripts run at test time):
+/// $ZQ_PYTHON, else the `.venv` that `.ci/run` makes, else `python3`. None with a loud message
+/// where none has them; under CI their absence fails.
+pub fn python_with_onnx() -> Option<PathBuf> {
+    let candidates = std::env::var_os("ZQ_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([root().join(".venv/bin/python"), PathBuf::from("python3")]);
+    for py in candidates {
+        let ok = Command::new(&py)
+            .args(["-c", "import onnx, numpy"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            return Some(py);
+        }
+    }
+    assert!(
+        !in_ci(),
+        "no Python with onnx and numpy under CI=true (set ZQ_PYTHON)"
+    );
+    eprintln!("SKIPPED: no Python with onnx and numpy (set ZQ_PYTHON); tests that build models at test time did not run");
+    None
+}

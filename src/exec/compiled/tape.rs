@@ -44,6 +44,9 @@ enum TOp {
         /// Winograd forward and input-gradient convolutions, where they apply.
         wino: Option<Box<Wino>>,
         wino_grad: Option<Box<Wino>>,
+        /// Depthwise convolutions (one input and one output channel per group): the weights
+        /// `[kh * kw][C]`, so the kernel runs along the channels of a channels-last position.
+        dw: Option<Vec<f32>>,
     },
     /// `y[c] = x[c] * scale[c] + shift[c]`, then ReLU when `relu` (a following ReLU fused in).
     Affine {
@@ -595,6 +598,16 @@ impl Tape {
                             }
                         }
                     }
+                    let dw = (cg == 1 && mg == 1 && geo.groups > 1).then(|| {
+                        let kk = kh * kw;
+                        let mut dw = vec![0f32; kk * geo.groups];
+                        for ch in 0..geo.groups {
+                            for k in 0..kk {
+                                dw[k * geo.groups + ch] = wt[ch * kk + k];
+                            }
+                        }
+                        dw
+                    });
                     TOp::Conv {
                         x,
                         geo,
@@ -602,6 +615,7 @@ impl Tape {
                         bias,
                         wino,
                         wino_grad,
+                        dw,
                     }
                 }
                 (Op::BatchNorm { epsilon }, _) => {
@@ -1219,6 +1233,60 @@ fn col2im_hwc(cols: &[f32], geo: &Geo, grp: usize, dx: &mut [f32]) {
     }
 }
 
+/// Depthwise convolution of a channels-last image (`dw` is `[kh * kw][C]`), written into `out`
+/// (`[positions][C]`): along the channels, so it vectorises.
+#[inline(always)]
+fn depthwise_hwc(x: &[f32], geo: &Geo, dw: &[f32], out: &mut [f32]) {
+    let (c, kh, kw) = (geo.c, geo.k[0], geo.k[1]);
+    for oy in 0..geo.o[0] {
+        for ox in 0..geo.o[1] {
+            let o = &mut out[(oy * geo.o[1] + ox) * c..][..c];
+            o.fill(0.0);
+            for ki in 0..kh {
+                let Some(iy) = tap_pos(geo, 0, oy, ki) else {
+                    continue;
+                };
+                for kj in 0..kw {
+                    let Some(ix) = tap_pos(geo, 1, ox, kj) else {
+                        continue;
+                    };
+                    let xs = &x[(iy * geo.w + ix) * c..][..c];
+                    let ws = &dw[(ki * kw + kj) * c..][..c];
+                    for ((o, &v), &wv) in o.iter_mut().zip(xs).zip(ws) {
+                        *o += v * wv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`depthwise_hwc`]: adds the input gradient of `gy` into `gx`.
+#[inline(always)]
+fn depthwise_hwc_adjoint(gy: &[f32], geo: &Geo, dw: &[f32], gx: &mut [f32]) {
+    let (c, kh, kw) = (geo.c, geo.k[0], geo.k[1]);
+    for oy in 0..geo.o[0] {
+        for ox in 0..geo.o[1] {
+            let g = &gy[(oy * geo.o[1] + ox) * c..][..c];
+            for ki in 0..kh {
+                let Some(iy) = tap_pos(geo, 0, oy, ki) else {
+                    continue;
+                };
+                for kj in 0..kw {
+                    let Some(ix) = tap_pos(geo, 1, ox, kj) else {
+                        continue;
+                    };
+                    let d = &mut gx[(iy * geo.w + ix) * c..][..c];
+                    let ws = &dw[(ki * kw + kj) * c..][..c];
+                    for ((d, &gv), &wv) in d.iter_mut().zip(g).zip(ws) {
+                        *d += gv * wv;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Columns `first..first + cols` of a row-major `[rows, stride]` matrix.
 fn cols_of(data: &[f32], rows: usize, stride: usize, first: usize, cols: usize) -> MatRef<'_> {
     MatRef {
@@ -1258,6 +1326,7 @@ fn forward_image(ops: &[Step], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                 w,
                 bias,
                 wino,
+                dw,
                 ..
             } => {
                 let xin = &img.vals[*x];
@@ -1266,6 +1335,8 @@ fn forward_image(ops: &[Step], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                 let kg = geo.k[0] * geo.k[1] * cg;
                 if let Some(f) = wino {
                     f.run(xin, &mut out, false, cols);
+                } else if let Some(dw) = dw {
+                    depthwise_hwc(xin, geo, dw, &mut out);
                 } else if geo.pointwise() && geo.groups == 1 {
                     sgemm(
                         MatMut::rows(&mut out, l, m),
@@ -1418,6 +1489,7 @@ fn backward_image(ops: &[Step], slots: &[Slot], img: &mut Image, gr: &mut Grads,
                 geo,
                 w,
                 wino_grad,
+                dw,
                 ..
             } => {
                 let live = gr.live[*x];
@@ -1427,6 +1499,11 @@ fn backward_image(ops: &[Step], slots: &[Slot], img: &mut Image, gr: &mut Grads,
                 let kg = geo.k[0] * geo.k[1] * cg;
                 if let Some(f) = wino_grad {
                     f.run(&gy, gx, live, cols);
+                } else if let Some(dw) = dw {
+                    if !live {
+                        gx.fill(0.0);
+                    }
+                    depthwise_hwc_adjoint(&gy, geo, dw, gx);
                 } else if geo.pointwise() && geo.groups == 1 {
                     sgemm(
                         MatMut::rows(gx, l, c),

@@ -50,6 +50,7 @@ pub fn images(
         seed,
         pre: o.pre.clone(),
         stats,
+        schedule: zq_synth::zeroq::Schedule::default(),
     };
     let (images, label) = match &o.calib {
         Calib::Distill { num, iters, stats } => {
