@@ -6,8 +6,8 @@
 //! pass table is docs/conformance.md, generated here: `ZQ_BLESS=1 cargo test --test it
 //! conformance` rewrites it, otherwise the test fails when it is stale.
 //!
-//! Python with `onnx` comes from `$ZQ_PYTHON`, else `.venv/bin/python` (made by `.ci/run`),
-//! else `python3`; without it the test says so and skips, except under `CI=true`.
+//! Python with `onnx` is `util::python_with_onnx` (`$ZQ_PYTHON`, else `.venv/bin/python` made
+//! by `.ci/run`, else `python3`); without it the test says so and skips, except under `CI=true`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use prost::Message;
 use zq::ir::Tensor;
 
-use crate::util::{root, s, zq_in};
+use crate::util::{python_with_onnx, root, s, zq_in};
 
 /// The op types zq reads: `Op::name` of every variant in src/ir/ops.rs, Constant (folded by the
 /// reader) and QLinearMatMul (expanded by the reader into DequantizeLinear, MatMul and
@@ -73,41 +73,10 @@ const ONNX_VERSION: &str = "1.23.2";
 
 const ENGINES: [&str; 2] = ["zq", "native"];
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// A Python that imports onnx, or None with a loud message (a failure under CI).
-fn python() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(p) = std::env::var_os("ZQ_PYTHON").filter(|p| !p.is_empty()) {
-        candidates.push(p.into());
-    }
-    candidates.push(root().join(".venv/bin/python"));
-    candidates.push("python3".into());
-    for p in &candidates {
-        let ok = Command::new(p)
-            .args(["-c", "import onnx, numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return Some(p.clone());
-        }
-    }
-    assert!(
-        !in_ci(),
-        "no Python with the onnx package under CI=true (tried {candidates:?}): ONNX's node tests cannot run"
-    );
-    eprintln!(
-        "SKIPPED: no Python with the onnx package (tried {candidates:?}; set ZQ_PYTHON); ONNX's backend node tests did not run"
-    );
-    None
-}
-
 /// Run Python `code` with `args` (None, loudly, when there is no Python with onnx); whether it
 /// succeeded.
 pub fn python_run(code: &str, args: &[&str]) -> Option<bool> {
-    let py = python()?;
+    let py = python_with_onnx()?;
     let o = Command::new(py)
         .arg("-c")
         .arg(code)
@@ -379,7 +348,7 @@ fn comparison_is_numpy_allclose_for_floats_and_exact_for_integers() {
 
 #[test]
 fn onnx_backend_node_tests() {
-    let Some(py) = python() else { return };
+    let Some(py) = python_with_onnx() else { return };
     let gen = tempfile::tempdir().unwrap();
     let o = Command::new(&py)
         .arg(root().join("tests/it/conformance.py"))
