@@ -19,7 +19,7 @@ pub enum Error {
         op: String,
         msg: String,
     },
-    #[error("node '{node}': unsupported {what} (op {op}, opset {opset}); zq supports CNN classifier ops at opsets 11-21")]
+    #[error("node '{node}': unsupported {what} (op {op}, opset {opset}); zq supports CNN classifier ops at opsets {}-{}", crate::onnx::read::MIN_OPSET, crate::onnx::read::MAX_OPSET)]
     Unsupported {
         node: String,
         op: String,

@@ -96,9 +96,64 @@ pub enum Command {
     /// is estimated on held-out distilled images; --min-agreement / --max-kl turn that estimate
     /// into a gate (exit 1, nothing written).
     Quantize(Box<QuantizeArgs>),
+    /// Run a model on tensors from files and write each graph output as OUTDIR/<output name>.npy.
+    ///
+    /// Inputs are .npy files or ONNX TensorProto .pb files (as ONNX's backend tests store
+    /// them), one --input NAME=FILE per graph input, of the declared element type and shape
+    /// (symbolic dimensions take the file's size). Integer inputs (shapes, axes, indices,
+    /// quantized data, zero points) and scalar float inputs (Clip bounds, Pad values, scales)
+    /// are bound as constants before the model is compiled; other float inputs are run-time
+    /// tensors. Output names become file names with every character other
+    /// than ASCII letters, digits, '-', '_' and '.' (and any leading '.') replaced by '_'.
+    /// Outputs are written in their declared element type (int4/uint4 as int8/uint8 arrays;
+    /// float16 outputs are refused).
+    Run(RunArgs),
     /// Measure zq's integer kernels: GOPS of every kernel variant this CPU runs (scalar, AVX2,
     /// AVX-512 VNNI) on real layer shapes, single thread, against the measured VNNI peak.
     Bench(BenchArgs),
+}
+
+/// `NAME=FILE` for one graph input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedFile {
+    pub name: String,
+    pub file: PathBuf,
+}
+
+fn named_file(s: &str) -> Result<NamedFile, String> {
+    let (name, file) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("'{s}': expected NAME=FILE"))?;
+    if name.is_empty() || file.is_empty() {
+        return Err(format!("'{s}': expected NAME=FILE"));
+    }
+    Ok(NamedFile {
+        name: name.to_string(),
+        file: PathBuf::from(file),
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// One graph input: its name and a .npy or ONNX TensorProto .pb file (repeat for each input).
+    #[arg(long = "input", short = 'i', value_name = "NAME=FILE", value_parser = named_file)]
+    pub inputs: Vec<NamedFile>,
+    /// Directory for the outputs, <output name>.npy each (created if missing).
+    #[arg(
+        long = "output-dir",
+        short = 'o',
+        value_name = "OUTDIR",
+        default_value = "."
+    )]
+    pub output_dir: PathBuf,
+    /// Which executor runs the model [default: native for models with QuantizeLinear, else zq].
+    #[arg(long, value_enum)]
+    pub engine: Option<Engine>,
+    /// ONNX Runtime shared library (libonnxruntime.so) for --engine ort.
+    #[arg(long, value_name = "PATH", env = crate::exec::ort::ORT_LIB_ENV)]
+    pub ort_lib: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

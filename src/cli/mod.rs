@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use crate::pipeline::{distill, eval, inspect, quantize};
-use args::{Cli, Command, DistillArgs, Engine, EvalArgs, InspectArgs, QuantizeArgs};
+use args::{Cli, Command, DistillArgs, Engine, EvalArgs, InspectArgs, QuantizeArgs, RunArgs};
 use printer::Printer;
 
 /// Run a parsed command line.
@@ -23,6 +23,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => cmd_eval(&p, a),
         Command::Distill(a) => cmd_distill(&p, a),
         Command::Quantize(a) => cmd_quantize(&p, *a),
+        Command::Run(a) => cmd_run(&p, a),
         Command::Bench(a) => bench::cmd_bench(&p, a),
     }
 }
@@ -146,6 +147,26 @@ fn cmd_eval(p: &Printer, a: EvalArgs) -> anyhow::Result<ExitCode> {
                 100.0 * ag
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_run(p: &Printer, a: RunArgs) -> anyhow::Result<ExitCode> {
+    let opts = settings::run_options(&a)?;
+    let r = crate::pipeline::run::run(&a.model, &opts)?;
+    if p.json {
+        p.json(&r)?;
+    } else {
+        for o in &r.outputs {
+            println!("{}: {} {:?} -> {}", o.name, o.dtype, o.shape, o.file);
+        }
+        p.info(&format!(
+            "{}: {} output(s) in {:.3} s ({})",
+            r.model,
+            r.outputs.len(),
+            r.seconds,
+            r.engine.name()
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }

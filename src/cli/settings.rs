@@ -3,9 +3,9 @@
 //! library caller that builds them directly gets the same one-line errors as the command line.
 
 use crate::data::Preprocess;
-use crate::pipeline::{distill, quantize};
+use crate::pipeline::{distill, quantize, run};
 
-use super::args::{self, DistillArgs, PreprocessArgs, QuantizeArgs};
+use super::args::{self, DistillArgs, PreprocessArgs, QuantizeArgs, RunArgs};
 
 pub fn preprocess(a: &PreprocessArgs) -> Preprocess {
     Preprocess {
@@ -87,4 +87,28 @@ pub fn quantize_options(
             max_kl: a.max_kl,
         },
     }
+}
+
+pub fn engine(e: args::Engine) -> run::Engine {
+    match e {
+        args::Engine::Zq => run::Engine::Zq,
+        args::Engine::Native => run::Engine::Native,
+        args::Engine::Ort => run::Engine::Ort,
+    }
+}
+
+/// `zq run`'s options (each input name once, the output directory not a file).
+pub fn run_options(a: &RunArgs) -> crate::Result<run::RunOptions> {
+    let o = run::RunOptions {
+        inputs: a
+            .inputs
+            .iter()
+            .map(|i| (i.name.clone(), i.file.clone()))
+            .collect(),
+        out_dir: a.output_dir.clone(),
+        engine: a.engine.map(engine),
+        ort_lib: a.ort_lib.clone(),
+    };
+    o.validate()?;
+    Ok(o)
 }

@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::ir::infer::{self, SliceAxis, Window};
-use crate::ir::{passes, Graph, Node, Op, PadMode, ValueId};
+use crate::ir::{passes, DType, Graph, Node, Op, PadMode, ValueId};
 use conv::ConvGeom;
 
 /// Static, per-batch-size parameters of a node, resolved once.
@@ -619,6 +619,10 @@ fn eval(n: &Node, kind: &Kind, ins: &[Option<Tensor>]) -> candle_core::Result<Te
         (Op::Mul, _) => x.broadcast_mul(req(ins, 1)?)?,
         (Op::Div, _) => x.broadcast_div(req(ins, 1)?)?,
         (_, Kind::Reshape(s)) => x.reshape(s.clone())?,
+        // A float16 target rounds (round half to even, as ONNX casts); f32 and f64 keep x.
+        (Op::Cast { to: DType::F16 }, _) => x
+            .to_dtype(candle_core::DType::F16)?
+            .to_dtype(candle_core::DType::F32)?,
         (Op::Identity | Op::Dropout | Op::Cast { .. }, _) => x.clone(),
         (Op::QuantizeLinear { axis } | Op::DequantizeLinear { axis }, _) => {
             // Integer tensors run as f32 holding integer values (exact up to 2^24).

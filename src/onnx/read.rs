@@ -20,7 +20,11 @@ pub const MAX_FILE_BYTES: u64 = 2 << 30;
 pub const MAX_NODES: usize = 100_000;
 pub const MAX_TENSOR_ELEMS: usize = 1 << 31;
 pub const MIN_OPSET: i64 = 11;
-pub const MAX_OPSET: i64 = 21;
+/// Opsets 22-28 changed the ops zq reads only by admitting new element types (bfloat16, float8,
+/// float4, 2-bit integers: refused as element types) and by new attributes (Cast's
+/// `round_mode`, QuantizeLinear's `precision`, DequantizeLinear's `output_dtype`), which the
+/// attribute parsers refuse; their semantics are opset 21's.
+pub const MAX_OPSET: i64 = 28;
 
 /// A model read from disk: the IR plus what inspect wants to know about the file.
 #[derive(Debug, Clone)]
@@ -35,54 +39,141 @@ pub struct Model {
 
 /// Read and import an ONNX file.
 pub fn read_model(path: &Path) -> Result<Model> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if meta.is_dir() {
-        return Err(Error::Model {
-            path: path.into(),
-            msg: "is a directory, not an ONNX file".into(),
-        });
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(Error::Model {
-            path: path.into(),
-            msg: format!(
-                "file is {} bytes; protobuf models are limited to 2 GiB",
-                meta.len()
-            ),
-        });
-    }
-    let bytes = std::fs::read(path).map_err(io)?;
-    let dir = path.parent().map(|p| {
-        if p.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            p
+    read_model_bound(path, &HashMap::new())
+}
+
+/// A model file decoded but not yet imported (`zq run` looks at its declared inputs first).
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    pub path: PathBuf,
+    pub proto: proto::ModelProto,
+    pub file_bytes: u64,
+}
+
+/// A graph input or output as the file declares it: name, element type and dimensions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Declared {
+    pub name: String,
+    pub dtype: DType,
+    pub dims: Vec<Dim>,
+}
+
+impl ModelFile {
+    /// Read and decode `path` (size-checked; not imported).
+    pub fn open(path: &Path) -> Result<ModelFile> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if meta.is_dir() {
+            return Err(Error::Model {
+                path: path.into(),
+                msg: "is a directory, not an ONNX file".into(),
+            });
         }
-    });
-    let to_model = |e| match e {
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(Error::Model {
+                path: path.into(),
+                msg: format!(
+                    "file is {} bytes; protobuf models are limited to 2 GiB",
+                    meta.len()
+                ),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(io)?;
+        let proto = decode(&bytes).map_err(|e| in_file(path, e))?;
+        Ok(ModelFile {
+            path: path.into(),
+            proto,
+            file_bytes: meta.len(),
+        })
+    }
+
+    /// The graph inputs that are not initializers, as declared (any element type).
+    pub fn inputs(&self) -> Result<Vec<Declared>> {
+        let gp = self.graph_proto()?;
+        let inits: HashSet<&str> = gp.initializer.iter().map(|t| t.name()).collect();
+        self.declared(
+            gp.input.iter().filter(|vi| !inits.contains(vi.name())),
+            "input",
+        )
+    }
+
+    /// The graph outputs, as declared.
+    pub fn outputs(&self) -> Result<Vec<Declared>> {
+        let gp = self.graph_proto()?;
+        self.declared(gp.output.iter(), "output")
+    }
+
+    fn graph_proto(&self) -> Result<&proto::GraphProto> {
+        self.proto.graph.as_ref().ok_or_else(|| Error::Model {
+            path: self.path.clone(),
+            msg: "not an ONNX model: it has no graph".into(),
+        })
+    }
+
+    fn declared<'a>(
+        &self,
+        vis: impl Iterator<Item = &'a proto::ValueInfoProto>,
+        what: &str,
+    ) -> Result<Vec<Declared>> {
+        vis.map(|vi| {
+            let (dtype, dims) = value_info_type(vi).map_err(|e| Error::Model {
+                path: self.path.clone(),
+                msg: format!("{what} '{}': {e}", vi.name()),
+            })?;
+            Ok(Declared {
+                name: vi.name().to_string(),
+                dtype,
+                dims,
+            })
+        })
+        .collect()
+    }
+
+    /// Import the graph. Graph inputs named in `bound` become constants holding those tensors
+    /// (their element type must be the declared one); this is how a caller that knows an
+    /// integer input's value (`zq run`) hands it in, since zq graphs take float inputs.
+    pub fn import(&self, bound: &HashMap<String, Tensor>) -> Result<Model> {
+        let dir = self.path.parent().map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        });
+        let m = &self.proto;
+        let graph = import_bound(m, dir, bound).map_err(|e| in_file(&self.path, e))?;
+        let mut op_counts = std::collections::BTreeMap::new();
+        for n in m.graph.iter().flat_map(|g| &g.node) {
+            *op_counts.entry(n.op_type().to_string()).or_insert(0) += 1;
+        }
+        Ok(Model {
+            path: self.path.clone(),
+            graph,
+            file_bytes: self.file_bytes,
+            ir_version: m.ir_version(),
+            op_counts,
+        })
+    }
+}
+
+/// A model-level message names the file.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
         Error::Usage(msg) => Error::Model {
             path: path.into(),
             msg,
         },
         e => e,
-    };
-    let m = decode(&bytes).map_err(to_model)?;
-    let graph = import(&m, dir).map_err(to_model)?;
-    let mut op_counts = std::collections::BTreeMap::new();
-    for n in m.graph.iter().flat_map(|g| &g.node) {
-        *op_counts.entry(n.op_type().to_string()).or_insert(0) += 1;
     }
-    Ok(Model {
-        path: path.into(),
-        graph,
-        file_bytes: meta.len(),
-        ir_version: m.ir_version(),
-        op_counts,
-    })
+}
+
+/// Read and import an ONNX file with some graph inputs bound to constants (see
+/// [`ModelFile::import`]).
+pub fn read_model_bound(path: &Path, bound: &HashMap<String, Tensor>) -> Result<Model> {
+    ModelFile::open(path)?.import(bound)
 }
 
 /// Decode and import a model from memory. `dir` is where external data may live (None: refused).
@@ -107,6 +198,15 @@ fn bad(msg: impl Into<String>) -> Error {
 
 /// Import a decoded ModelProto.
 pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
+    import_bound(m, dir, &HashMap::new())
+}
+
+/// Import a decoded ModelProto, the graph inputs named in `bound` taken as constants.
+fn import_bound(
+    m: &proto::ModelProto,
+    dir: Option<&Path>,
+    bound: &HashMap<String, Tensor>,
+) -> Result<Graph> {
     let gp = m
         .graph
         .as_ref()
@@ -154,6 +254,17 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
             continue; // an initializer with a default value: treat as a constant
         }
         let (dtype, dims) = value_info_type(vi).map_err(|e| bad(format!("input '{name}': {e}")))?;
+        if let Some(t) = bound.get(&name) {
+            if t.dtype != dtype {
+                return Err(bad(format!(
+                    "input '{name}' is declared {dtype}, the value given is {}",
+                    t.dtype
+                )));
+            }
+            let id = g.add_const(name.clone(), t.clone());
+            by_name.insert(name, id);
+            continue;
+        }
         if !dtype.is_float() {
             return Err(bad(format!(
                 "input '{name}' has element type {dtype}; zq models take float inputs"
@@ -164,7 +275,7 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
         by_name.insert(name, id);
         g.inputs.push(GraphInput { value: id, dims });
     }
-    if g.inputs.is_empty() {
+    if g.inputs.is_empty() && bound.is_empty() {
         return Err(bad("the graph has no (non-constant) inputs"));
     }
 
@@ -251,6 +362,10 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
             }
             outputs.push(id);
         }
+        if op_type == "QLinearMatMul" {
+            expand_qlinear_matmul(&mut g, np, &name, opset, &inputs, &outputs)?;
+            continue;
+        }
         if op_type == "Constant" {
             let t = constant_value(np, dir).map_err(|e| Error::node(&name, op_type, e))?;
             let o = *outputs
@@ -293,6 +408,97 @@ pub fn import(m: &proto::ModelProto, dir: Option<&Path>) -> Result<Graph> {
     Ok(g)
 }
 
+/// QLinearMatMul as ONNX defines it, `Q(DQ(a) x DQ(b))`: `DequantizeLinear(a, a_scale,
+/// a_zero_point)` per tensor or per row (axis -2), `DequantizeLinear(b, ...)` per tensor or per
+/// column (axis -1), MatMul, and `QuantizeLinear(y_scale, y_zero_point)` per tensor. ONNX's
+/// reference rounds `(A - a_zp)(B - b_zp) * (a_scale * b_scale / y_scale)`; computed in float
+/// the product differs only at rounding ties, and the native engine runs this pattern as one
+/// integer GEMM with that requantization fused. `y_scale` must be known to hold one element
+/// (a constant, or a graph input declared so).
+fn expand_qlinear_matmul(
+    g: &mut Graph,
+    np: &proto::NodeProto,
+    name: &str,
+    opset: i64,
+    inputs: &[Option<ValueId>],
+    outputs: &[ValueId],
+) -> Result<()> {
+    let op = "QLinearMatMul";
+    if !np.attribute.is_empty() {
+        return Err(Error::Unsupported {
+            node: name.into(),
+            op: op.into(),
+            opset,
+            what: format!("attribute '{}'", np.attribute[0].name()),
+        });
+    }
+    if inputs.len() != 8 || inputs.iter().any(Option::is_none) || outputs.len() != 1 {
+        return Err(Error::node(
+            name,
+            op,
+            "needs 8 inputs (a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point) and 1 output",
+        ));
+    }
+    let v: Vec<ValueId> = inputs.iter().map(|i| i.expect("checked above")).collect();
+    for &k in &v[6..8] {
+        let declared: Option<usize> = match g.konst(k) {
+            Some(t) => Some(t.len()),
+            None => g.inputs.iter().find(|gi| gi.value == k).and_then(|gi| {
+                gi.dims
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => Some(*n),
+                        Dim::Sym(_) => None,
+                    })
+                    .product()
+            }),
+        };
+        if declared != Some(1) {
+            return Err(Error::node(
+                name,
+                op,
+                format!(
+                    "'{}' must hold one element (per-tensor output quantization) and be a constant or a graph input declared so",
+                    g.values[k].name
+                ),
+            ));
+        }
+    }
+    let node = |g: &mut Graph, suffix: &str, op: Op, ins: Vec<ValueId>, out: Option<ValueId>| {
+        let o = out.unwrap_or_else(|| g.add_value(format!("{name}::{suffix}"), DType::F32));
+        g.nodes.push(Node {
+            name: format!("{name}::{suffix}"),
+            op,
+            inputs: ins.into_iter().map(Some).collect(),
+            outputs: vec![o],
+        });
+        o
+    };
+    let a = node(
+        g,
+        "dq_a",
+        Op::DequantizeLinear { axis: -2 },
+        v[0..3].to_vec(),
+        None,
+    );
+    let b = node(
+        g,
+        "dq_b",
+        Op::DequantizeLinear { axis: -1 },
+        v[3..6].to_vec(),
+        None,
+    );
+    let y = node(g, "matmul", Op::MatMul, vec![a, b], None);
+    node(
+        g,
+        "q_y",
+        Op::QuantizeLinear { axis: 1 },
+        vec![y, v[6], v[7]],
+        Some(outputs[0]),
+    );
+    Ok(())
+}
+
 fn node_name(n: &proto::NodeProto, i: usize) -> String {
     if n.name().is_empty() {
         format!("{}_{i}", n.op_type())
@@ -317,8 +523,8 @@ fn value_info_type(vi: &proto::ValueInfoProto) -> Result<(DType, Vec<Dim>), Stri
         Some(TV::TensorType(t)) => t,
         _ => return Err("is not a tensor".into()),
     };
-    let dtype = DType::from_onnx_code(tt.elem_type())
-        .ok_or_else(|| format!("element type {} is not supported", tt.elem_type()))?;
+    let dtype =
+        DType::from_onnx_code(tt.elem_type()).ok_or_else(|| unsupported_type(tt.elem_type()))?;
     let shape = tt.shape.as_ref().ok_or("has no declared shape")?;
     use proto::tensor_shape_proto::dimension::Value as DV;
     let dims = shape
@@ -749,10 +955,31 @@ fn constant_value(np: &proto::NodeProto, dir: Option<&Path>) -> Result<Tensor, S
     })
 }
 
+/// "element type N (its ONNX name) is not supported".
+fn unsupported_type(code: i32) -> String {
+    let name = match code {
+        0 => "undefined",
+        8 => "string",
+        14 => "complex64",
+        15 => "complex128",
+        16 => "bfloat16",
+        17 => "float8e4m3fn",
+        18 => "float8e4m3fnuz",
+        19 => "float8e5m2",
+        20 => "float8e5m2fnuz",
+        23 => "float4e2m1",
+        24 => "float8e8m0",
+        25 => "uint2",
+        26 => "int2",
+        _ => "unknown",
+    };
+    format!("element type {code} ({name}) is not supported")
+}
+
 /// Decode a TensorProto, checking declared sizes against the bytes present before allocating.
 pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<Tensor, String> {
-    let dtype = DType::from_onnx_code(t.data_type())
-        .ok_or_else(|| format!("element type {} is not supported", t.data_type()))?;
+    let dtype =
+        DType::from_onnx_code(t.data_type()).ok_or_else(|| unsupported_type(t.data_type()))?;
     let mut shape = Vec::with_capacity(t.dims.len());
     let mut n: usize = 1;
     for &d in &t.dims {
@@ -798,7 +1025,22 @@ pub fn tensor_from_proto(t: &proto::TensorProto, dir: Option<&Path>) -> Result<T
             Data::I64(crate::ir::qdq::unpack4(b, n, dtype == DType::I4))
         }
         None if matches!(dtype, DType::I4 | DType::U4) => {
-            return Err(format!("{dtype} tensors must use raw_data"));
+            // int32_data holds the packed bytes, one per entry (two elements each).
+            if t.int32_data.len() != n.div_ceil(2) {
+                return Err(format!(
+                    "declared shape {:?} of {dtype} needs {} packed bytes but int32_data holds {}",
+                    t.dims,
+                    n.div_ceil(2),
+                    t.int32_data.len()
+                ));
+            }
+            let packed = t
+                .int32_data
+                .iter()
+                .map(|&b| u8::try_from(b))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|_| format!("{dtype} int32_data entries must be bytes (0..=255)"))?;
+            Data::I64(crate::ir::qdq::unpack4(&packed, n, dtype == DType::I4))
         }
         Some(b) => decode_raw(b, dtype),
         None => {
@@ -976,4 +1218,146 @@ fn read_external(
     f.read_exact(&mut buf)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{
+        tensor_shape_proto::{dimension::Value as DV, Dimension},
+        type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+        TensorShapeProto, TypeProto, ValueInfoProto,
+    };
+
+    fn vi(name: &str, elem: i32, dims: &[i64]) -> ValueInfoProto {
+        ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(elem),
+                    shape: Some(TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| Dimension {
+                                value: Some(DV::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// `y = op(x)` on a float [2] input at `opset`, with one int attribute.
+    fn one_node(op: &str, opset: i64, attr: Option<(&str, i64)>) -> ModelProto {
+        ModelProto {
+            ir_version: Some(10),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(opset),
+            }],
+            graph: Some(GraphProto {
+                name: Some("g".into()),
+                node: vec![NodeProto {
+                    op_type: Some(op.into()),
+                    input: vec!["x".into()],
+                    output: vec!["y".into()],
+                    attribute: attr
+                        .map(|(n, v)| AttributeProto {
+                            name: Some(n.into()),
+                            i: Some(v),
+                            r#type: Some(AttributeType::Int as i32),
+                            ..Default::default()
+                        })
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                }],
+                input: vec![vi("x", 1, &[2])],
+                output: vec![vi("y", 1, &[2])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn opsets_up_to_28_are_read_and_their_new_attributes_refused() {
+        for opset in [21, 22, 25, 28] {
+            import(&one_node("Relu", opset, None), None).unwrap();
+            import(&one_node("Cast", opset, Some(("to", 1))), None).unwrap();
+        }
+        let e = import(&one_node("Relu", 29, None), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("opset 29 is not supported"), "{e}");
+        let e = import(&one_node("Cast", 28, Some(("round_mode", 1))), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attribute 'round_mode'"), "{e}");
+        let e = import(
+            &one_node("QuantizeLinear", 28, Some(("precision", 1))),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("attribute 'precision'"), "{e}");
+        let e = import(
+            &one_node("DequantizeLinear", 28, Some(("output_dtype", 1))),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("output_dtype"), "{e}");
+    }
+
+    #[test]
+    fn int4_tensors_read_from_packed_int32_data() {
+        // As onnx.numpy_helper writes them: [0, 1, 7, -4, -8] packed low nibble first.
+        let t = proto::TensorProto {
+            dims: vec![5],
+            data_type: Some(22),
+            int32_data: vec![16, 199, 8],
+            ..Default::default()
+        };
+        let x = tensor_from_proto(&t, None).unwrap();
+        assert_eq!(x.to_i64_vec(), vec![0, 1, 7, -4, -8]);
+        let short = proto::TensorProto {
+            int32_data: vec![16, 199],
+            ..t.clone()
+        };
+        let e = tensor_from_proto(&short, None).unwrap_err();
+        assert!(e.contains("needs 3 packed bytes"), "{e}");
+        let wide = proto::TensorProto {
+            int32_data: vec![16, 199, 300],
+            ..t
+        };
+        assert!(tensor_from_proto(&wide, None).is_err());
+    }
+
+    #[test]
+    fn bound_inputs_become_constants_of_the_declared_type() {
+        let mut m = one_node("Relu", 21, None);
+        let g = m.graph.as_mut().unwrap();
+        g.input.push(vi("k", 7, &[1]));
+        g.node[0].op_type = Some("Add".into());
+        g.node[0].input.push("k".into());
+        // An int64 input alone is refused (zq graphs take float inputs) ...
+        let e = import(&m, None).unwrap_err().to_string();
+        assert!(e.contains("input 'k' has element type int64"), "{e}");
+        // ... bound, it is a constant.
+        let mut bound = HashMap::new();
+        bound.insert("k".to_string(), Tensor::i64(vec![1], vec![3]));
+        let g = import_bound(&m, None, &bound).unwrap();
+        assert_eq!(g.inputs.len(), 1);
+        let k = g.values.iter().position(|v| v.name == "k").unwrap();
+        assert_eq!(g.konst(k).unwrap().to_i64_vec(), vec![3]);
+        // A bound value of another type is refused, naming the input.
+        bound.insert("k".to_string(), Tensor::f32(vec![1], vec![3.0]));
+        let e = import_bound(&m, None, &bound).unwrap_err().to_string();
+        assert!(e.contains("input 'k' is declared int64"), "{e}");
+    }
 }

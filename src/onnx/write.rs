@@ -318,7 +318,16 @@ pub fn to_model(g: &Graph) -> proto::ModelProto {
         gp.output.push(value_info(g, o, dims.as_deref()));
     }
     proto::ModelProto {
-        ir_version: Some(if g.opset >= 21 {
+        // The IR version each opset came with (onnx.helper.VERSION_TABLE).
+        ir_version: Some(if g.opset >= 28 {
+            14
+        } else if g.opset >= 25 {
+            13
+        } else if g.opset >= 24 {
+            12
+        } else if g.opset >= 23 {
+            11
+        } else if g.opset >= 21 {
             10
         } else if g.opset >= 19 {
             9

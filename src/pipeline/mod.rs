@@ -6,3 +6,4 @@ pub mod inspect;
 pub mod packed;
 pub mod plot;
 pub mod quantize;
+pub mod run;

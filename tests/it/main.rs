@@ -1,6 +1,7 @@
 //! zq's integration tests: one binary, driving the real `zq` executable and the library.
 
 mod cli;
+mod conformance;
 mod distill;
 mod exec;
 mod fuzz;
@@ -9,6 +10,7 @@ mod layout;
 mod man;
 mod native;
 mod quantize;
+mod run;
 mod shared;
 mod synth;
 mod util;
