@@ -406,6 +406,22 @@ impl Cx<'_> {
         Some((j, s, z))
     }
 
+    /// `v -> Relu | Clip -> Q` with `v` consumed only by the activation and the activation only
+    /// by the Q: (the activation node, the Q target, the activation's clamp range).
+    fn act_then_q(&self, v: ValueId) -> Option<(usize, (usize, f32, u8), (f32, f32))> {
+        let j = self.sole_consumer(v)?;
+        let n = &self.g.nodes[j];
+        if n.input(0) != Some(v) || n.outputs.len() != 1 {
+            return None;
+        }
+        let range = match &n.op {
+            Op::Relu => (0.0, f32::INFINITY),
+            Op::Clip => infer::clip_of(self.g, n).ok()?,
+            _ => return None,
+        };
+        Some((j, self.q_target(n.outputs[0])?, range))
+    }
+
     /// `v` as a DequantizeLinear of a u8 tensor: (the tensor, scale, zero point).
     fn deq(&self, v: Option<ValueId>) -> Option<(QVal, f32, u8)> {
         match self.repr.get(&v?)? {
@@ -635,7 +651,15 @@ impl Cx<'_> {
         };
         let y = n.outputs[0];
         let yshape = self.shape(y);
-        let target = self.q_target(y);
+        // `-> Q`, or `-> Relu | Clip -> Q` with the activation as a clamp of the requantized
+        // output: Q is monotone, so Q(clip(v, lo, hi)) = clamp(Q(v), Q(lo), Q(hi)) exactly.
+        let (target, act) = match self.q_target(y) {
+            Some(t) => (Some(t), None),
+            None => match self.act_then_q(y) {
+                Some((j, t, range)) => (Some(t), Some((j, range))),
+                None => (None, None),
+            },
+        };
         // (images, geometry, cout, weights as [cout][k] rows or OIHW, per-channel weight scales)
         let geom;
         let images;
@@ -757,12 +781,15 @@ impl Cx<'_> {
                     shape: yshape.clone(),
                     nhwc: yshape.len() == 4,
                 };
+                let (lo, hi) = match act {
+                    Some((j, (lo, hi))) => {
+                        self.done[j] = true;
+                        (quantize_u8(lo, sy, zy), quantize_u8(hi, sy, zy))
+                    }
+                    None => (0, 255),
+                };
                 (
-                    Epi::U8 {
-                        zp: zy,
-                        lo: 0,
-                        hi: 255,
-                    },
+                    Epi::U8 { zp: zy, lo, hi },
                     s,
                     Buf::U8(qv.buf),
                     Some((qn, qv)),
@@ -1287,6 +1314,16 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256], fast: Option<ops::Affine>) -> bo
 }
 
 /// Weight scales per output channel along `axis` (a per-tensor scale repeated).
+/// ONNX QuantizeLinear of one value to uint8 (round half to even, saturate); infinities
+/// saturate.
+fn quantize_u8(v: f32, scale: f32, zp: u8) -> u8 {
+    if v.is_nan() {
+        return zp;
+    }
+    let x = (v / scale).clamp(-512.0, 512.0);
+    (zq_quant::numeric::round_half_even(x) + f32::from(zp)).clamp(0.0, 255.0) as u8
+}
+
 fn per_channel(w: &IntConst, axis: usize, n: usize) -> Option<Vec<f32>> {
     let r = w.shape.len() as i64;
     let a = if w.axis < 0 { w.axis + r } else { w.axis };

@@ -157,13 +157,37 @@ pub struct Calibration {
 }
 
 /// Values whose activation gets a QuantizeLinear/DequantizeLinear pair: every non-constant
-/// input of every node (the network input, residual sums and pooled features included).
+/// input of every node (the network input, residual sums and pooled features included), except
+/// a weighted layer's output that only a Relu or Clip reads. That activation is quantized at its
+/// output instead, as ONNX Runtime's quantizer does: the integer kernel then applies it as a
+/// clamp of its requantized output (`Conv -> Clip -> Q` runs as one QLinearConv), and the
+/// range is the activation's, not the conv's (a ReLU6 after a conv that spans +-40 keeps all
+/// 256 levels for [0, 6] instead of about 20).
 fn activations(pg: &Graph) -> Vec<ValueId> {
+    let mut consumers: HashMap<ValueId, Vec<&Op>> = HashMap::new();
+    for n in &pg.nodes {
+        for v in n.inputs.iter().flatten() {
+            consumers.entry(*v).or_default().push(&n.op);
+        }
+    }
+    let weighted: HashSet<ValueId> = pg
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv(_) | Op::Gemm { .. } | Op::MatMul))
+        .flat_map(|n| n.outputs.iter().copied())
+        .collect();
+    let fused = |v: &ValueId| {
+        weighted.contains(v)
+            && !pg.outputs.contains(v)
+            && consumers[v]
+                .iter()
+                .all(|op| matches!(op, Op::Relu | Op::Clip))
+    };
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for n in &pg.nodes {
         for v in n.inputs.iter().flatten() {
-            if pg.konst(*v).is_none() && seen.insert(*v) {
+            if pg.konst(*v).is_none() && !fused(v) && seen.insert(*v) {
                 out.push(*v);
             }
         }
