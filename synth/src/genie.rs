@@ -261,20 +261,15 @@ pub fn distill(
     let every = cfg.iters.div_ceil(REF_DECAYS).max(1);
     let mut plateau = Plateau::new(every, MIN_LR_LATENT);
     let k = model.strided_convs();
-    let swing = match (cfg.swing, k) {
-        (false, _) => Swing::Off,
-        (true, 0) => Swing::NoStridedConv,
-        (true, k) => {
-            if model.set_swing(Some(&vec![(1, 1); k])) {
-                Swing::On(k)
-            } else {
-                Swing::Unsupported
-            }
-        }
+    // Turning swing off tells whether the engine has it at all.
+    let swing = match (cfg.swing, model.set_swing(None), k) {
+        (false, _, _) => Swing::Off,
+        (true, false, _) => Swing::Unsupported,
+        (true, true, 0) => Swing::NoStridedConv,
+        (true, true, k) => Swing::On(k),
     };
     let mut rng = SplitMix::new(cfg.seed ^ SEED_SWING);
     let images = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1::<f32>() };
-    model.set_swing(None);
     let (p0, _) = to_pixels(&images(&gen.forward(z.as_tensor())?)?);
     let (_, per0, _) = zeroq::loss_and_grad(model, &p0, &cfg.map, Stats::Batch, false)?;
     for it in 0..cfg.iters {
