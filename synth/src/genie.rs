@@ -18,7 +18,7 @@
 //! `sum(z_img * g)` with `g = PIXEL_STD * dL/dp` held constant (and zero where the clamp cuts).
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, Optimizer, ParamsAdamW, VarMap};
+use candle_nn::{BatchNorm, Linear, Optimizer, ParamsAdamW, VarMap};
 
 use crate::adam::{normal, Plateau, SplitMix};
 use crate::engine::TapGrad;
@@ -99,15 +99,123 @@ pub struct Generator {
     pub varmap: VarMap,
     linear: Linear,
     bn0: BatchNorm,
-    conv1: Conv2d,
+    conv1: Conv3x3,
     bn1: BatchNorm,
-    conv2: Conv2d,
+    conv2: Conv3x3,
     bn2: BatchNorm,
     /// Feature map after the Linear, and the image size.
     h0: usize,
     w0: usize,
     h: usize,
     w: usize,
+}
+
+/// A 3x3 convolution with padding 1 as im2col and a matrix product. Candle's own CPU conv2d
+/// differentiates through a direct transposed convolution that is many times slower than its
+/// matrix product; written like this, the generator's backward pass runs on the matrix product.
+struct Conv3x3 {
+    /// `[M, C * 9]`, columns ordered (input channel, ki, kj) as a `[M, C, 3, 3]` weight flattens.
+    w: Tensor,
+    /// `[1, M, 1]`
+    b: Tensor,
+}
+
+impl Conv3x3 {
+    fn new(w: &Tensor, b: &Tensor) -> Result<Conv3x3> {
+        let m = w.dim(0)?;
+        Ok(Conv3x3 {
+            w: w.flatten_from(1)?,
+            b: b.reshape((1, m, 1))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, _, h, w) = x.dims4()?;
+        let cols = x.contiguous()?.apply_op1(Im2Col)?;
+        let y = self.w.broadcast_matmul(&cols)?.broadcast_add(&self.b)?;
+        y.reshape((n, (), h, w))
+    }
+}
+
+/// `[N, C, H, W]` to its 3x3, padding-1 columns `[N, C * 9, H * W]` (rows ordered (c, ki, kj));
+/// the backward pass is col2im, the adjoint.
+#[derive(Clone, Copy)]
+struct Im2Col;
+
+/// Input position of output `o` at kernel offset `k` (0..3) along an axis of length `n`.
+#[inline(always)]
+fn tap(o: usize, k: usize, n: usize) -> Option<usize> {
+    (o + k).checked_sub(1).filter(|&v| v < n)
+}
+
+/// Visit every (column value, input value) pair of one channel plane's im2col.
+#[inline(always)]
+fn im2col_pairs(h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+    let hw = h * w;
+    for k in 0..9 {
+        let (ki, kj) = (k / 3, k % 3);
+        for y in 0..h {
+            let Some(sy) = tap(y, ki, h) else { continue };
+            for x in 0..w {
+                if let Some(sx) = tap(x, kj, w) {
+                    f(k * hw + y * w + x, sy * w + sx);
+                }
+            }
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let d = l.shape().dims();
+        let (Some((a, b)), 4) = (l.contiguous_offsets(), d.len()) else {
+            candle_core::bail!("im2col of a non-contiguous or non-4-D tensor {d:?}");
+        };
+        let x = &s.as_slice::<f32>()?[a..b];
+        let (n, c, h, w) = (d[0], d[1], d[2], d[3]);
+        let hw = h * w;
+        let mut out = vec![0f32; n * c * 9 * hw];
+        for (plane, o) in x
+            .chunks_exact(hw.max(1))
+            .zip(out.chunks_exact_mut(9 * hw.max(1)))
+        {
+            im2col_pairs(h, w, |col, src| o[col] = plane[src]);
+        }
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((n, c * 9, hw)),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (n, c, h, w) = arg.dims4()?;
+        let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+        let hw = h * w;
+        let mut dx = vec![0f32; n * c * hw];
+        for (plane, gk) in dx
+            .chunks_exact_mut(hw.max(1))
+            .zip(g.chunks_exact(9 * hw.max(1)))
+        {
+            im2col_pairs(h, w, |col, src| plane[src] += gk[col]);
+        }
+        Ok(Some(Tensor::from_vec(dx, (n, c, h, w), grad.device())?))
+    }
+}
+
+/// Nearest-neighbour upsampling by 2 as a broadcast (its gradient a sum).
+fn upsample2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    x.reshape((n, c, h, 1, w, 1))?
+        .broadcast_as((n, c, h, 2, w, 2))?
+        .reshape((n, c, 2 * h, 2 * w))
 }
 
 /// A named parameter in `vm` with the given values.
@@ -153,11 +261,7 @@ impl Generator {
             BatchNorm::new(ch, zeros, ones, g, b, 1e-5)
         };
         let bn0 = bn("bn0", C1)?;
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv = |name: &str, cin: usize, cout: usize, k: u64| -> Result<Conv2d> {
+        let conv = |name: &str, cin: usize, cout: usize, k: u64| -> Result<Conv3x3> {
             let fan = cin * 9;
             let wt = param(
                 &vm,
@@ -171,7 +275,7 @@ impl Generator {
                 &[cout],
                 kaiming(cout, fan, s(k + 1)),
             )?;
-            Ok(Conv2d::new(wt, Some(b), cfg))
+            Conv3x3::new(&wt, &b)
         };
         let conv1 = conv("conv1", C1, C2, 2)?;
         let bn1 = bn("bn1", C2)?;
@@ -203,10 +307,10 @@ impl Generator {
         let n = z.dim(0)?;
         let x = self.linear.forward(z)?.reshape((n, C1, self.h0, self.w0))?;
         let x = self.bn0.forward_train(&x)?;
-        let x = x.upsample_nearest2d(2 * self.h0, 2 * self.w0)?;
+        let x = upsample2(&x)?;
         let x = self.bn1.forward_train(&self.conv1.forward(&x)?)?;
         let x = candle_nn::ops::leaky_relu(&x, 0.2)?;
-        let x = x.upsample_nearest2d(4 * self.h0, 4 * self.w0)?;
+        let x = upsample2(&x)?;
         let x = self.conv2.forward(&x)?.tanh()?;
         // Sizes that are not multiples of 4: the top-left crop.
         let x = x.narrow(2, 0, self.h)?.narrow(3, 0, self.w)?;
@@ -281,6 +385,7 @@ pub fn distill(
         let x = gen.forward(z.as_tensor())?;
         let (p, inside) = to_pixels(&images(&x)?);
         let (loss, _, g) = zeroq::loss_and_grad(model, &p, &cfg.map, Stats::Batch, true)?;
+
         let g: Vec<f32> = g
             .iter()
             .zip(&inside)
@@ -315,6 +420,36 @@ pub fn distill(
 mod tests {
     use super::*;
     use crate::{Autograd, BnTarget, TapModel};
+
+    #[test]
+    fn the_im2col_convolution_is_candles_and_its_gradient_the_adjoint() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(normal(2 * 3 * 5 * 4, 1), (2, 3, 5, 4), &dev)?;
+        let w = Tensor::from_vec(normal(4 * 3 * 9, 2), (4, 3, 3, 3), &dev)?;
+        let b = Tensor::from_vec(normal(4, 3), 4, &dev)?;
+        let ours = Conv3x3::new(&w, &b)?.forward(x.as_tensor())?;
+        let theirs = x
+            .as_tensor()
+            .conv2d(&w, 1, 1, 1, 1)?
+            .broadcast_add(&b.reshape((1, 4, 1, 1))?)?;
+        let e = (ours.clone() - &theirs)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(e < 1e-5, "{e}");
+        // <conv(x), y> against <x, conv^T(y)>, through candle's autograd of the custom op.
+        let y = Tensor::from_vec(normal(2 * 4 * 20, 4), (2, 4, 5, 4), &dev)?;
+        let g = (theirs * &y)?.sum_all()?.backward()?;
+        let gref: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
+        let g = (ours * &y)?.sum_all()?.backward()?;
+        let gours: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all()?.to_vec1()?;
+        let e = gours
+            .iter()
+            .zip(&gref)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(e < 1e-4, "input gradient differs by {e}");
+        Ok(())
+    }
 
     #[test]
     fn generator_draws_standardised_images_of_the_input_size_from_its_seed() -> Result<()> {
