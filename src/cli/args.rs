@@ -216,12 +216,11 @@ pub struct DistillArgs {
     /// Adam steps per batch [default: 500 for zeroq, 200 for genie].
     #[arg(long, value_name = "I", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub iters: Option<u32>,
-    /// Genie: Adam learning rate of the generator (lowered exponentially, the reference's 40
-    /// decays by 0.95 spread over the run).
+    /// Genie: Adam learning rate of the generator (0.95 times lower every 100 steps).
     #[arg(long, value_name = "LR", default_value_t = zq_synth::genie::LR_GENERATOR)]
     pub genie_lr_generator: f32,
-    /// Genie: Adam learning rate of the latent codes (tenfold lower on plateaus of a 40th of the
-    /// run).
+    /// Genie: Adam learning rate of the latent codes (tenfold lower after 100 steps without
+    /// improvement).
     #[arg(long, value_name = "LR", default_value_t = zq_synth::genie::LR_LATENT)]
     pub genie_lr_latent: f32,
     /// Genie: dimension of the latent codes.

@@ -34,10 +34,11 @@ pub const LATENT_DIM: usize = 256;
 /// Feature channels after the Linear and after the first convolution.
 const C1: usize = 128;
 const C2: usize = 64;
-/// The reference runs 4000 iterations, lowering the generator's rate by 0.95 every 100 and the
-/// latents' tenfold after 100 without improvement (down to 1e-4). zq runs fewer iterations and
-/// compresses the same schedule into them: 40 decays over the run, patience a 40th of it.
-const REF_DECAYS: usize = 40;
+/// The reference's schedules: the generator's rate lowered by 0.95 every 100 steps, the latents'
+/// tenfold after 100 steps without improvement (down to 1e-4). (Compressing them into a short
+/// run, patience a 40th of it, was tried: swing convolution makes the loss noisy from step to
+/// step, and the latents' rate then collapsed within a few steps.)
+const EVERY: usize = 100;
 const GAMMA: f64 = 0.95;
 const MIN_LR_LATENT: f32 = 1e-4;
 /// Seed streams of the parts of one batch's run (offsets from its seed).
@@ -362,7 +363,7 @@ pub fn distill(
     };
     let mut opt_z = candle_nn::AdamW::new(vec![z.clone()], adam(cfg.lr_latent))?;
     let mut opt_g = candle_nn::AdamW::new(gen.varmap.all_vars(), adam(cfg.lr_generator))?;
-    let every = cfg.iters.div_ceil(REF_DECAYS).max(1);
+    let every = EVERY;
     let mut plateau = Plateau::new(every, MIN_LR_LATENT);
     let k = model.strided_convs();
     // Turning swing off tells whether the engine has it at all.
