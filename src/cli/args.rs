@@ -213,7 +213,7 @@ pub struct DistillArgs {
     /// How images are distilled.
     #[arg(long, value_enum, default_value_t = MethodArg::Zeroq)]
     pub method: MethodArg,
-    /// Adam steps per batch [default: 500 for zeroq, 200 for genie].
+    /// Adam steps per batch [default: 500 for zeroq, 100 for genie].
     #[arg(long, value_name = "I", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub iters: Option<u32>,
     /// Genie: Adam learning rate of the generator (0.95 times lower every 100 steps).

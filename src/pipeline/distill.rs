@@ -120,7 +120,7 @@ pub const DEFAULT_LR: f32 = 0.125;
 
 /// Steps per batch when `--iters` is not given.
 pub const DEFAULT_ITERS_ZEROQ: u32 = 500;
-pub const DEFAULT_ITERS_GENIE: u32 = 200;
+pub const DEFAULT_ITERS_GENIE: u32 = 100;
 
 /// One BatchNormalization layer's share of the loss (averaged over all images).
 #[derive(Debug, Clone, Serialize, PartialEq)]

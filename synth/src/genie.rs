@@ -43,7 +43,7 @@ const GAMMA: f64 = 0.95;
 const MIN_LR_LATENT: f32 = 1e-4;
 /// Seed streams of the parts of one batch's run (offsets from its seed).
 const SEED_LATENT: u64 = 0x6c61_7465_6e74; // "latent"
-const SEED_SWING: u64 = 0x7377_696e_67; // "swing"
+const SEED_SWING: u64 = 0x0073_7769_6e67; // "swing"
 const SEED_WEIGHT: u64 = 0x7765_6967_6874; // "weight"
 
 /// Settings of a Genie-D run on one batch.
