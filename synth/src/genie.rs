@@ -531,8 +531,9 @@ mod tests {
         };
         let r = run()?;
         let d = &r.distilled;
+        eprintln!("toy BN loss {} -> {}", d.bn_loss_initial, d.bn_loss_final);
         assert!(
-            d.bn_loss_final < 0.35 * d.bn_loss_initial, // measured: 0.24
+            d.bn_loss_final < 0.3 * d.bn_loss_initial, // measured: 0.17
             "{} -> {}",
             d.bn_loss_initial,
             d.bn_loss_final
