@@ -116,6 +116,13 @@ impl TapGrad for TapeTaps<'_> {
             .collect();
         Ok(self.tape.backward(&grads))
     }
+    fn strided_convs(&self) -> usize {
+        self.tape.strided_convs()
+    }
+    fn set_swing(&mut self, offsets: Option<&[(usize, usize)]>) -> bool {
+        self.tape.set_swing(offsets);
+        true
+    }
 }
 
 impl TapModel for PlanTaps {
@@ -213,5 +220,132 @@ mod tests {
             .zip(&gb)
             .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
         assert!(err < 1e-4, "gradient differs by {err}");
+    }
+
+    /// `X [2, 3, h, w] -> (Pad reflect 1 -> Slice at (dy, dx) when `crop`) -> Conv (stride 2,
+    /// `k`x`k`, pad k/2) -> BatchNormalization`.
+    fn strided(h: usize, w: usize, k: usize, crop: Option<(usize, usize)>) -> Graph {
+        use crate::ir::{AutoPad, ConvAttrs, PadMode};
+        let mut g = Graph::new("t".into(), 13, String::new());
+        let mut x = g.add_value("x".into(), DType::F32);
+        g.inputs.push(GraphInput {
+            value: x,
+            dims: [2, 3, h, w].into_iter().map(Dim::Fixed).collect(),
+        });
+        let ints = |g: &mut Graph, n: &str, v: Vec<i64>| {
+            g.add_const(n.into(), Tensor::i64(vec![v.len()], v))
+        };
+        if let Some((dy, dx)) = crop {
+            let pads = ints(&mut g, "pads", vec![0, 0, 1, 1, 0, 0, 1, 1]);
+            let p = g.add_value("padded".into(), DType::F32);
+            g.nodes.push(Node {
+                name: "pad".into(),
+                op: Op::Pad {
+                    mode: PadMode::Reflect,
+                },
+                inputs: vec![Some(x), Some(pads)],
+                outputs: vec![p],
+            });
+            let (dy, dx) = (dy as i64, dx as i64);
+            let starts = ints(&mut g, "starts", vec![dy, dx]);
+            let ends = ints(&mut g, "ends", vec![dy + h as i64, dx + w as i64]);
+            let axes = ints(&mut g, "axes", vec![2, 3]);
+            let c = g.add_value("cropped".into(), DType::F32);
+            g.nodes.push(Node {
+                name: "crop".into(),
+                op: Op::Slice,
+                inputs: vec![Some(p), Some(starts), Some(ends), Some(axes)],
+                outputs: vec![c],
+            });
+            x = c;
+        }
+        let wv: Vec<f32> = (0..4 * 3 * k * k)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1)
+            .collect();
+        let wt = g.add_const("w".into(), Tensor::f32(vec![4, 3, k, k], wv));
+        let b = g.add_const("b".into(), Tensor::f32(vec![4], vec![0.1, -0.2, 0.0, 0.3]));
+        let y = g.add_value("y".into(), DType::F32);
+        let p = k / 2;
+        g.nodes.push(Node {
+            name: "conv".into(),
+            op: Op::Conv(ConvAttrs {
+                kernel_shape: Some(vec![k, k]),
+                strides: vec![2, 2],
+                dilations: vec![1, 1],
+                pads: vec![p, p, p, p],
+                auto_pad: AutoPad::NotSet,
+                group: 1,
+            }),
+            inputs: vec![Some(x), Some(wt), Some(b)],
+            outputs: vec![y],
+        });
+        let q = |g: &mut Graph, n: &str, v: [f32; 4]| {
+            g.add_const(n.into(), Tensor::f32(vec![4], v.to_vec()))
+        };
+        let (s, bb, m, v) = (
+            q(&mut g, "s", [1.0, 2.0, 0.5, 1.0]),
+            q(&mut g, "bb", [0.0, 0.5, 0.1, 0.0]),
+            q(&mut g, "m", [0.1, -0.2, 0.3, 0.0]),
+            q(&mut g, "v", [1.0, 0.5, 2.0, 0.3]),
+        );
+        let z = g.add_value("z".into(), DType::F32);
+        g.nodes.push(Node {
+            name: "bn".into(),
+            op: Op::BatchNorm { epsilon: 1e-5 },
+            inputs: vec![Some(y), Some(s), Some(bb), Some(m), Some(v)],
+            outputs: vec![z],
+        });
+        g.outputs.push(z);
+        g
+    }
+
+    #[test]
+    fn swing_convolution_matches_an_explicit_reflect_pad_and_crop() {
+        use zq_synth::zeroq::{loss_and_grad, PixelMap, Stats};
+        for (h, w, k) in [(7, 6, 3), (6, 6, 1), (5, 8, 3)] {
+            let model = PlanTaps::new(&strided(h, w, k, None), 2).unwrap();
+            let mut tape = model.tape().unwrap();
+            assert_eq!(tape.strided_convs(), 1);
+            let p = PixelMap::noise(2 * 3 * h * w, 9);
+            let map = PixelMap {
+                channels: vec![(0.5, 0.25); 3],
+                hw: h * w,
+            };
+            for dy in 0..3 {
+                for dx in 0..3 {
+                    // The reference: reflect-pad and crop in the graph, on the general executor
+                    // through candle's autograd.
+                    let reference = PlanTaps::new(&strided(h, w, k, Some((dy, dx))), 2).unwrap();
+                    let mut auto = Autograd::new(&reference);
+                    assert!(tape.set_swing(Some(&[(dy, dx)])));
+                    for stats in [Stats::Batch, Stats::PerSample] {
+                        let (la, pa, ga) = loss_and_grad(&mut tape, &p, &map, stats, true).unwrap();
+                        let (lb, pb, gb) = loss_and_grad(&mut auto, &p, &map, stats, true).unwrap();
+                        let at = format!("{h}x{w} k{k} ({dy},{dx}) {stats:?}");
+                        assert!(
+                            (la - lb).abs() < 1e-4 * lb.abs().max(1.0),
+                            "{at}: {la} vs {lb}"
+                        );
+                        assert!((pa[0] - pb[0]).abs() < 1e-4 * pb[0].abs().max(1.0), "{at}");
+                        let scale = gb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let err = ga
+                            .iter()
+                            .zip(&gb)
+                            .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+                        assert!(
+                            err < 1e-4 * scale.max(1.0),
+                            "{at}: gradient differs by {err}"
+                        );
+                    }
+                }
+            }
+            // Off again: the plain convolution.
+            assert!(tape.set_swing(None));
+            let plain = PlanTaps::new(&strided(h, w, k, None), 2).unwrap();
+            let mut auto = Autograd::new(&plain);
+            let (la, _, _) = loss_and_grad(&mut tape, &p, &map, Stats::Batch, false).unwrap();
+            let (lb, _, _) = loss_and_grad(&mut auto, &p, &map, Stats::Batch, false).unwrap();
+            assert!((la - lb).abs() < 1e-4 * lb.abs().max(1.0), "{la} vs {lb}");
+        }
     }
 }

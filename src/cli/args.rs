@@ -265,10 +265,26 @@ pub struct DistillArgs {
     /// Images optimised together.
     #[arg(long, value_name = "B", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch: u32,
-    /// Adam steps per batch.
-    #[arg(long, value_name = "I", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
-    pub iters: u32,
-    /// Adam learning rate in pixel units (pixels span [0,1] whatever --mean/--std say; lowered on
+    /// How images are distilled.
+    #[arg(long, value_enum, default_value_t = MethodArg::Zeroq)]
+    pub method: MethodArg,
+    /// Adam steps per batch [default: 500 for zeroq, 100 for genie].
+    #[arg(long, value_name = "I", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub iters: Option<u32>,
+    /// Genie: Adam learning rate of the generator (0.95 times lower every 100 steps).
+    #[arg(long, value_name = "LR", default_value_t = zq_synth::genie::LR_GENERATOR)]
+    pub genie_lr_generator: f32,
+    /// Genie: Adam learning rate of the latent codes (tenfold lower after 100 steps without
+    /// improvement).
+    #[arg(long, value_name = "LR", default_value_t = zq_synth::genie::LR_LATENT)]
+    pub genie_lr_latent: f32,
+    /// Genie: dimension of the latent codes.
+    #[arg(long, value_name = "D", default_value_t = zq_synth::genie::LATENT_DIM as u32, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub genie_latent_dim: u32,
+    /// Genie: no swing convolution (strided convolutions then see their input as it is).
+    #[arg(long)]
+    pub no_swing: bool,
+    /// ZeroQ: Adam learning rate in pixel units (pixels span [0,1] whatever --mean/--std say; lowered on
     /// plateaus).
     #[arg(long, value_name = "LR", default_value_t = crate::pipeline::distill::DEFAULT_LR)]
     pub lr: f32,
@@ -278,14 +294,25 @@ pub struct DistillArgs {
     /// Also write every image as a PNG into DIR (de-normalised with --mean/--std).
     #[arg(long, value_name = "DIR")]
     pub png: Option<PathBuf>,
-    /// Which BatchNormalization statistics to match.
-    #[arg(long, value_enum, default_value_t = StatsArg::PerSample)]
-    pub stats: StatsArg,
-    /// How the learning rate falls over the iterations.
+    /// Which BatchNormalization statistics to match [default: per-sample for zeroq; genie
+    /// matches batch statistics only].
+    #[arg(long, value_enum)]
+    pub stats: Option<StatsArg>,
+    /// ZeroQ: how the learning rate falls over the iterations.
     #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
     pub schedule: ScheduleArg,
     #[command(flatten)]
     pub pre: PreprocessArgs,
+}
+
+/// How `zq distill` makes images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    /// ZeroQ: the pixels themselves optimised with projected Adam.
+    Zeroq,
+    /// Genie-D: a small generator per batch, trained with its latent codes against the batch's
+    /// BN statistics, with swing convolution.
+    Genie,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -15,15 +15,33 @@ pub fn preprocess(a: &PreprocessArgs) -> Preprocess {
 }
 
 pub fn distill_options(a: &DistillArgs) -> crate::Result<distill::DistillOptions> {
+    let method = match a.method {
+        args::MethodArg::Zeroq => distill::Method::ZeroQ,
+        args::MethodArg::Genie => distill::Method::Genie,
+    };
     let o = distill::DistillOptions {
         num: a.num as usize,
         batch: a.batch.min(a.num) as usize,
-        iters: a.iters as usize,
+        iters: a.iters.unwrap_or(match method {
+            distill::Method::ZeroQ => distill::DEFAULT_ITERS_ZEROQ,
+            distill::Method::Genie => distill::DEFAULT_ITERS_GENIE,
+        }) as usize,
         lr: a.lr,
         seed: a.seed,
         pre: preprocess(&a.pre),
-        stats: a.stats.into(),
+        stats: match (a.stats, method) {
+            (Some(s), _) => s.into(),
+            (None, distill::Method::ZeroQ) => zq_synth::zeroq::Stats::PerSample,
+            (None, distill::Method::Genie) => zq_synth::zeroq::Stats::Batch,
+        },
         schedule: a.schedule.into(),
+        method,
+        genie: distill::GenieOptions {
+            lr_generator: a.genie_lr_generator,
+            lr_latent: a.genie_lr_latent,
+            latent_dim: a.genie_latent_dim as usize,
+            swing: !a.no_swing,
+        },
     };
     o.validate()?;
     Ok(o)

@@ -1,11 +1,11 @@
-//! `zq distill`: ZeroQ synthetic calibration images for a BatchNormalization model, in batches,
+//! `zq distill`: ZeroQ or Genie-D synthetic calibration images for a BatchNormalization model, in batches,
 //! written as safetensors (and optionally PNGs) with everything needed to reproduce them.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use zq_synth::{zeroq, TapGrad, TapModel};
+use zq_synth::{genie, zeroq, TapGrad, TapModel};
 
 use crate::adapters::synth::PlanTaps;
 use crate::data::Preprocess;
@@ -27,8 +27,53 @@ pub struct DistillOptions {
     pub pre: Preprocess,
     /// Per-sample (ZeroQ) or batch BatchNormalization statistics.
     pub stats: zeroq::Stats,
-    /// How the learning rate falls.
+    /// How the learning rate falls (ZeroQ).
     pub schedule: zeroq::Schedule,
+    /// ZeroQ (pixels optimised directly) or Genie-D (a generator trained with its latents).
+    pub method: Method,
+    /// Genie-D's settings (used with [`Method::Genie`]).
+    pub genie: GenieOptions,
+}
+
+/// How images are distilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// ZeroQ: pixels optimised with projected Adam.
+    #[default]
+    ZeroQ,
+    /// Genie-D: a per-batch generator and its latents trained against the batch BN statistics,
+    /// with swing convolution.
+    Genie,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::ZeroQ => "zeroq",
+            Method::Genie => "genie",
+        }
+    }
+}
+
+/// Genie-D's hyper-parameters (the reference's by default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenieOptions {
+    pub lr_generator: f32,
+    pub lr_latent: f32,
+    pub latent_dim: usize,
+    /// Swing convolution on the model's strided convolutions.
+    pub swing: bool,
+}
+
+impl Default for GenieOptions {
+    fn default() -> Self {
+        GenieOptions {
+            lr_generator: genie::LR_GENERATOR,
+            lr_latent: genie::LR_LATENT,
+            latent_dim: genie::LATENT_DIM,
+            swing: true,
+        }
+    }
 }
 
 impl DistillOptions {
@@ -46,6 +91,25 @@ impl DistillOptions {
                 self.lr
             )));
         }
+        for (flag, v) in [
+            ("--genie-lr-generator", self.genie.lr_generator),
+            ("--genie-lr-latent", self.genie.lr_latent),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::Usage(format!(
+                    "{flag} must be a positive number, got {v}"
+                )));
+            }
+        }
+        if self.genie.latent_dim == 0 {
+            return Err(Error::Usage("--genie-latent-dim must be at least 1".into()));
+        }
+        if self.method == Method::Genie && self.stats != zeroq::Stats::Batch {
+            return Err(Error::Usage(
+                "--method genie matches batch statistics: leave --stats out or say --stats batch"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -53,6 +117,10 @@ impl DistillOptions {
 /// Adam's initial learning rate, in pixel units (ZeroQ's reference uses 0.5 on inputs normalised
 /// by a std of about 0.25, which is this on pixels).
 pub const DEFAULT_LR: f32 = 0.125;
+
+/// Steps per batch when `--iters` is not given.
+pub const DEFAULT_ITERS_ZEROQ: u32 = 500;
+pub const DEFAULT_ITERS_GENIE: u32 = 100;
 
 /// One BatchNormalization layer's share of the loss (averaged over all images).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -91,6 +159,33 @@ pub struct DistillMeta {
     /// preprocessing: the usual yardstick, independent of the input convention).
     pub bn_loss_noise: f32,
     pub layers: Vec<LayerLoss>,
+    /// "zeroq" or "genie".
+    pub method: &'static str,
+    /// Genie-D's settings and whether swing convolution ran (absent for ZeroQ).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub genie: Option<GenieMeta>,
+}
+
+/// What a Genie-D run used.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GenieMeta {
+    pub lr_generator: f32,
+    pub lr_latent: f32,
+    pub latent_dim: usize,
+    /// Whether swing convolution ran: "on (K strided convolutions)", or "off: <why>".
+    pub swing: String,
+}
+
+/// The report's words for a run's swing convolution.
+fn swing_words(s: genie::Swing) -> String {
+    match s {
+        genie::Swing::On(k) => format!("on ({k} strided convolutions)"),
+        genie::Swing::NoStridedConv => "off: the model has no strided convolution".into(),
+        genie::Swing::Unsupported => {
+            "off: not supported by the autograd engine (the tape does not run this model)".into()
+        }
+        genie::Swing::Off => "off: --no-swing".into(),
+    }
 }
 
 /// The images, NCHW in the model's input space, with their metadata.
@@ -173,6 +268,7 @@ pub fn distill(
     let mut layers: Vec<LayerLoss> = Vec::new();
     let mut plan: Option<PlanTaps> = None;
     let mut engine_name = String::new();
+    let mut swing: Option<genie::Swing> = None;
     for b in 0..nb {
         let size = opts.batch.min(opts.num - b * opts.batch);
         if plan.as_ref().map(|p| p.input_shape()[0]) != Some(size) {
@@ -190,20 +286,37 @@ pub fn distill(
                 })
                 .collect();
         }
-        let cfg = zeroq::ZeroQConfig {
-            iters: opts.iters,
-            lr: opts.lr,
-            seed: batch_seed(opts.seed, b),
-            map: map.clone(),
-            stats: opts.stats,
-            schedule: opts.schedule,
-        };
         let done = b * opts.iters;
         let (mut engine, name) = tm.engine_named();
         engine_name = name;
-        let r = zeroq::distill(&mut *engine, &cfg, &mut |i, l| {
-            progress(done + i, total_steps, l)
-        })?;
+        let mut step = |i: usize, l: f32| progress(done + i, total_steps, l);
+        let r = match opts.method {
+            Method::ZeroQ => {
+                let cfg = zeroq::ZeroQConfig {
+                    iters: opts.iters,
+                    lr: opts.lr,
+                    seed: batch_seed(opts.seed, b),
+                    map: map.clone(),
+                    stats: opts.stats,
+                    schedule: opts.schedule,
+                };
+                zeroq::distill(&mut *engine, &cfg, &mut step)?
+            }
+            Method::Genie => {
+                let cfg = genie::GenieConfig {
+                    iters: opts.iters,
+                    lr_generator: opts.genie.lr_generator,
+                    lr_latent: opts.genie.lr_latent,
+                    latent_dim: opts.genie.latent_dim,
+                    seed: batch_seed(opts.seed, b),
+                    map: map.clone(),
+                    swing: opts.genie.swing,
+                };
+                let r = genie::distill(&mut *engine, &cfg, &mut step)?;
+                swing = Some(r.swing);
+                r.distilled
+            }
+        };
         let noise = noise_loss(
             &mut *engine,
             &map,
@@ -244,6 +357,13 @@ pub fn distill(
         bn_loss_final: l1 as f32,
         bn_loss_noise: ln as f32,
         layers,
+        method: opts.method.name(),
+        genie: swing.map(|sw| GenieMeta {
+            lr_generator: opts.genie.lr_generator,
+            lr_latent: opts.genie.lr_latent,
+            latent_dim: opts.genie.latent_dim,
+            swing: swing_words(sw),
+        }),
     };
     Ok(Distilled {
         images,

@@ -104,6 +104,19 @@ pub trait TapGrad {
     /// After [`TapGrad::forward`]: given the loss gradient at every tap, return the gradient at the
     /// input.
     fn backward(&mut self, coeffs: &[Coeffs]) -> Result<Vec<f32>>;
+    /// How many strided convolutions [`TapGrad::set_swing`] takes offsets for (0 where the engine
+    /// has no swing convolution).
+    fn strided_convs(&self) -> usize {
+        0
+    }
+    /// Genie's swing convolution: from the next [`TapGrad::forward`] on, strided convolution `k`
+    /// reads its input reflect-padded by 1 and cropped back to its size at offset
+    /// `offsets[k] = (dy, dx)`, each in `0..=2` (`(1, 1)` is the plain convolution); `None` turns
+    /// it off. Returns `false` where the engine does not support it (nothing changes then).
+    fn set_swing(&mut self, offsets: Option<&[(usize, usize)]>) -> bool {
+        let _ = offsets;
+        false
+    }
 }
 
 /// [`TapGrad`] for any [`TapModel`], through candle's autograd: the backward pass differentiates

@@ -1,4 +1,4 @@
-//! zq-synth: data-free synthesis of calibration inputs (ZeroQ; Genie to follow).
+//! zq-synth: data-free synthesis of calibration inputs (ZeroQ and Genie-D).
 //!
 //! The crate knows nothing of files or ONNX. Distillation steps through [`TapGrad`]: a forward pass
 //! that reports the per-channel moments of every BatchNormalization input, and a backward pass that
@@ -10,6 +10,7 @@
 
 pub mod adam;
 pub mod engine;
+pub mod genie;
 pub mod zeroq;
 
 pub use engine::{Autograd, Coeffs, Moments, TapGrad};

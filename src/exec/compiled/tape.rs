@@ -47,6 +47,10 @@ enum TOp {
         /// Depthwise convolutions (one input and one output channel per group): the weights
         /// `[kh * kw][C]`, so the kernel runs along the channels of a channels-last position.
         dw: Option<Vec<f32>>,
+        /// Swing convolution (strided convolutions only, see [`Tape::set_swing`]): the input is
+        /// read reflect-padded by 1 and cropped back at offset `[dy, dx]`; `[1, 1]` or `None`
+        /// is the plain convolution.
+        swing: Option<[usize; 2]>,
     },
     /// `y[c] = x[c] * scale[c] + shift[c]`, then ReLU when `relu` (a following ReLU fused in).
     Affine {
@@ -346,6 +350,9 @@ struct Worker {
     images: Vec<Image>,
     grads: Grads,
     cols: Vec<f32>,
+    /// A swung convolution's input (forward) and its gradient (backward).
+    swung: Vec<f32>,
+    swung_grad: Vec<f32>,
 }
 
 /// Why the tape does not run a graph; distillation then steps through candle's autograd.
@@ -409,6 +416,8 @@ pub struct Tape {
     ops: Vec<Step>,
     taps: Vec<usize>,
     workers: Vec<Worker>,
+    /// The ops that are strided convolutions, in graph order ([`Tape::set_swing`]).
+    strided: Vec<usize>,
 }
 
 /// Per-channel values of a constant that broadcasts against an `[N, C, ...]` activation of rank
@@ -616,6 +625,7 @@ impl Tape {
                         wino,
                         wino_grad,
                         dw,
+                        swing: None,
                     }
                 }
                 (Op::BatchNorm { epsilon }, _) => {
@@ -878,6 +888,20 @@ impl Tape {
             .filter_map(|v| slot_of.get(v).copied())
             .collect();
         let ops = fuse_relu(ops, &tapped);
+        let strided: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, st)| matches!(&st.op, TOp::Conv { geo, .. } if geo.s != [1, 1]))
+            .map(|(i, _)| i)
+            .collect();
+        let swung_len = strided
+            .iter()
+            .map(|&i| match &ops[i].op {
+                TOp::Conv { geo, .. } => geo.c * geo.h * geo.w,
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
         let tap_slots = taps
             .iter()
             .map(|v| {
@@ -944,6 +968,8 @@ impl Tape {
                         live: vec![false; slots.len()],
                     },
                     cols: vec![0f32; cols],
+                    swung: vec![0f32; swung_len],
+                    swung_grad: vec![0f32; swung_len],
                 }
             })
             .filter(|w| !w.images.is_empty())
@@ -954,7 +980,33 @@ impl Tape {
             ops,
             taps: tap_slots,
             workers,
+            strided,
         })
+    }
+
+    /// How many strided convolutions the tape runs (the offsets [`Tape::set_swing`] takes).
+    pub fn strided_convs(&self) -> usize {
+        self.strided.len()
+    }
+
+    /// Genie's swing convolution: from the next forward pass on, strided convolution `k` (in
+    /// graph order) reads its input reflect-padded by 1 and cropped back to its size at offset
+    /// `offsets[k] = (dy, dx)`, each in `0..=2`, i.e. input row `y` is row `y + dy - 1` reflected
+    /// at the borders; the backward pass follows. `None` restores the plain convolutions.
+    pub fn set_swing(&mut self, offsets: Option<&[(usize, usize)]>) {
+        if let Some(o) = offsets {
+            assert_eq!(
+                o.len(),
+                self.strided.len(),
+                "one offset per strided convolution"
+            );
+            assert!(o.iter().all(|&(a, b)| a <= 2 && b <= 2), "offsets in 0..=2");
+        }
+        for (k, &i) in self.strided.iter().enumerate() {
+            if let TOp::Conv { swing, .. } = &mut self.ops[i].op {
+                *swing = offsets.map(|o| [o[k].0, o[k].1]);
+            }
+        }
     }
 
     /// Run the batch `x` (`[N, C, ...]` flattened) and return the moments of every tap.
@@ -985,6 +1037,7 @@ impl Tape {
                     taps,
                     img,
                     cols: &mut w.cols,
+                    swung: &mut w.swung,
                 });
             }
         });
@@ -1042,6 +1095,7 @@ impl Tape {
                     img,
                     g: &mut w.grads,
                     cols: &mut w.cols,
+                    swung: &mut w.swung_grad,
                 });
                 if w.grads.live[0] {
                     for (i, v) in o.iter_mut().enumerate() {
@@ -1063,6 +1117,7 @@ struct Forward<'a> {
     taps: &'a [usize],
     img: &'a mut Image,
     cols: &'a mut [f32],
+    swung: &'a mut [f32],
 }
 
 /// Sum of `f(row)` over the rows of a `[rows, c]` buffer, per channel: blocks of 64 rows in f32
@@ -1095,8 +1150,9 @@ impl Kernel for Forward<'_> {
             taps,
             img,
             cols,
+            swung,
         } = self;
-        forward_image(ops, slots, img, cols);
+        forward_image(ops, slots, img, cols, swung);
         for (t, &s) in taps.iter().enumerate() {
             let Slot { c, hw } = slots[s];
             let x = &img.vals[s];
@@ -1123,6 +1179,7 @@ struct Backward<'a> {
     img: &'a mut Image,
     g: &'a mut Grads,
     cols: &'a mut [f32],
+    swung: &'a mut [f32],
 }
 
 impl Kernel for Backward<'_> {
@@ -1138,6 +1195,7 @@ impl Kernel for Backward<'_> {
             img,
             g: gr,
             cols,
+            swung,
         } = self;
         gr.live.fill(false);
         for (t, &s) in taps.iter().enumerate() {
@@ -1156,7 +1214,7 @@ impl Kernel for Backward<'_> {
             }
             gr.live[s] = true;
         }
-        backward_image(ops, slots, img, gr, cols);
+        backward_image(ops, slots, img, gr, cols, swung);
     }
 }
 
@@ -1314,8 +1372,64 @@ fn cols_of_mut(
     }
 }
 
+/// Row `i + off - 1` of an axis of length `n`, reflected at the borders (`off` in 0..=2).
 #[inline(always)]
-fn forward_image(ops: &[Step], slots: &[Slot], img: &mut Image, cols: &mut [f32]) {
+fn reflect(i: usize, off: usize, n: usize) -> usize {
+    if n < 2 {
+        return 0;
+    }
+    let j = i as isize + off as isize - 1;
+    (if j < 0 {
+        -j
+    } else if j >= n as isize {
+        2 * n as isize - 2 - j
+    } else {
+        j
+    }) as usize
+}
+
+/// A swung convolution's input: `out[y, x] = x[reflect(y + dy - 1), reflect(x + dx - 1)]`
+/// (channels-last `[h * w, c]`).
+fn swing_gather(x: &[f32], geo: &Geo, off: [usize; 2], out: &mut [f32]) {
+    let (c, h, w) = (geo.c, geo.h, geo.w);
+    for y in 0..h {
+        let sy = reflect(y, off[0], h);
+        for xx in 0..w {
+            let sx = reflect(xx, off[1], w);
+            out[(y * w + xx) * c..][..c].copy_from_slice(&x[(sy * w + sx) * c..][..c]);
+        }
+    }
+}
+
+/// The adjoint of [`swing_gather`]: adds `g` into `gx`.
+fn swing_scatter(g: &[f32], geo: &Geo, off: [usize; 2], gx: &mut [f32]) {
+    let (c, h, w) = (geo.c, geo.h, geo.w);
+    for y in 0..h {
+        let sy = reflect(y, off[0], h);
+        for xx in 0..w {
+            let sx = reflect(xx, off[1], w);
+            let src = &g[(y * w + xx) * c..][..c];
+            for (d, &v) in gx[(sy * w + sx) * c..][..c].iter_mut().zip(src) {
+                *d += v;
+            }
+        }
+    }
+}
+
+/// The offset of a swung convolution, `None` for a plain one.
+#[inline(always)]
+fn active(swing: &Option<[usize; 2]>) -> Option<[usize; 2]> {
+    swing.filter(|o| *o != [1, 1])
+}
+
+#[inline(always)]
+fn forward_image(
+    ops: &[Step],
+    slots: &[Slot],
+    img: &mut Image,
+    cols: &mut [f32],
+    swung: &mut [f32],
+) {
     for Step { op, y } in ops {
         let y = *y;
         let mut out = std::mem::take(&mut img.vals[y]);
@@ -1327,9 +1441,17 @@ fn forward_image(ops: &[Step], slots: &[Slot], img: &mut Image, cols: &mut [f32]
                 bias,
                 wino,
                 dw,
+                swing,
                 ..
             } => {
-                let xin = &img.vals[*x];
+                let xin: &[f32] = match active(swing) {
+                    Some(off) => {
+                        let len = geo.c * geo.h * geo.w;
+                        swing_gather(&img.vals[*x], geo, off, &mut swung[..len]);
+                        &swung[..len]
+                    }
+                    None => &img.vals[*x],
+                };
                 let (c, m, l) = (geo.c, geo.m, geo.l());
                 let (cg, mg) = (geo.cg(), geo.mg());
                 let kg = geo.k[0] * geo.k[1] * cg;
@@ -1475,7 +1597,14 @@ fn forward_image(ops: &[Step], slots: &[Slot], img: &mut Image, cols: &mut [f32]
 }
 
 #[inline(always)]
-fn backward_image(ops: &[Step], slots: &[Slot], img: &mut Image, gr: &mut Grads, cols: &mut [f32]) {
+fn backward_image(
+    ops: &[Step],
+    slots: &[Slot],
+    img: &mut Image,
+    gr: &mut Grads,
+    cols: &mut [f32],
+    swung: &mut [f32],
+) {
     for Step { op, y } in ops.iter().rev() {
         let y = *y;
         if !gr.live[y] {
@@ -1490,10 +1619,17 @@ fn backward_image(ops: &[Step], slots: &[Slot], img: &mut Image, gr: &mut Grads,
                 w,
                 wino_grad,
                 dw,
+                swing,
                 ..
             } => {
-                let live = gr.live[*x];
-                let gx = &mut gr.grads[*x];
+                // A swung convolution's input gradient goes to the swung input first, then
+                // back through the reflection.
+                let off = active(swing);
+                let live = gr.live[*x] && off.is_none();
+                let gx: &mut [f32] = match off {
+                    Some(_) => &mut swung[..geo.c * geo.h * geo.w],
+                    None => &mut gr.grads[*x],
+                };
                 let (c, m, l) = (geo.c, geo.m, geo.l());
                 let (cg, mg) = (geo.cg(), geo.mg());
                 let kg = geo.k[0] * geo.k[1] * cg;
@@ -1527,6 +1663,13 @@ fn backward_image(ops: &[Step], slots: &[Slot], img: &mut Image, gr: &mut Grads,
                         );
                         col2im_hwc(dc, geo, grp, gx);
                     }
+                }
+                if let Some(off) = off {
+                    let dst = &mut gr.grads[*x];
+                    if !gr.live[*x] {
+                        dst.fill(0.0);
+                    }
+                    swing_scatter(&swung[..geo.c * geo.h * geo.w], geo, off, dst);
                 }
                 gr.live[*x] = true;
             }
@@ -1698,5 +1841,71 @@ fn backward_image(ops: &[Step], slots: &[Slot], img: &mut Image, gr: &mut Grads,
         }
         gr.grads[y] = gy;
         img.vals[y] = yv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo(c: usize, h: usize, w: usize) -> Geo {
+        Geo {
+            n: 1,
+            c,
+            h,
+            w,
+            k: [3, 3],
+            s: [2, 2],
+            d: [1, 1],
+            p: [1, 1],
+            o: [h.div_ceil(2), w.div_ceil(2)],
+            groups: 1,
+            m: 1,
+        }
+    }
+
+    #[test]
+    fn swing_input_is_a_reflected_crop_and_its_gradient_the_adjoint() {
+        for (c, h, w) in [(2, 5, 4), (3, 1, 6), (1, 2, 2)] {
+            let g = geo(c, h, w);
+            let x: Vec<f32> = (0..c * h * w).map(|i| (i as f32 * 0.37).sin()).collect();
+            let y: Vec<f32> = (0..c * h * w).map(|i| (i as f32 * 0.91).cos()).collect();
+            for dy in 0..3 {
+                for dx in 0..3 {
+                    let mut ax = vec![0f32; x.len()];
+                    swing_gather(&x, &g, [dy, dx], &mut ax);
+                    // Against an explicit reflect pad by 1 (a length-1 axis is left alone) and
+                    // a crop at (dy, dx).
+                    let pad = |i: isize, n: usize| -> usize {
+                        if n == 1 {
+                            0
+                        } else if i < 0 {
+                            1
+                        } else if i as usize >= n {
+                            n - 2
+                        } else {
+                            i as usize
+                        }
+                    };
+                    for yy in 0..h {
+                        for xx in 0..w {
+                            let sy = pad(yy as isize + dy as isize - 1, h);
+                            let sx = pad(xx as isize + dx as isize - 1, w);
+                            for ch in 0..c {
+                                assert_eq!(ax[(yy * w + xx) * c + ch], x[(sy * w + sx) * c + ch]);
+                            }
+                        }
+                    }
+                    let mut aty = vec![0f32; x.len()];
+                    swing_scatter(&y, &g, [dy, dx], &mut aty);
+                    let lhs: f32 = ax.iter().zip(&y).map(|(a, b)| a * b).sum();
+                    let rhs: f32 = x.iter().zip(&aty).map(|(a, b)| a * b).sum();
+                    assert!(
+                        (lhs - rhs).abs() < 1e-5,
+                        "{c}x{h}x{w} ({dy},{dx}): {lhs} vs {rhs}"
+                    );
+                }
+            }
+        }
     }
 }

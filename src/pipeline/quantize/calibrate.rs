@@ -81,6 +81,8 @@ pub fn images(
         pre: o.pre.clone(),
         stats,
         schedule: zq_synth::zeroq::Schedule::default(),
+        method: distill::Method::ZeroQ,
+        genie: distill::GenieOptions::default(),
     };
     let (images, label) = match &o.calib {
         Calib::Distill { num, iters, stats } => {
