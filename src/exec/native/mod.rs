@@ -396,7 +396,7 @@ impl Cx<'_> {
     }
 
     /// The QuantizeLinear (per tensor, uint8) that alone consumes `v`: (node, scale, zero point).
-    fn q_target(&self, v: ValueId) -> Option<(usize, f32, u8)> {
+    fn q_target(&self, v: ValueId) -> Option<QTarget> {
         let j = self.sole_consumer(v)?;
         let n = &self.g.nodes[j];
         if !matches!(n.op, Op::QuantizeLinear { .. }) || n.input(0) != Some(v) {
@@ -408,7 +408,7 @@ impl Cx<'_> {
 
     /// `v -> Relu | Clip -> Q` with `v` consumed only by the activation and the activation only
     /// by the Q: (the activation node, the Q target, the activation's clamp range).
-    fn act_then_q(&self, v: ValueId) -> Option<(usize, (usize, f32, u8), (f32, f32))> {
+    fn act_then_q(&self, v: ValueId) -> Option<(usize, QTarget, (f32, f32))> {
         let j = self.sole_consumer(v)?;
         let n = &self.g.nodes[j];
         if n.input(0) != Some(v) || n.outputs.len() != 1 {
@@ -1314,6 +1314,9 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256], fast: Option<ops::Affine>) -> bo
 }
 
 /// Weight scales per output channel along `axis` (a per-tensor scale repeated).
+/// A QuantizeLinear node that takes a kernel's output: (node, scale, zero point).
+type QTarget = (usize, f32, u8);
+
 /// ONNX QuantizeLinear of one value to uint8 (round half to even, saturate); infinities
 /// saturate.
 fn quantize_u8(v: f32, scale: f32, zp: u8) -> u8 {
