@@ -89,11 +89,12 @@ fn digits_w8a8_runs_in_onnx_runtime_and_zq_predicts_it() {
         j["quantized_weight_bytes"].as_u64().unwrap() * 3
             < j["fp32_weight_bytes"].as_u64().unwrap()
     );
-    // Every activation and weight goes through QuantizeLinear/DequantizeLinear.
+    // Every activation and weight goes through QuantizeLinear/DequantizeLinear (a conv output
+    // that only a Relu reads is quantized after the Relu).
     let g = read_model(&out).unwrap().graph;
     let count = |op: &str| g.nodes.iter().filter(|n| n.op.name() == op).count();
     assert_eq!(count("BatchNormalization"), 0);
-    assert!(count("QuantizeLinear") >= 10, "{}", count("QuantizeLinear"));
+    assert!(count("QuantizeLinear") >= 9, "{}", count("QuantizeLinear"));
     assert_eq!(count("DequantizeLinear"), count("QuantizeLinear") + 2 * 5);
     // zq's accuracy on the real test digits stays near FP32's 98%.
     let e = zq(&[

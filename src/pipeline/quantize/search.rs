@@ -94,7 +94,54 @@ pub fn search(
         })
         .collect();
     let macs = layer_macs(&plan.graph, &cand);
-    let chosen = choose(&front, base, &options, &macs, p)?;
+    let mut chosen = choose(&front, base, &options, &macs, p)?;
+    // The per-layer deltas are exact but not quite additive (safetensors pads its header to 8
+    // bytes): measure the chosen point, and where it does not fit after all, take the least
+    // sensitive frontier point that does.
+    let measure = |bits: &[u8]| -> Result<u64> {
+        let mut one = o.clone();
+        for (nm, &b) in names.iter().zip(bits) {
+            one.layer_bits.insert(nm.clone(), b);
+        }
+        let plan = quantization_plan(g, cal, &one);
+        let (layers, _, _) = report::layers(g, &plan);
+        let qg = finalize(insert_qdq(g, &plan)?)?;
+        Ok(report::serialize(&qg, o.format, model_name, &layers)?.len() as u64)
+    };
+    let mut actual = measure(&chosen.bits)?;
+    if actual > p.budget {
+        let fits_bops = |bits: &[u8]| {
+            p.bops_budget.is_none_or(|max| {
+                bits.iter()
+                    .zip(&macs)
+                    .map(|(&b, &m)| zq_quant::cost::bops(m, b, ACT_BITS))
+                    .sum::<u64>()
+                    <= max
+            })
+        };
+        let mut others: Vec<&Point> = front
+            .iter()
+            .filter(|q| q.bytes <= p.budget && fits_bops(&q.bits))
+            .collect();
+        others.sort_by(|a, b| a.sensitivity.total_cmp(&b.sensitivity));
+        let mut found = None;
+        for q in others {
+            let a = measure(&q.bits)?;
+            if a <= p.budget {
+                found = Some((q.clone(), a));
+                break;
+            }
+        }
+        let Some((q, a)) = found else {
+            return Err(Error::Infeasible(format!(
+                "--budget {} bytes: no frontier point fits once written",
+                p.budget
+            )));
+        };
+        chosen = q;
+        actual = a;
+    }
+    chosen.bytes = actual;
     let chosen_bops = chosen
         .bits
         .iter()
