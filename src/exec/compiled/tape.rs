@@ -1264,14 +1264,14 @@ fn im2col_hwc(x: &[f32], geo: &Geo, grp: usize, cols: &mut [f32]) {
     }
 }
 
-/// The adjoint of [`im2col_hwc`]: adds `cols` into `dx`.
+/// Calls `f(output position, kernel tap, input position)` for every tap of a convolution that
+/// lies inside the input (taps in the zero padding are skipped), outputs in row-major order and
+/// taps `ki * kw + kj` in order within each: the loop nest of the direct kernels below.
 #[inline(always)]
-fn col2im_hwc(cols: &[f32], geo: &Geo, grp: usize, dx: &mut [f32]) {
-    let (c, cg, kh, kw) = (geo.c, geo.cg(), geo.k[0], geo.k[1]);
-    let kg = kh * kw * cg;
+fn for_each_tap(geo: &Geo, mut f: impl FnMut(usize, usize, usize)) {
+    let (kh, kw) = (geo.k[0], geo.k[1]);
     for oy in 0..geo.o[0] {
         for ox in 0..geo.o[1] {
-            let row = &cols[(oy * geo.o[1] + ox) * kg..][..kg];
             for ki in 0..kh {
                 let Some(iy) = tap_pos(geo, 0, oy, ki) else {
                     continue;
@@ -1280,69 +1280,51 @@ fn col2im_hwc(cols: &[f32], geo: &Geo, grp: usize, dx: &mut [f32]) {
                     let Some(ix) = tap_pos(geo, 1, ox, kj) else {
                         continue;
                     };
-                    let src = &row[(ki * kw + kj) * cg..][..cg];
-                    let dst = &mut dx[(iy * geo.w + ix) * c + grp * cg..][..cg];
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d += v;
-                    }
+                    f(oy * geo.o[1] + ox, ki * kw + kj, iy * geo.w + ix);
                 }
             }
         }
     }
+}
+
+/// The adjoint of [`im2col_hwc`]: adds `cols` into `dx`.
+#[inline(always)]
+fn col2im_hwc(cols: &[f32], geo: &Geo, grp: usize, dx: &mut [f32]) {
+    let (c, cg) = (geo.c, geo.cg());
+    let kg = geo.k[0] * geo.k[1] * cg;
+    for_each_tap(geo, |o, k, i| {
+        let src = &cols[o * kg + k * cg..][..cg];
+        let dst = &mut dx[i * c + grp * cg..][..cg];
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d += v;
+        }
+    });
 }
 
 /// Depthwise convolution of a channels-last image (`dw` is `[kh * kw][C]`), written into `out`
 /// (`[positions][C]`): along the channels, so it vectorises.
 #[inline(always)]
 fn depthwise_hwc(x: &[f32], geo: &Geo, dw: &[f32], out: &mut [f32]) {
-    let (c, kh, kw) = (geo.c, geo.k[0], geo.k[1]);
-    for oy in 0..geo.o[0] {
-        for ox in 0..geo.o[1] {
-            let o = &mut out[(oy * geo.o[1] + ox) * c..][..c];
-            o.fill(0.0);
-            for ki in 0..kh {
-                let Some(iy) = tap_pos(geo, 0, oy, ki) else {
-                    continue;
-                };
-                for kj in 0..kw {
-                    let Some(ix) = tap_pos(geo, 1, ox, kj) else {
-                        continue;
-                    };
-                    let xs = &x[(iy * geo.w + ix) * c..][..c];
-                    let ws = &dw[(ki * kw + kj) * c..][..c];
-                    for ((o, &v), &wv) in o.iter_mut().zip(xs).zip(ws) {
-                        *o += v * wv;
-                    }
-                }
-            }
+    let c = geo.c;
+    out.fill(0.0);
+    for_each_tap(geo, |o, k, i| {
+        let (o, xs, ws) = (&mut out[o * c..][..c], &x[i * c..][..c], &dw[k * c..][..c]);
+        for ((o, &v), &wv) in o.iter_mut().zip(xs).zip(ws) {
+            *o += v * wv;
         }
-    }
+    });
 }
 
 /// The adjoint of [`depthwise_hwc`]: adds the input gradient of `gy` into `gx`.
 #[inline(always)]
 fn depthwise_hwc_adjoint(gy: &[f32], geo: &Geo, dw: &[f32], gx: &mut [f32]) {
-    let (c, kh, kw) = (geo.c, geo.k[0], geo.k[1]);
-    for oy in 0..geo.o[0] {
-        for ox in 0..geo.o[1] {
-            let g = &gy[(oy * geo.o[1] + ox) * c..][..c];
-            for ki in 0..kh {
-                let Some(iy) = tap_pos(geo, 0, oy, ki) else {
-                    continue;
-                };
-                for kj in 0..kw {
-                    let Some(ix) = tap_pos(geo, 1, ox, kj) else {
-                        continue;
-                    };
-                    let d = &mut gx[(iy * geo.w + ix) * c..][..c];
-                    let ws = &dw[(ki * kw + kj) * c..][..c];
-                    for ((d, &gv), &wv) in d.iter_mut().zip(g).zip(ws) {
-                        *d += gv * wv;
-                    }
-                }
-            }
+    let c = geo.c;
+    for_each_tap(geo, |o, k, i| {
+        let (d, g, ws) = (&mut gx[i * c..][..c], &gy[o * c..][..c], &dw[k * c..][..c]);
+        for ((d, &gv), &wv) in d.iter_mut().zip(g).zip(ws) {
+            *d += gv * wv;
         }
-    }
+    });
 }
 
 /// Columns `first..first + cols` of a row-major `[rows, stride]` matrix.
