@@ -341,13 +341,7 @@ pub fn distill(
     progress: &mut dyn FnMut(usize, f32),
 ) -> Result<GenieDistilled> {
     let shape = model.input_shape();
-    if shape.len() != 4 || cfg.map.channels.len() != shape[1] || cfg.map.hw != shape[2] * shape[3] {
-        candle_core::bail!(
-            "input shape {shape:?} with a pixel map of {} channels of {} positions",
-            cfg.map.channels.len(),
-            cfg.map.hw
-        );
-    }
+    cfg.map.check(&shape)?;
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
     let dev = Device::Cpu;
     let gen = Generator::new(cfg.latent_dim, c, h, w, cfg.seed)?;
@@ -405,14 +399,8 @@ pub fn distill(
     }
     model.set_swing(None);
     let (p, _) = to_pixels(&images(&gen.forward(z.as_tensor())?)?);
-    let (_, per_layer, _) = zeroq::loss_and_grad(model, &p, &cfg.map, Stats::Batch, false)?;
     Ok(GenieDistilled {
-        distilled: Distilled {
-            images: cfg.map.to_input(&p),
-            bn_loss_initial: per0.iter().sum(),
-            bn_loss_final: per_layer.iter().sum(),
-            per_layer,
-        },
+        distilled: zeroq::finish(model, &p, &cfg.map, Stats::Batch, per0.iter().sum())?,
         swing,
     })
 }

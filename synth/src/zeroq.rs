@@ -324,6 +324,18 @@ pub struct PixelMap {
 }
 
 impl PixelMap {
+    /// Whether a model input of `shape` (`[N, C, H, W]`) is what this map describes.
+    pub fn check(&self, shape: &[usize]) -> Result<()> {
+        if shape.len() != 4 || self.channels.len() != shape[1] || self.hw != shape[2] * shape[3] {
+            candle_core::bail!(
+                "input shape {shape:?} with a pixel map of {} channels of {} positions",
+                self.channels.len(),
+                self.hw
+            );
+        }
+        Ok(())
+    }
+
     /// The model input for pixels `p` (`[N, C, hw]` flattened).
     pub fn to_input(&self, p: &[f32]) -> Vec<f32> {
         let c = self.channels.len();
@@ -491,13 +503,7 @@ pub fn distill(
     progress: &mut dyn FnMut(usize, f32),
 ) -> Result<Distilled> {
     let shape = model.input_shape();
-    if shape.len() != 4 || cfg.map.channels.len() != shape[1] || cfg.map.hw != shape[2] * shape[3] {
-        candle_core::bail!(
-            "input shape {shape:?} with a pixel map of {} channels of {} positions",
-            cfg.map.channels.len(),
-            cfg.map.hw
-        );
-    }
+    cfg.map.check(&shape)?;
     let n: usize = shape.iter().product();
     // Natural-image-like noise on the pixels, kept in the box: the reference starts from randn
     // on normalised inputs, which is this for a model normalised with (0.5, 0.25).
@@ -519,9 +525,21 @@ pub fn distill(
         }
         progress(it + 1, l);
     }
-    let (_, per_layer, _) = loss_and_grad(model, &p, &cfg.map, cfg.stats, false)?;
+    finish(model, &p, &cfg.map, cfg.stats, bn_loss_initial)
+}
+
+/// A distilled batch from its final pixels: the final per-layer loss, the images in the model's
+/// input space.
+pub(crate) fn finish(
+    model: &mut dyn TapGrad,
+    p: &[f32],
+    map: &PixelMap,
+    stats: Stats,
+    bn_loss_initial: f32,
+) -> Result<Distilled> {
+    let (_, per_layer, _) = loss_and_grad(model, p, map, stats, false)?;
     Ok(Distilled {
-        images: cfg.map.to_input(&p),
+        images: map.to_input(p),
         bn_loss_initial,
         bn_loss_final: per_layer.iter().sum(),
         per_layer,
