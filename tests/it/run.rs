@@ -142,25 +142,7 @@ onnx.save(m, sys.argv[1])
     w("s.npy", &[2.0], &[], DType::F32);
     w("z.npy", &[1.0], &[], DType::I8);
     for engine in ["zq", "native"] {
-        let o = zq_in(
-            d.path(),
-            &[
-                "run",
-                s(&model),
-                "-i",
-                "x=x.npy",
-                "-i",
-                "s=s.npy",
-                "-i",
-                "z=z.npy",
-                "-o",
-                engine,
-                "--engine",
-                engine,
-            ],
-        );
-        assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
-        let y = read_tensor(&d.path().join(engine).join("y.npy"), DType::I8, "y").unwrap();
+        let y = run_y(d.path(), s(&model), &["x", "s", "z"], engine, DType::I8);
         // round(x / 2) + 1, saturated to int4: -10+1 -> -8, -0.5 -> 0 (+1), 0.2 -> 0 (+1), 15+1 -> 7.
         assert_eq!(y.to_i64_vec(), vec![-8, 1, 1, 7], "{engine}");
     }
@@ -193,21 +175,7 @@ onnx.save(m, sys.argv[1])
     )
     .unwrap();
     for engine in ["zq", "native"] {
-        let o = zq_in(
-            d.path(),
-            &[
-                "run",
-                s(&model),
-                "-i",
-                "x=x.npy",
-                "-o",
-                engine,
-                "--engine",
-                engine,
-            ],
-        );
-        assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
-        let y = read_tensor(&d.path().join(engine).join("y.npy"), DType::F32, "y").unwrap();
+        let y = run_y(d.path(), s(&model), &["x"], engine, DType::F32);
         // -(2 + 2^-10) is halfway between two float16 values: ties to even (-2.0).
         assert_eq!(y.to_f32_vec(), vec![1.0, 65504.0, 0.0, -2.0], "{engine}");
     }
@@ -255,30 +223,41 @@ np.save(os.path.join(d, "expected.npy"), np.clip(np.rint(D), 0, 255).astype(np.u
         "y_scale",
         "y_zero_point",
     ];
-    let want = read_tensor(&d.path().join("expected.npy"), DType::U8, "y").unwrap();
+    exact_on_both_engines(d.path(), &names);
+}
+
+/// `zq run MODEL -i NAME=NAME.npy.. -o ENGINE --engine ENGINE` in `d`, and its output `y` read
+/// back as `dt`.
+fn run_y(d: &Path, model: &str, inputs: &[&str], engine: &str, dt: DType) -> zq::ir::Tensor {
+    let mut args = vec!["run".to_string(), model.into()];
+    for n in inputs {
+        args.extend(["-i".into(), format!("{n}={n}.npy")]);
+    }
+    args.extend(["-o".into(), engine.into(), "--engine".into(), engine.into()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = zq_in(d, &argv);
+    assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
+    read_tensor(&d.join(engine).join("y.npy"), dt, "y").unwrap()
+}
+
+/// `zq run DIR/m.onnx` with `-i NAME=NAME.npy` for every name, on the reference and the native
+/// engine: output `y` (uint8) must equal `DIR/expected.npy` exactly.
+fn exact_on_both_engines(d: &Path, inputs: &[&str]) {
+    let want = read_tensor(&d.join("expected.npy"), DType::U8, "y").unwrap();
     for engine in ["zq", "native"] {
-        let mut args = vec!["run".to_string(), "m.onnx".into()];
-        for n in names {
-            args.extend(["-i".into(), format!("{n}={n}.npy")]);
-        }
-        args.extend(["-o".into(), engine.into(), "--engine".into(), engine.into()]);
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = zq_in(d.path(), &argv);
-        assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
-        let y = read_tensor(&d.path().join(engine).join("y.npy"), DType::U8, "y").unwrap();
-        assert_eq!(y.shape, want.shape);
-        let diff = y
+        let y = run_y(d, "m.onnx", inputs, engine, DType::U8);
+        assert_eq!(y.shape, want.shape, "{engine}");
+        let off: Vec<(i64, i64)> = y
             .to_i64_vec()
-            .iter()
+            .into_iter()
             .zip(want.to_i64_vec())
-            .filter(|(a, b)| **a != *b)
-            .count();
-        assert_eq!(
-            diff,
-            0,
-            "{engine}: {:?} vs {:?}",
-            y.to_i64_vec(),
-            want.to_i64_vec()
+            .filter(|(a, b)| a != b)
+            .collect();
+        assert!(
+            off.is_empty(),
+            "{engine}: {} of {} differ: {off:?}",
+            off.len(),
+            want.to_i64_vec().len()
         );
     }
 }
@@ -315,26 +294,5 @@ np.save(os.path.join(d, "expected.npy"), np.clip(np.rint(D), 0, 255).astype(np.u
         return;
     };
     assert!(made, "could not write the model");
-    let want = read_tensor(&d.path().join("expected.npy"), DType::U8, "y").unwrap();
-    for engine in ["zq", "native"] {
-        let o = zq_in(
-            d.path(),
-            &[
-                "run", "m.onnx", "-i", "x=x.npy", "-o", engine, "--engine", engine,
-            ],
-        );
-        assert_eq!(o.code, 0, "{engine}: {}", o.stderr);
-        let y = read_tensor(&d.path().join(engine).join("y.npy"), DType::U8, "y").unwrap();
-        let off: Vec<(i64, i64)> = y
-            .to_i64_vec()
-            .into_iter()
-            .zip(want.to_i64_vec())
-            .filter(|(a, b)| a != b)
-            .collect();
-        assert!(
-            off.is_empty(),
-            "{engine}: {} of 128 differ: {off:?}",
-            off.len()
-        );
-    }
+    exact_on_both_engines(d.path(), &["x"]);
 }
