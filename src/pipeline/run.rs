@@ -188,68 +188,35 @@ pub fn read_npy(path: &Path, bytes: &[u8], want: DType, what: &str) -> Result<Te
     if got != container {
         return Err(file_err(path, format!("holds {got}, {what} is {want}")));
     }
-    fn load<T: ndarray_npy::ReadableElement + Copy>(
+    fn load<T: ndarray_npy::ReadableElement + Copy, U>(
         path: &Path,
         bytes: &[u8],
-        f: impl Fn(T) -> f64,
-    ) -> Result<(Vec<usize>, Vec<f64>)> {
+        f: impl Fn(T) -> U,
+    ) -> Result<(Vec<usize>, Vec<U>)> {
         let a = ArrayD::<T>::read_npy(bytes).map_err(|e| file_err(path, e.to_string()))?;
         Ok((a.shape().to_vec(), a.iter().map(|&x| f(x)).collect()))
     }
-    let ints = |v: Vec<f64>| Data::I64(v.into_iter().map(|x| x as i64).collect());
+    let floats = |(s, v): (Vec<usize>, Vec<f32>)| (s, Data::F32(v));
+    let ints = |(s, v): (Vec<usize>, Vec<i64>)| (s, Data::I64(v));
     let (shape, data) = match container {
-        DType::F32 => {
-            let a = ArrayD::<f32>::read_npy(bytes).map_err(|e| file_err(path, e.to_string()))?;
-            (a.shape().to_vec(), Data::F32(a.iter().copied().collect()))
-        }
-        DType::F64 => {
-            let (s, v) = load::<f64>(path, bytes, |x| x)?;
-            (s, Data::F32(v.into_iter().map(|x| x as f32).collect()))
-        }
-        DType::I8 => {
-            let (s, v) = load::<i8>(path, bytes, f64::from)?;
-            (s, ints(v))
-        }
-        DType::U8 => {
-            let (s, v) = load::<u8>(path, bytes, f64::from)?;
-            (s, ints(v))
-        }
-        DType::I16 => {
-            let (s, v) = load::<i16>(path, bytes, f64::from)?;
-            (s, ints(v))
-        }
-        DType::U16 => {
-            let (s, v) = load::<u16>(path, bytes, f64::from)?;
-            (s, ints(v))
-        }
-        DType::I32 => {
-            let (s, v) = load::<i32>(path, bytes, f64::from)?;
-            (s, ints(v))
-        }
-        DType::U32 => {
-            let (s, v) = load::<u32>(path, bytes, f64::from)?;
-            (s, ints(v))
-        }
-        DType::I64 => {
-            let a = ArrayD::<i64>::read_npy(bytes).map_err(|e| file_err(path, e.to_string()))?;
-            (a.shape().to_vec(), Data::I64(a.iter().copied().collect()))
-        }
+        DType::F32 => floats(load(path, bytes, |x: f32| x)?),
+        DType::F64 => floats(load(path, bytes, |x: f64| x as f32)?),
+        DType::I8 => ints(load(path, bytes, |x: i8| i64::from(x))?),
+        DType::U8 => ints(load(path, bytes, |x: u8| i64::from(x))?),
+        DType::I16 => ints(load(path, bytes, |x: i16| i64::from(x))?),
+        DType::U16 => ints(load(path, bytes, |x: u16| i64::from(x))?),
+        DType::I32 => ints(load(path, bytes, |x: i32| i64::from(x))?),
+        DType::U32 => ints(load(path, bytes, |x: u32| i64::from(x))?),
+        DType::I64 => ints(load(path, bytes, |x: i64| x)?),
         DType::U64 => {
-            let a = ArrayD::<u64>::read_npy(bytes).map_err(|e| file_err(path, e.to_string()))?;
-            let v = a
-                .iter()
-                .map(|&x| i64::try_from(x))
+            let (s, v) = load(path, bytes, |x: u64| i64::try_from(x))?;
+            let v = v
+                .into_iter()
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|_| file_err(path, "uint64 value beyond 2^63 is not supported"))?;
-            (a.shape().to_vec(), Data::I64(v))
+            (s, Data::I64(v))
         }
-        DType::Bool => {
-            let a = ArrayD::<bool>::read_npy(bytes).map_err(|e| file_err(path, e.to_string()))?;
-            (
-                a.shape().to_vec(),
-                Data::I64(a.iter().map(|&b| i64::from(b)).collect()),
-            )
-        }
+        DType::Bool => ints(load(path, bytes, |b: bool| i64::from(b))?),
         DType::F16 => {
             return Err(file_err(
                 path,
