@@ -170,24 +170,31 @@ mod tests {
             inputs: vec![Some(x), Some(starts), Some(ends), Some(axes), Some(steps)],
             outputs: vec![y],
         });
-        let p = |g: &mut Graph, n: &str, v: [f32; 2]| {
-            g.add_const(n.into(), Tensor::f32(vec![2], v.to_vec()))
-        };
-        let (s, b, m, v) = (
-            p(&mut g, "s", [1.0, 2.0]),
-            p(&mut g, "b", [0.0, 0.5]),
-            p(&mut g, "m", [0.1, -0.2]),
-            p(&mut g, "v", [1.0, 0.5]),
+        push_bn(
+            &mut g,
+            y,
+            [&[1.0, 2.0], &[0.0, 0.5], &[0.1, -0.2], &[1.0, 0.5]],
         );
+        g
+    }
+
+    /// A BatchNormalization of `y` with these (scale, bias, mean, var) as the graph's output.
+    fn push_bn(g: &mut Graph, y: crate::ir::ValueId, params: [&[f32]; 4]) {
+        let names = ["bn.scale", "bn.bias", "bn.mean", "bn.var"];
+        let mut inputs = vec![Some(y)];
+        for (n, v) in names.iter().zip(params) {
+            inputs.push(Some(
+                g.add_const((*n).into(), Tensor::f32(vec![v.len()], v.to_vec())),
+            ));
+        }
         let z = g.add_value("z".into(), DType::F32);
         g.nodes.push(Node {
             name: "bn".into(),
             op: Op::BatchNorm { epsilon: 1e-5 },
-            inputs: vec![Some(y), Some(s), Some(b), Some(m), Some(v)],
+            inputs,
             outputs: vec![z],
         });
         g.outputs.push(z);
-        g
     }
 
     #[test]
@@ -279,23 +286,16 @@ mod tests {
             inputs: vec![Some(x), Some(wt), Some(b)],
             outputs: vec![y],
         });
-        let q = |g: &mut Graph, n: &str, v: [f32; 4]| {
-            g.add_const(n.into(), Tensor::f32(vec![4], v.to_vec()))
-        };
-        let (s, bb, m, v) = (
-            q(&mut g, "s", [1.0, 2.0, 0.5, 1.0]),
-            q(&mut g, "bb", [0.0, 0.5, 0.1, 0.0]),
-            q(&mut g, "m", [0.1, -0.2, 0.3, 0.0]),
-            q(&mut g, "v", [1.0, 0.5, 2.0, 0.3]),
+        push_bn(
+            &mut g,
+            y,
+            [
+                &[1.0, 2.0, 0.5, 1.0],
+                &[0.0, 0.5, 0.1, 0.0],
+                &[0.1, -0.2, 0.3, 0.0],
+                &[1.0, 0.5, 2.0, 0.3],
+            ],
         );
-        let z = g.add_value("z".into(), DType::F32);
-        g.nodes.push(Node {
-            name: "bn".into(),
-            op: Op::BatchNorm { epsilon: 1e-5 },
-            inputs: vec![Some(y), Some(s), Some(bb), Some(m), Some(v)],
-            outputs: vec![z],
-        });
-        g.outputs.push(z);
         g
     }
 
