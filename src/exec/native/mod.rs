@@ -784,7 +784,10 @@ impl Cx<'_> {
                 let (lo, hi) = match act {
                     Some((j, (lo, hi))) => {
                         self.done[j] = true;
-                        (quantize_u8(lo, sy, zy), quantize_u8(hi, sy, zy))
+                        (
+                            ops::quantize_one(lo, sy, f32::from(zy)),
+                            ops::quantize_one(hi, sy, f32::from(zy)),
+                        )
                     }
                     None => (0, 255),
                 };
@@ -1316,16 +1319,6 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256], fast: Option<ops::Affine>) -> bo
 /// Weight scales per output channel along `axis` (a per-tensor scale repeated).
 /// A QuantizeLinear node that takes a kernel's output: (node, scale, zero point).
 type QTarget = (usize, f32, u8);
-
-/// ONNX QuantizeLinear of one value to uint8 (round half to even, saturate); infinities
-/// saturate.
-fn quantize_u8(v: f32, scale: f32, zp: u8) -> u8 {
-    if v.is_nan() {
-        return zp;
-    }
-    let x = (v / scale).clamp(-512.0, 512.0);
-    (zq_quant::numeric::round_half_even(x) + f32::from(zp)).clamp(0.0, 255.0) as u8
-}
 
 fn per_channel(w: &IntConst, axis: usize, n: usize) -> Option<Vec<f32>> {
     let r = w.shape.len() as i64;

@@ -166,16 +166,11 @@ pub struct Calibration {
 /// range is the activation's, not the conv's (a ReLU6 after a conv that spans +-40 keeps all
 /// 256 levels for [0, 6] instead of about 20).
 fn activations(pg: &Graph) -> Vec<ValueId> {
-    let mut consumers: HashMap<ValueId, Vec<&Op>> = HashMap::new();
-    for n in &pg.nodes {
-        for v in n.inputs.iter().flatten() {
-            consumers.entry(*v).or_default().push(&n.op);
-        }
-    }
+    let consumers = pg.consumers();
     let weighted: HashSet<ValueId> = pg
         .nodes
         .iter()
-        .filter(|n| matches!(n.op, Op::Conv(_) | Op::Gemm { .. } | Op::MatMul))
+        .filter(|n| n.op.is_weighted())
         .flat_map(|n| n.outputs.iter().copied())
         .collect();
     let fused = |v: &ValueId| {
@@ -183,7 +178,7 @@ fn activations(pg: &Graph) -> Vec<ValueId> {
             && !pg.outputs.contains(v)
             && consumers[v]
                 .iter()
-                .all(|op| matches!(op, Op::Relu | Op::Clip))
+                .all(|&i| matches!(pg.nodes[i].op, Op::Relu | Op::Clip))
     };
     let mut seen = HashSet::new();
     let mut out = Vec::new();
