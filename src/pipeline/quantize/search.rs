@@ -104,9 +104,7 @@ pub fn search(
             one.layer_bits.insert(nm.clone(), b);
         }
         let plan = quantization_plan(g, cal, &one);
-        let (layers, _, _) = report::layers(g, &plan);
-        let qg = finalize(insert_qdq(g, &plan)?)?;
-        Ok(report::serialize(&qg, o.format, model_name, &layers)?.len() as u64)
+        bytes_of(g, &plan, &finalize(insert_qdq(g, &plan)?)?, o, model_name)
     };
     let mut actual = measure(&chosen.bits)?;
     if actual > p.budget {
@@ -232,6 +230,18 @@ fn sensitivities(
     )
 }
 
+/// The bytes of `qg` (quantized from `g` by `plan`) written in the output format.
+fn bytes_of(
+    g: &Graph,
+    plan: &zq_quant::QuantPlan<ValueId>,
+    qg: &Graph,
+    o: &QuantizeOptions,
+    model_name: &str,
+) -> Result<u64> {
+    let (layers, _, _) = report::layers(g, plan);
+    Ok(report::serialize(qg, o.format, model_name, &layers)?.len() as u64)
+}
+
 /// Exact sizes in the output format: serialise once with every candidate at 8 bits, then each
 /// choice with only its own layer changed (layers' bytes are independent of each other).
 /// Returns the base size and, per candidate and width, the bytes above that layer's cheapest.
@@ -251,8 +261,7 @@ fn sizes(
     }
     let plan8 = quantization_plan(g, cal, &all8);
     let size_of = |plan: &zq_quant::QuantPlan<ValueId>, qg: &Graph| -> Result<i64> {
-        let (layers, _, _) = report::layers(g, plan);
-        Ok(report::serialize(qg, o.format, model_name, &layers)?.len() as i64)
+        Ok(bytes_of(g, plan, qg, o, model_name)? as i64)
     };
     // The written file also declares its output shapes; the deltas are taken without them.
     let size8 = size_of(&plan8, &finalize(insert_qdq(g, &plan8)?)?)?;
