@@ -15,6 +15,7 @@ pub mod observer;
 pub mod pareto;
 pub mod plan;
 pub mod range;
+pub mod refine;
 pub mod sensitivity;
 pub mod weights;
 

@@ -59,11 +59,12 @@ pub struct QuantPlan<V: Eq + Hash> {
 }
 
 impl<V: Eq + Hash> QuantPlan<V> {
-    /// Whether any integer layer needs a 4-bit container (INT4 storage).
+    /// Whether any weight or activation needs a 4-bit container (INT4/UINT4, opset 21).
     pub fn has_int4(&self) -> bool {
         self.layers
             .values()
             .any(|l| l.bits().is_some_and(|b| b <= 4))
+            || self.activations.values().any(|a| a.bits == 4)
     }
 }
 

@@ -43,6 +43,29 @@ fn layer_bits(s: &str) -> Result<LayerBits, String> {
     })
 }
 
+fn layer_abits(s: &str) -> Result<LayerBits, String> {
+    let (name, bits) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("'{s}': expected NAME=BITS"))?;
+    let bits = bits
+        .parse::<u8>()
+        .ok()
+        .filter(|b| (2..=8).contains(b))
+        .ok_or_else(|| format!("'{bits}' is not an activation bit width (2 to 8)"))?;
+    Ok(LayerBits {
+        name: name.to_string(),
+        bits,
+    })
+}
+
+/// `--refine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RefineArg {
+    None,
+    Adaround,
+    Genie,
+}
+
 /// Candidate widths for `--pareto`, sorted, each once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitList(pub Vec<u8>);
@@ -371,9 +394,35 @@ pub struct QuantizeArgs {
     /// stored in int8, 2..4 in INT4).
     #[arg(long, value_name = "BITS", default_value = "8", value_parser = weight_bits)]
     pub wbits: u8,
-    /// Activation bits (uint8 per-tensor affine; 8 is the only width ONNX Runtime runs natively).
-    #[arg(long, value_name = "BITS", default_value_t = 8, value_parser = clap::value_parser!(u8).range(8..=8))]
+    /// Activation bits, 2..8 (per-tensor affine: uint4 at opset 21 for 4, uint8 otherwise, widths
+    /// other than 8 and 4 behind a Clip to their levels; ONNX Runtime runs integer kernels
+    /// only at 8). Below 8, the network input and the last layer's input stay at 8 and the first
+    /// and last layers' weights at 8 or more, unless --layer-bits/--layer-abits say otherwise.
+    #[arg(long, value_name = "BITS", default_value_t = 8, value_parser = clap::value_parser!(u8).range(2..=8))]
     pub abits: u8,
+    /// Activation bits of one layer's input (repeatable), e.g. --layer-abits conv1=8.
+    #[arg(long, value_name = "NAME=BITS", value_parser = layer_abits)]
+    pub layer_abits: Vec<LayerBits>,
+    /// Block-wise reconstruction on the calibration images after rounding to nearest: adaround
+    /// (learned rounding), genie (Genie-M: learned rounding and step sizes, QDrop). Keeps the
+    /// first/last-layer 8-bit defaults of --abits.
+    #[arg(long, value_enum, default_value_t = RefineArg::None)]
+    pub refine: RefineArg,
+    /// Optimiser steps per block for --refine.
+    #[arg(long, value_name = "I", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub refine_iters: u32,
+    /// Images per step for --refine.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub refine_batch: u32,
+    /// Adam learning rate of the soft-rounding variables for --refine.
+    #[arg(long, value_name = "LR", default_value_t = 1e-2)]
+    pub refine_lr: f64,
+    /// Adam learning rate of the weight step sizes (--refine genie).
+    #[arg(long, value_name = "LR", default_value_t = 1e-4)]
+    pub refine_lr_weight_scale: f64,
+    /// Adam learning rate of the activation step sizes (--refine genie).
+    #[arg(long, value_name = "LR", default_value_t = 4e-5)]
+    pub refine_lr_act_scale: f64,
     /// One scale per weight tensor instead of one per output channel.
     #[arg(long)]
     pub per_tensor: bool,

@@ -69,8 +69,27 @@ pub fn quantize_options(
             stats: a.stats.into(),
         },
     };
+    let refine = |m| zq_quant::refine::RefineOptions {
+        iters: a.refine_iters as usize,
+        batch: a.refine_batch as usize,
+        lr_round: a.refine_lr,
+        lr_weight_scale: a.refine_lr_weight_scale,
+        lr_act_scale: a.refine_lr_act_scale,
+        ..zq_quant::refine::RefineOptions::new(m, a.seed)
+    };
     quantize::QuantizeOptions {
         wbits: a.wbits,
+        abits: a.abits,
+        layer_abits: a
+            .layer_abits
+            .iter()
+            .map(|l| (l.name.clone(), l.bits))
+            .collect(),
+        refine: match a.refine {
+            args::RefineArg::None => None,
+            args::RefineArg::Adaround => Some(refine(zq_quant::refine::Method::AdaRound)),
+            args::RefineArg::Genie => Some(refine(zq_quant::refine::Method::Genie)),
+        },
         per_tensor: a.per_tensor,
         clip: match a.clip {
             args::Clip::Minmax => zq_quant::ClipSearch::MinMax,

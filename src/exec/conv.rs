@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use zq_kernels::gemm::{sgemm, MatMut, MatRef};
 
@@ -95,8 +95,9 @@ pub fn extend_for_windows(xp: Tensor, w: &Window, value: f32) -> Result<Tensor> 
     Ok(xp)
 }
 
-/// 2-D convolution, NCHW input, [M, C/g, kh, kw] weight. The weight is treated as a constant:
-/// gradients flow to the input only (distillation and calibration never train weights).
+/// 2-D convolution, NCHW input, [M, C/g, kh, kw] weight. A constant weight (distillation,
+/// calibration) is frozen into the op and gradients flow to the input only; a weight computed
+/// from a `Var` (reconstruction trains rounding and step sizes) gets its gradient too.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: &ConvGeom) -> Result<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (m, cg, kh, kw) = weight.dims4()?;
@@ -108,14 +109,18 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: &ConvGeom) 
             x.dims()
         );
     }
-    let geo = Geo::new(n, c, h, wd, [m, cg, kh, kw], g);
-    let kg = cg * kh * kw;
-    let wv = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    debug_assert_eq!(wv.len(), m * kg);
-    let y = x.contiguous()?.apply_op1(ConvOp {
-        geo: Arc::new(geo),
-        w: Arc::new(wv),
-    })?;
+    let geo = Arc::new(Geo::new(n, c, h, wd, [m, cg, kh, kw], g));
+    let y = if weight.track_op() {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, ConvOpW { geo })?
+    } else {
+        let wv = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        debug_assert_eq!(wv.len(), m * cg * kh * kw);
+        x.contiguous()?.apply_op1(ConvOp {
+            geo,
+            w: Arc::new(wv),
+        })?
+    };
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
         None => Ok(y),
@@ -327,6 +332,92 @@ impl CustomOp1 for ConvOp {
     }
 }
 
+/// Convolution of an input by a trainable weight: the same forward as [`ConvOp`]; backward gives
+/// the input gradient and the weight gradient, per group dW = Σ_images dy · colsᵀ (summed in image
+/// order, so the result does not depend on the thread count).
+struct ConvOpW {
+    geo: Arc<Geo>,
+}
+
+impl CustomOp2 for ConvOpW {
+    fn name(&self) -> &'static str {
+        "zq-conv2d-trainable"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let w = slice_of(ws, wl)?.to_vec();
+        let op = ConvOp {
+            geo: self.geo.clone(),
+            w: Arc::new(w),
+        };
+        op.cpu_fwd(xs, xl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &*self.geo;
+        let wv = Arc::new(w.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+        let dy = dy.contiguous()?;
+        // A block's input is data: no input gradient is needed there.
+        let dx = if x.track_op() {
+            Some(dy.apply_op1_no_bwd(&ConvInputGrad {
+                geo: self.geo.clone(),
+                w: wv,
+            })?)
+        } else {
+            None
+        };
+        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let dyv = dy.flatten_all()?.to_vec1::<f32>()?;
+        let (mg, kg, ll, chw) = (g.mg(), g.kg(), g.l(), g.c * g.h * g.w);
+        // One partial dW per image (in parallel), then summed in image order.
+        let parts: Vec<Vec<f32>> = (0..g.n)
+            .into_par_iter()
+            .map(|b| {
+                let mut dw = vec![0f32; g.m * kg];
+                let mut cols = vec![0f32; if g.pointwise() { 0 } else { kg * ll }];
+                let xb = &xv[b * chw..][..chw];
+                let dyb = &dyv[b * g.m * ll..][..g.m * ll];
+                for grp in 0..g.groups {
+                    let colsv = if g.pointwise() {
+                        MatRef::transposed(&xb[grp * kg * ll..][..kg * ll], kg, ll)
+                    } else {
+                        im2col(xb, g, grp, &mut cols);
+                        MatRef::transposed(&cols, kg, ll)
+                    };
+                    sgemm(
+                        MatMut::rows(&mut dw[grp * mg * kg..][..mg * kg], mg, kg),
+                        MatRef::rows(&dyb[grp * mg * ll..][..mg * ll], mg, ll),
+                        colsv,
+                        false,
+                        1,
+                    );
+                }
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f32; g.m * kg];
+        for p in &parts {
+            for (d, v) in dw.iter_mut().zip(p) {
+                *d += v;
+            }
+        }
+        let dw = Tensor::from_vec(dw, w.dims(), w.device())?;
+        Ok((dx, Some(dw)))
+    }
+}
+
 /// The input gradient of `ConvOp`: per image and group dcols = Wᵀ · dy, then col2im.
 struct ConvInputGrad {
     geo: Arc<Geo>,
@@ -472,6 +563,49 @@ mod tests {
             let gb = crate::exec::grad_along(&x, &b, &r)?;
             let d = (ga - gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(d < 1e-3, "gradient, stride {stride} pad {pad}: {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn weight_gradient_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        // Square and even: candle's own conv backward mis-sizes odd strided inputs.
+        let x = Tensor::randn(0f32, 1.0, (3, 4, 8, 8), &dev)?;
+        let w0 = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &dev)?;
+        for (stride, pad) in [(1, 1), (2, 1), (2, 0)] {
+            let g = geom([8, 8], [3, 3], [stride; 2], [1, 1], [pad; 4], 1);
+            let w = candle_core::Var::from_tensor(&w0)?;
+            let a = conv2d(&x, w.as_tensor(), None, &g)?;
+            let b = x.conv2d(w.as_tensor(), pad, stride, 1, 1)?;
+            let r = Tensor::randn(0f32, 1.0, a.dims(), &dev)?;
+            let ga = crate::exec::grad_along(&w, &a, &r)?;
+            let gb = crate::exec::grad_along(&w, &b, &r)?;
+            let d = (&ga - &gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = gb.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-4 * scale.max(1.0), "stride {stride} pad {pad}: {d}");
+        }
+        // Grouped and pointwise: dW is the adjoint of w -> conv(x, w).
+        for (c, m, group, k) in [(4, 6, 2, [3, 2]), (4, 6, 2, [1, 1]), (6, 6, 6, [3, 3])] {
+            let x = Tensor::randn(0f32, 1.0, (2, c, 9, 7), &dev)?;
+            let pads = if k == [1, 1] { [0; 4] } else { [1; 4] };
+            let g = geom([9, 7], k, [1, 1], [1, 1], pads, group);
+            let w = candle_core::Var::from_tensor(&Tensor::randn(
+                0f32,
+                1.0,
+                (m, c / group, k[0], k[1]),
+                &dev,
+            )?)?;
+            let y = conv2d(&x, w.as_tensor(), None, &g)?;
+            let r = Tensor::randn(0f32, 1.0, y.dims(), &dev)?;
+            let lhs = (&y * &r)?.sum_all()?;
+            let gw = lhs.backward()?.get(w.as_tensor()).unwrap().clone();
+            let rhs = (w.as_tensor() * gw)?.sum_all()?.to_scalar::<f32>()?;
+            let lhs = lhs.to_scalar::<f32>()?;
+            assert!(
+                (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+                "c{c} m{m} g{group} k{k:?}: {lhs} vs {rhs}"
+            );
         }
         Ok(())
     }

@@ -233,6 +233,38 @@ impl Plan {
         self.steps.iter().position(|s| s.node == node)
     }
 
+    /// The steps computing the nodes whose first output is in `values`, in execution order.
+    pub fn steps_producing(&self, values: &std::collections::HashSet<ValueId>) -> Vec<usize> {
+        (0..self.steps.len())
+            .filter(|&si| {
+                let n = &self.graph.nodes[self.steps[si].node];
+                n.outputs.first().is_some_and(|o| values.contains(o))
+            })
+            .collect()
+    }
+
+    /// Run `steps` (indices into this plan, in order) in `env`, a value table of
+    /// `graph.values.len()` entries holding what they read; `overrides` replace constants;
+    /// `after(v, t)` sees each value produced and its result is what later steps read (a
+    /// block's fake quantization). Gradients flow through all of it.
+    pub fn run_steps(
+        &self,
+        env: &mut [Option<Tensor>],
+        steps: &[usize],
+        overrides: Option<&HashMap<ValueId, Tensor>>,
+        after: &mut dyn FnMut(ValueId, Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        for &si in steps {
+            self.step(si, env, overrides)?;
+            for &o in &self.graph.nodes[self.steps[si].node].outputs {
+                if let Some(t) = env[o].take() {
+                    env[o] = Some(after(o, t)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Run once and keep every value computed (the cache [`Plan::run_from`] starts from).
     pub fn run_keep_all(&self, inputs: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
         let mut env = self.bind(inputs)?;

@@ -10,6 +10,7 @@ mod layout;
 mod man;
 mod native;
 mod quantize;
+mod refine;
 mod run;
 mod shared;
 mod synth;

@@ -125,22 +125,43 @@ pub fn insert_qdq(g: &Graph, plan: &QuantPlan<ValueId>) -> Result<Graph> {
     Ok(q)
 }
 
-/// Q -> DQ for an activation value; returns the dequantized value.
+/// Q -> DQ for an activation value; returns the dequantized value. 8 bits are uint8, 4 uint4;
+/// other widths live in uint8 behind a Clip to their interval, so that the written model has
+/// exactly `2^bits` levels (QuantizeLinear saturates only at its type's ends).
 fn qdq_activation(q: &mut Graph, nodes: &mut Vec<Node>, v: ValueId, a: &ActQuant) -> ValueId {
     let name = q.values[v].name.clone();
+    let container = if a.bits == 4 { DType::U4 } else { DType::U8 };
+    let clip = |q: &mut Graph, nodes: &mut Vec<Node>, from: ValueId, to: &str| {
+        let (lo, hi) = a.interval();
+        let lo_id = q.add_const(format!("{name}_clip_min"), Tensor::f32(vec![], vec![lo]));
+        let hi_id = q.add_const(format!("{name}_clip_max"), Tensor::f32(vec![], vec![hi]));
+        let y = q.add_value(format!("{name}_{to}"), DType::F32);
+        q.values[y].shape = q.values[v].shape.clone();
+        nodes.push(Node {
+            name: format!("{name}_Clip{}bit", a.bits),
+            op: Op::Clip,
+            inputs: vec![Some(from), Some(lo_id), Some(hi_id)],
+            outputs: vec![y],
+        });
+        y
+    };
+    // Widths other than 4 and 8 live in uint8 behind a Clip: ONNX Runtime 1.32's Clip/Relu ->
+    // QuantizeLinear fusion fails on a uint4 zero point, so 2 and 3 bits do not use uint4.
+    let odd = a.bits != 4 && a.bits != 8;
+    let x = if odd { clip(q, nodes, v, "clipped") } else { v };
     let s = q.add_const(format!("{name}_scale"), Tensor::f32(vec![], vec![a.scale]));
     let z = q.add_const(
         format!("{name}_zero_point"),
-        Tensor::f32(vec![], vec![f32::from(a.zero_point)]).cast(DType::U8),
+        Tensor::f32(vec![], vec![f32::from(a.zero_point)]).cast(container),
     );
-    let qv = q.add_value(format!("{name}_quantized"), DType::U8);
+    let qv = q.add_value(format!("{name}_quantized"), container);
     q.values[qv].shape = q.values[v].shape.clone();
     let dv = q.add_value(format!("{name}_dequantized"), DType::F32);
     q.values[dv].shape = q.values[v].shape.clone();
     nodes.push(Node {
         name: format!("{name}_QuantizeLinear"),
         op: Op::QuantizeLinear { axis: 1 },
-        inputs: vec![Some(v), Some(s), Some(z)],
+        inputs: vec![Some(x), Some(s), Some(z)],
         outputs: vec![qv],
     });
     nodes.push(Node {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::Tensor as CTensor;
 use zq_quant::observer::{ChannelMeans, MinMax};
-use zq_quant::range::calibrated_range;
+use zq_quant::range::{calibrated_range, mse_range};
 use zq_quant::{ActQuant, Prior};
 
 use super::report::ActReport;
@@ -192,6 +192,40 @@ fn activations(pg: &Graph) -> Vec<ValueId> {
     out
 }
 
+/// Values of one calibration batch kept per low-bit activation for its range search.
+const SAMPLES_PER_BATCH: usize = 16_384;
+
+/// The bits of every activation to quantize: `--layer-abits` for a layer's input, else 8 for the
+/// network input and the last layer's input when the low-bit defaults apply (as the literature
+/// keeps them), else `--abits`. A value read by several layers takes the widest of their choices.
+pub(crate) fn activation_bits(pg: &Graph, o: &QuantizeOptions) -> HashMap<ValueId, u8> {
+    let acts = activations(pg);
+    let mut bits: HashMap<ValueId, u8> = acts.iter().map(|&v| (v, o.abits)).collect();
+    let ends = super::end_layers(pg);
+    let mut chosen: HashMap<ValueId, u8> = HashMap::new();
+    for n in pg.nodes.iter().filter(|n| n.op.is_weighted()) {
+        let Some(x) = n.input(0) else { continue };
+        let b = match o.layer_abits.get(&n.name) {
+            Some(&b) => b,
+            None if o.low_bit_defaults() && ends.last.as_deref() == Some(n.name.as_str()) => 8,
+            None => continue,
+        };
+        let e = chosen.entry(x).or_insert(b);
+        *e = (*e).max(b);
+    }
+    if o.low_bit_defaults() {
+        if let Some(i) = pg.inputs.first() {
+            chosen.entry(i.value).or_insert(8);
+        }
+    }
+    for (v, b) in chosen {
+        if let Some(e) = bits.get_mut(&v) {
+            *e = b;
+        }
+    }
+    bits
+}
+
 /// What the model itself says about activation ranges: the input box, `beta +- k|gamma|` after
 /// a folded BN (through its ReLU), the residual-stream widening.
 fn priors(
@@ -248,6 +282,13 @@ pub fn calibrate(
         .filter_map(|n| n.input(0))
         .collect();
     let mut sums: HashMap<ValueId, ChannelMeans> = HashMap::new();
+    let bits = activation_bits(&pg, o);
+    // Low-bit activations keep a sample of their values for the range search.
+    let mut samples: HashMap<ValueId, Vec<f32>> = acts
+        .iter()
+        .filter(|v| bits[v] < 8)
+        .map(|&v| (v, Vec::new()))
+        .collect();
     let opts = crate::exec::RunOptions {
         taps: &acts,
         overrides: None,
@@ -265,6 +306,10 @@ pub fn calibrate(
         for (v, t) in acts.iter().zip(taps) {
             let data = t.flatten_all()?.to_vec1::<f32>()?;
             obs.get_mut(v).unwrap().update(&data);
+            if let Some(keep) = samples.get_mut(v) {
+                let stride = (data.len() / SAMPLES_PER_BATCH).max(1);
+                keep.extend(data.iter().step_by(stride));
+            }
             if weighted_inputs.contains(v) && t.rank() >= 2 {
                 let inner = t.dims()[2..].iter().product::<usize>();
                 sums.entry(*v).or_default().update(&data, t.dim(1)?, inner);
@@ -283,10 +328,16 @@ pub fn calibrate(
         } else {
             calibrated_range(ob, derived.get(&v).copied())
         };
-        let a = ActQuant::uint8(lo, hi);
+        let b = bits[&v];
+        let (lo, hi) = match samples.get(&v) {
+            Some(x) => mse_range(x, lo, hi, b),
+            None => (lo, hi),
+        };
+        let a = ActQuant::unsigned(lo, hi, b);
         params.insert(v, a);
         reports.push(ActReport {
             tensor: g.values[v].name.clone(),
+            bits: b,
             observed: [observed.0, observed.1],
             range: [lo, hi],
             scale: a.scale,

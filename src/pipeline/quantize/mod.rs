@@ -7,6 +7,7 @@
 //! search and report.
 
 pub mod calibrate;
+pub mod refine;
 pub mod report;
 pub mod search;
 
@@ -44,6 +45,12 @@ pub enum Calib {
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
     pub wbits: u8,
+    /// Activation bits (2..=8).
+    pub abits: u8,
+    /// Per-layer activation bits (of the layer's input), by node name.
+    pub layer_abits: BTreeMap<String, u8>,
+    /// Block-wise reconstruction after planning (`None`: round to nearest).
+    pub refine: Option<zq_quant::refine::RefineOptions>,
     pub per_tensor: bool,
     /// Weight scale search.
     pub clip: ClipSearch,
@@ -117,7 +124,45 @@ pub fn valid_bits(b: u8) -> bool {
     (2..=8).contains(&b) || b == 16
 }
 
+/// The first and the last weighted layer of a graph, by name.
+pub(crate) struct EndLayers {
+    pub first: Option<String>,
+    pub last: Option<String>,
+}
+
+pub(crate) fn end_layers(g: &Graph) -> EndLayers {
+    let mut w = g.nodes.iter().filter(|n| n.op.is_weighted());
+    let first = w.next().map(|n| n.name.clone());
+    let last = g
+        .nodes
+        .iter()
+        .rev()
+        .find(|n| n.op.is_weighted())
+        .map(|n| n.name.clone());
+    EndLayers { first, last }
+}
+
 impl QuantizeOptions {
+    /// Whether the low-bit defaults apply (below 8 activation bits, or with reconstruction):
+    /// the first layer's weights and the last layer (weights and input) stay at 8 bits, and the
+    /// network input at 8, unless `--layer-bits`/`--layer-abits` say otherwise.
+    pub fn low_bit_defaults(&self) -> bool {
+        self.abits < 8 || self.refine.is_some()
+    }
+
+    /// The weight bits of layer `name` (`ends`: the graph's first and last weighted layers).
+    pub(crate) fn weight_bits(&self, name: &str, ends: &EndLayers) -> u8 {
+        if let Some(&b) = self.layer_bits.get(name) {
+            return b;
+        }
+        let end = ends.first.as_deref() == Some(name) || ends.last.as_deref() == Some(name);
+        if self.low_bit_defaults() && end && self.wbits < 8 {
+            8
+        } else {
+            self.wbits
+        }
+    }
+
     /// Every check on the options, for the CLI and library callers alike: a caller that skips
     /// the command line gets the same one-line errors, never an assert deep inside.
     pub fn validate(&self, g: &Graph) -> Result<()> {
@@ -126,6 +171,12 @@ impl QuantizeOptions {
             return usage(format!(
                 "--wbits must be between 2 and 8, or 16 (float16), got {}",
                 self.wbits
+            ));
+        }
+        if !(2..=8).contains(&self.abits) {
+            return usage(format!(
+                "--abits must be between 2 and 8, got {}",
+                self.abits
             ));
         }
         let layers: HashSet<&str> = g
@@ -144,6 +195,32 @@ impl QuantizeOptions {
                 return usage(format!(
                     "--layer-bits {name}={b}: bits must be between 2 and 8, or 16 (float16)"
                 ));
+            }
+        }
+        for (name, &b) in &self.layer_abits {
+            if !layers.contains(name.as_str()) {
+                return usage(format!(
+                    "--layer-abits: no quantizable layer named '{name}' (zq inspect lists them)"
+                ));
+            }
+            if !(2..=8).contains(&b) {
+                return usage(format!(
+                    "--layer-abits {name}={b}: activation bits must be between 2 and 8"
+                ));
+            }
+        }
+        if let Some(r) = &self.refine {
+            if r.iters == 0 || r.batch == 0 {
+                return usage("--refine-iters and --refine-batch must be at least 1".into());
+            }
+            for (flag, lr) in [
+                ("--refine-lr", r.lr_round),
+                ("--refine-lr-weight-scale", r.lr_weight_scale),
+                ("--refine-lr-act-scale", r.lr_act_scale),
+            ] {
+                if !(lr.is_finite() && lr >= 0.0) {
+                    return usage(format!("{flag} must be a non-negative number, got {lr}"));
+                }
             }
         }
         for name in &self.keep_float {
@@ -239,7 +316,7 @@ pub(crate) fn plan_node(
         x.and_then(|x| cal.params.get(&x)).copied(),
         x.and_then(|x| cal.means.get(&x)).map(Vec::as_slice),
         &LayerOptions {
-            bits: o.layer_bits.get(&n.name).copied().unwrap_or(o.wbits),
+            bits: o.weight_bits(&n.name, &end_layers(g)),
             per_tensor: o.per_tensor,
             clip: o.clip,
             bias_correction: o.bias_correction,
@@ -315,7 +392,18 @@ pub fn quantize(
         }
         None => None,
     };
-    let plan = quantization_plan(&g, &cal, &o);
+    let mut plan = quantization_plan(&g, &cal, &o);
+    let refined = match &o.refine {
+        Some(r) => Some(refine::refine(
+            &g,
+            &mut plan,
+            &set.images,
+            set.n,
+            r,
+            progress,
+        )?),
+        None => None,
+    };
     let qg = finalize(insert_qdq(&g, &plan)?)?;
     let (layers, fp32_bytes, q_bytes) = report::layers(&g, &plan);
     let bytes = report::serialize(&qg, o.format, &model_name, &layers)?;
@@ -348,6 +436,7 @@ pub fn quantize(
             quantized_weight_bytes: q_bytes,
             quality,
             pareto,
+            refine: refined,
         },
     })
 }

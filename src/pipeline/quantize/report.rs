@@ -38,6 +38,8 @@ pub struct LayerReport {
     pub op: String,
     /// 2..8 integer bits, 16 for float16 storage, null when left in float.
     pub bits: Option<u8>,
+    /// Bits of its input activation (null when the input is not quantized).
+    pub abits: Option<u8>,
     pub params: usize,
     /// How ONNX Runtime (CPU) will run it.
     pub kernel: &'static str,
@@ -46,6 +48,8 @@ pub struct LayerReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct ActReport {
     pub tensor: String,
+    /// Integer width of the quantized activation (uint8 container above 4 bits, uint4 below).
+    pub bits: u8,
     pub observed: [f32; 2],
     pub range: [f32; 2],
     pub scale: f32,
@@ -73,6 +77,7 @@ pub struct QuantizeReport {
     pub quantized_weight_bytes: usize,
     pub quality: Option<Quality>,
     pub pareto: Option<ParetoReport>,
+    pub refine: Option<super::refine::RefineReport>,
 }
 
 /// Every planned layer in graph order, with the kernel class ONNX Runtime gives it, and the
@@ -93,12 +98,15 @@ pub fn layers(g: &Graph, plan: &QuantPlan<ValueId>) -> (Vec<LayerReport>, usize,
         let bias_len = n.input(2).and_then(|b| g.konst(b)).map(|b| b.len());
         fp32 += params * 4;
         stored += l.stored_bytes(params, bias_len);
+        let abits = n
+            .input(0)
+            .and_then(|x| plan.activations.get(&x))
+            .map(|a| a.bits);
+        let int8 = |w: &zq_quant::WeightQuant| w.bits == 8 && abits == Some(8);
         let kernel = match (l, &n.op) {
             (LayerQuant::Float16 { .. }, _) => "float16 weights, float kernel",
-            (LayerQuant::Int { weight, .. }, Op::Conv(_)) if weight.bits == 8 => {
-                "QLinearConv (int8)"
-            }
-            (LayerQuant::Int { weight, .. }, Op::Gemm { .. } | Op::MatMul) if weight.bits == 8 => {
+            (LayerQuant::Int { weight, .. }, Op::Conv(_)) if int8(weight) => "QLinearConv (int8)",
+            (LayerQuant::Int { weight, .. }, Op::Gemm { .. } | Op::MatMul) if int8(weight) => {
                 "QGemm/QLinearMatMul (int8)"
             }
             (LayerQuant::Int { .. }, _) => "dequantized weights, float kernel",
@@ -108,6 +116,7 @@ pub fn layers(g: &Graph, plan: &QuantPlan<ValueId>) -> (Vec<LayerReport>, usize,
             name: n.name.clone(),
             op: n.op.name().to_string(),
             bits: l.bits(),
+            abits,
             params,
             kernel,
         });
