@@ -265,7 +265,7 @@ fn bad_input_is_refused_and_nothing_written() {
         (vec!["--layer-bits", "Conv_2"], "NAME=BITS"),
         (vec!["--keep-float", "nosuch"], "nosuch"),
         (vec!["--wbits", "1"], "--wbits"),
-        (vec!["--abits", "4"], "--abits"),
+        (vec!["--abits", "9"], "--abits"),
         (vec!["--min-agreement", "1.5"], "--min-agreement"),
         (vec!["--data", s(&mobile)], "mobile.safetensors"),
         (vec!["--data", s(&m)], "model.onnx"),
