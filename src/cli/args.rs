@@ -131,8 +131,17 @@ pub enum Command {
     /// Outputs are written in their declared element type (int4/uint4 as int8/uint8 arrays;
     /// float16 outputs are refused).
     Run(RunArgs),
-    /// Measure zq's integer kernels: GOPS of every kernel variant this CPU runs (scalar, AVX2,
-    /// AVX-512 VNNI) on real layer shapes, single thread, against the measured VNNI peak.
+    /// Measure zq's integer kernels, or a model on zq's engine against ONNX Runtime.
+    ///
+    /// Without --model: GOPS of every kernel variant this CPU runs (scalar, AVX2, AVX-512 VNNI)
+    /// on real layer shapes, single thread, against the measured VNNI peak.
+    ///
+    /// With --model FILE: milliseconds per image of that model on zq's engine (the native
+    /// integer engine for a quantized model, zq's executor for a float one) and on ONNX Runtime,
+    /// both on --threads threads, at each --batch size: the same inputs for both, two warm-up
+    /// runs each not counted, then --rounds rounds that alternate between the engines; the
+    /// median round and the ratio zq / ONNX Runtime are reported, and how often both predict the
+    /// same class. Without ONNX Runtime (--ort-lib or ZQ_ORT_LIB) zq alone is timed.
     Bench(BenchArgs),
 }
 
@@ -181,9 +190,82 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Only the shapes whose "op shape" text contains S (e.g. conv, depthwise, 3136).
-    #[arg(long, value_name = "S", default_value = "")]
+    /// Kernels: only the shapes whose "op shape" text contains S (e.g. conv, depthwise, 3136).
+    #[arg(long, value_name = "S", default_value = "", conflicts_with = "model")]
     pub filter: String,
+    /// Time this ONNX model (QDQ or float) instead of the kernels.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// Inputs from this image folder, DIR/<class>/*.{png,jpg} [default: pseudo-random pixels].
+    #[arg(long, value_name = "DIR", requires = "model")]
+    pub data: Option<PathBuf>,
+    /// Per-channel mean after scaling pixels to [0,1] [default: ImageNet's 0.485,0.456,0.406].
+    #[arg(long, value_name = "M[,M,M]", value_parser = floats, requires = "model")]
+    pub mean: Option<Floats>,
+    /// Per-channel standard deviation [default: ImageNet's 0.229,0.224,0.225].
+    #[arg(long, value_name = "S[,S,S]", value_parser = floats, requires = "model")]
+    pub std: Option<Floats>,
+    /// Batch sizes to time, comma-separated (each 1 to 4096).
+    #[arg(long, value_name = "B[,B..]", value_parser = batch_list, requires = "model")]
+    pub batch: Option<BatchList>,
+    /// Timed rounds per engine and batch size [default: 5].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000), requires = "model")]
+    pub rounds: Option<u32>,
+    /// About how long one round runs, in seconds (at least one run of the model) [default: 0.5].
+    #[arg(long = "round-time", value_name = "SECONDS", value_parser = seconds, requires = "model")]
+    pub round_time: Option<f64>,
+    /// Threads for each engine [default: one per core].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024), requires = "model")]
+    pub threads: Option<u32>,
+    /// zq's engine to time [default: native for a model with QuantizeLinear, else zq].
+    #[arg(long, value_enum, requires = "model")]
+    pub engine: Option<BenchEngine>,
+    /// ONNX Runtime shared library (libonnxruntime.so) [default: $ZQ_ORT_LIB].
+    #[arg(long, value_name = "PATH", requires = "model")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// zq's side of `zq bench --model` (ONNX Runtime is always the other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchEngine {
+    /// zq's integer engine.
+    Native,
+    /// zq's executor.
+    Zq,
+}
+
+/// Batch sizes for `zq bench --model`, in the order given, each once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchList(pub Vec<usize>);
+
+fn batch_list(s: &str) -> Result<BatchList, String> {
+    let mut out: Vec<usize> = Vec::new();
+    for part in s.split(',') {
+        let b = part
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|b| (1..=crate::pipeline::bench::MAX_BATCH).contains(b))
+            .ok_or_else(|| {
+                format!(
+                    "'{part}' is not a batch size (1 to {})",
+                    crate::pipeline::bench::MAX_BATCH
+                )
+            })?;
+        if !out.contains(&b) {
+            out.push(b);
+        }
+    }
+    Ok(BatchList(out))
+}
+
+/// A duration in seconds, above 0 and at most 600.
+fn seconds(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0 && *v <= 600.0)
+        .ok_or_else(|| format!("'{s}' is not a duration in seconds (above 0, at most 600)"))
 }
 
 #[derive(Debug, Args)]

@@ -53,6 +53,14 @@ impl Printer {
         }
     }
 
+    /// A line on stderr that --json does not suppress (only --quiet does): something the
+    /// reader of a report should know, such as a measurement that could not be made.
+    pub fn note(&self, msg: &str) {
+        if !self.quiet {
+            eprintln!("{msg}");
+        }
+    }
+
     pub fn json<T: serde::Serialize>(&self, v: &T) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(v)?);
         Ok(())

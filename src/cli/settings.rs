@@ -3,9 +3,9 @@
 //! library caller that builds them directly gets the same one-line errors as the command line.
 
 use crate::data::Preprocess;
-use crate::pipeline::{distill, quantize, run};
+use crate::pipeline::{bench, distill, quantize, run};
 
-use super::args::{self, DistillArgs, PreprocessArgs, QuantizeArgs, RunArgs};
+use super::args::{self, BenchArgs, DistillArgs, PreprocessArgs, QuantizeArgs, RunArgs};
 
 pub fn preprocess(a: &PreprocessArgs) -> Preprocess {
     Preprocess {
@@ -145,6 +145,23 @@ pub fn run_options(a: &RunArgs) -> crate::Result<run::RunOptions> {
         out_dir: a.output_dir.clone(),
         engine: a.engine.map(engine),
         ort_lib: a.ort_lib.clone(),
+    };
+    o.validate()?;
+    Ok(o)
+}
+
+/// `zq bench --model`'s options (the flags not given take their documented defaults).
+pub fn model_bench_options(a: &BenchArgs) -> crate::Result<bench::ModelBenchOptions> {
+    let imagenet = Preprocess::imagenet();
+    let o = bench::ModelBenchOptions {
+        batches: a.batch.as_ref().map_or(vec![1, 64], |b| b.0.clone()),
+        rounds: a.rounds.map_or(5, |r| r as usize),
+        round_seconds: a.round_time.unwrap_or(0.5),
+        data: a.data.clone(),
+        pre: Preprocess {
+            mean: a.mean.as_ref().map_or(imagenet.mean, |m| m.0.clone()),
+            std: a.std.as_ref().map_or(imagenet.std, |s| s.0.clone()),
+        },
     };
     o.validate()?;
     Ok(o)

@@ -183,12 +183,18 @@ pub struct OrtClassifier {
 }
 
 impl OrtClassifier {
+    /// A session with one intra-op thread per core.
     pub fn open(path: &Path, lib: Option<&Path>) -> Result<Self> {
-        let graph = read_model(path)?.graph;
-        let chw = chw_of(&graph, path)?;
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
+        Self::open_threads(path, lib, threads)
+    }
+
+    /// A session with `threads` intra-op threads.
+    pub fn open_threads(path: &Path, lib: Option<&Path>, threads: usize) -> Result<Self> {
+        let graph = read_model(path)?.graph;
+        let chw = chw_of(&graph, path)?;
         Ok(OrtClassifier {
             model: OrtModel::open(path, lib, threads)?,
             chw,

@@ -1,5 +1,6 @@
 //! Pipelines shared by the CLI and the tests.
 
+pub mod bench;
 pub mod distill;
 pub mod eval;
 pub mod inspect;

@@ -244,3 +244,91 @@ fn bench_measures_every_kernel_variant_and_refuses_an_unknown_one() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("ZQ_KERNELS"));
     zq(&["bench", "--filter", "no-such-shape"]).assert_error("--filter");
 }
+
+/// `zq bench --model`'s report: a row per batch size, a time per round, ONNX Runtime beside zq
+/// when it is there and a one-line note (and `ort_missing`) when it is not.
+#[test]
+fn bench_model_times_zq_beside_onnx_runtime_or_alone() {
+    let m = fixture("digits_bn/model.onnx");
+    let args = [
+        "bench",
+        "--model",
+        s(&m),
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--batch",
+        "1,4",
+        "--rounds",
+        "3",
+        "--round-time",
+        "0.01",
+        "--engine",
+        "native",
+        "--json",
+    ];
+    let check = |j: &serde_json::Value, ort: bool| {
+        assert_eq!(j["engine"], "native", "{j}");
+        assert_eq!(j["quantized"], false, "{j}");
+        assert_eq!(j["input"], serde_json::json!([1, 8, 8]), "{j}");
+        let rows = j["batches"].as_array().unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| r["batch"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            [1, 4],
+            "{j}"
+        );
+        for r in rows {
+            let zq = &r["zq"];
+            assert_eq!(
+                zq["rounds_ms_per_image"].as_array().unwrap().len(),
+                3,
+                "{j}"
+            );
+            let (med, best) = (
+                zq["ms_per_image"].as_f64().unwrap(),
+                zq["best_ms_per_image"].as_f64().unwrap(),
+            );
+            assert!(best > 0.0 && best <= med, "{j}");
+            assert!(zq["runs_per_round"].as_u64().unwrap() >= 1, "{j}");
+            if ort {
+                let o = r["ort"]["ms_per_image"].as_f64().unwrap();
+                let ratio = r["ratio"].as_f64().unwrap();
+                assert!((ratio - med / o).abs() <= 1e-9 * ratio, "{j}");
+                // The float model on both engines: the same class for every input.
+                assert_eq!(r["agreement"].as_f64(), Some(1.0), "{j}");
+            } else {
+                assert!(r["ort"].is_null() && r["ratio"].is_null(), "{j}");
+            }
+        }
+        assert_eq!(j.get("ort_missing").is_some(), !ort, "{j}");
+    };
+    if ort_lib().is_some() {
+        let o = zq(&args);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        check(&o.json(), true);
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_zq"))
+        .args(args)
+        .env_remove("ZQ_ORT_LIB")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("ONNX Runtime not available"), "{err}");
+    check(&serde_json::from_slice(&o.stdout).unwrap(), false);
+    zq(&["bench", "--model", s(&m), "--batch", "1,x"]).assert_error("--batch");
+    zq(&[
+        "bench",
+        "--model",
+        s(&m),
+        "--ort-lib",
+        "/no/such/libonnxruntime.so",
+    ])
+    .assert_error("--ort-lib");
+    zq(&["bench", "--model", s(&m), "--filter", "conv"]).assert_error("--filter");
+    zq(&["bench", "--rounds", "2"]).assert_error("--model");
+}
