@@ -68,6 +68,17 @@ pub struct BiasQuant {
     pub scales: Vec<f32>,
 }
 
+impl BiasQuant {
+    /// The float bias these integers stand for (`per_channel`: one scale per channel).
+    pub fn dequantize(&self, per_channel: bool) -> Vec<f32> {
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(c, &q)| q as f32 * self.scales[if per_channel { c } else { 0 }])
+            .collect()
+    }
+}
+
 /// Quantize `bias` to int32 with scale `x_scale * w_scales[c]` (per channel), or
 /// `x_scale * w_scales[0]` for every channel. A zero scale gives 0.
 pub fn quantize_bias(bias: &[f32], x_scale: f32, w_scales: &[f32], per_channel: bool) -> BiasQuant {

@@ -419,7 +419,26 @@ impl Rng {
     }
 }
 
-/// Run `block` over all `n` images of `x` in chunks of `batch`, with the hardened weights and
+/// Run `block` over all images of `x` in chunks of `batch` with `weights` and the activation
+/// quantizers `act` (no gradient is kept).
+pub fn run_batched(
+    block: &dyn Block,
+    x: &Tensor,
+    weights: &[Tensor],
+    batch: usize,
+    act: &mut dyn FnMut(usize, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let mut out = Vec::new();
+    for s in (0..n).step_by(batch.max(1)) {
+        let m = batch.min(n - s);
+        let xb = x.narrow(0, s, m)?;
+        out.push(block.forward(&xb, weights, act)?.detach());
+    }
+    Tensor::cat(&out, 0)
+}
+
+/// Run `block` over all images of `x` in chunks of `batch`, with the hardened weights and
 /// plain (no QDrop) quantizers.
 pub fn run_quantized(
     block: &dyn Block,
@@ -432,18 +451,7 @@ pub fn run_quantized(
         .iter()
         .map(SoftWeight::hard_weight)
         .collect::<Result<_>>()?;
-    let n = x.dim(0)?;
-    let mut out = Vec::new();
-    for s in (0..n).step_by(batch.max(1)) {
-        let m = batch.min(n - s);
-        let xb = x.narrow(0, s, m)?;
-        out.push(
-            block
-                .forward(&xb, &w, &mut |k, t| acts[k].apply(t))?
-                .detach(),
-        );
-    }
-    Tensor::cat(&out, 0)
+    run_batched(block, x, &w, batch, &mut |k, t| acts[k].apply(t))
 }
 
 fn error_on_all(

@@ -43,7 +43,8 @@ pub fn zq_vs_ort(model: &Path, x: &[f32], shape: [usize; 4], lib: &Path) -> (f64
     (agree, max_abs_diff(&ours, &theirs))
 }
 
-fn digits_test() -> (Vec<f32>, [usize; 4]) {
+/// The real test digits, preprocessed, and their [n, c, h, w].
+pub fn digits_test() -> (Vec<f32>, [usize; 4]) {
     let folder = ImageFolder::open(&fixture("digits_bn/test")).unwrap();
     let pre = Preprocess {
         mean: vec![0.5],

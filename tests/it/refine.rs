@@ -68,14 +68,8 @@ fn low_bit_activations_run_in_onnx_runtime_as_zq_predicts() {
             "{clips} Clip nodes at {abits} bits"
         );
         let Some(lib) = ort_lib() else { continue };
-        let folder = zq::data::ImageFolder::open(&fixture("digits_bn/test")).unwrap();
-        let pre = zq::data::Preprocess {
-            mean: vec![0.5],
-            std: vec![0.5],
-        };
-        let x = zq::data::load_batch(&folder.items, 1, 8, 8, &pre).unwrap();
-        let (agree, diff) =
-            crate::quantize::zq_vs_ort(&out, &x, [folder.items.len(), 1, 8, 8], &lib);
+        let (x, shape) = crate::quantize::digits_test();
+        let (agree, diff) = crate::quantize::zq_vs_ort(&out, &x, shape, &lib);
         eprintln!("digits W4A{abits}: zq vs ONNX Runtime agreement {agree}, max diff {diff}");
         assert!(
             agree >= 0.99,

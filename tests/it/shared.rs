@@ -191,21 +191,7 @@ fn resnet20_pareto_mixed_precision_beats_uniform_w4() {
     let m = sh.join("models/resnet20_cifar10_bn.onnx");
     let test = sh.join("data/cifar10/test");
     let d = batch_distilled(&m);
-    let top1 = |q: &std::path::Path| -> f64 {
-        let e = zq(&[
-            "eval",
-            s(q),
-            "--data",
-            s(&test),
-            "--engine",
-            "ort",
-            "--ort-lib",
-            s(&lib),
-            "--json",
-        ]);
-        assert_eq!(e.code, 0, "{}", e.stderr);
-        e.json()["top1"].as_f64().unwrap()
-    };
+    let top1 = |q: &std::path::Path| ort_top1(q, &test, &lib);
     let size = |w: &str| -> (u64, f64) {
         let q = t.path().join(format!("u{w}.onnx"));
         let o = zq(&[
@@ -253,6 +239,23 @@ fn resnet20_pareto_mixed_precision_beats_uniform_w4() {
         );
         assert!(acc >= min_top1, "top-1 {acc} < {min_top1}");
     }
+}
+
+/// Top-1 of a model file on the image folder `test`, by ONNX Runtime (`zq eval --engine ort`).
+fn ort_top1(q: &std::path::Path, test: &std::path::Path, lib: &std::path::Path) -> f64 {
+    let e = zq(&[
+        "eval",
+        s(q),
+        "--data",
+        s(test),
+        "--engine",
+        "ort",
+        "--ort-lib",
+        s(lib),
+        "--json",
+    ]);
+    assert_eq!(e.code, 0, "{}", e.stderr);
+    e.json()["top1"].as_f64().unwrap()
 }
 
 /// 64 images distilled from ResNet-20 with batch statistics, made once per test run and shared
@@ -313,19 +316,7 @@ fn resnet20_w4a4_reconstruction_beats_round_to_nearest_in_onnx_runtime() {
             s(&q),
         ]);
         assert_eq!(o.code, 0, "{}", o.stderr);
-        let e = zq(&[
-            "eval",
-            s(&q),
-            "--data",
-            s(&test),
-            "--engine",
-            "ort",
-            "--ort-lib",
-            s(&lib),
-            "--json",
-        ]);
-        assert_eq!(e.code, 0, "{}", e.stderr);
-        let t1 = e.json()["top1"].as_f64().unwrap();
+        let t1 = ort_top1(&q, &test, &lib);
         eprintln!("ResNet-20 W4A4 --refine {refine} (ONNX Runtime): top-1 {t1}");
         top1.push(t1);
     }

@@ -294,6 +294,7 @@ pub(crate) fn plan_node(
     n: &Node,
     cal: &Calibration,
     o: &QuantizeOptions,
+    ends: &EndLayers,
 ) -> Option<LayerQuant> {
     if !n.op.is_weighted() {
         return None;
@@ -316,7 +317,7 @@ pub(crate) fn plan_node(
         x.and_then(|x| cal.params.get(&x)).copied(),
         x.and_then(|x| cal.means.get(&x)).map(Vec::as_slice),
         &LayerOptions {
-            bits: o.weight_bits(&n.name, &end_layers(g)),
+            bits: o.weight_bits(&n.name, ends),
             per_tensor: o.per_tensor,
             clip: o.clip,
             bias_correction: o.bias_correction,
@@ -330,12 +331,13 @@ pub(crate) fn quantization_plan(
     cal: &Calibration,
     o: &QuantizeOptions,
 ) -> QuantPlan<ValueId> {
+    let ends = end_layers(g);
     QuantPlan {
         activations: cal.params.clone(),
         layers: g
             .nodes
             .iter()
-            .filter_map(|n| plan_node(g, n, cal, o).map(|l| (n.name.clone(), l)))
+            .filter_map(|n| plan_node(g, n, cal, o, &ends).map(|l| (n.name.clone(), l)))
             .collect(),
     }
 }

@@ -9,7 +9,9 @@ use std::collections::{HashMap, HashSet};
 use candle_core::Tensor;
 use serde::Serialize;
 use zq_quant::bias::quantize_bias;
-use zq_quant::refine::{reconstruct, run_quantized, Block, LsqAct, RefineOptions, SoftWeight};
+use zq_quant::refine::{
+    reconstruct, run_batched, run_quantized, Block, LsqAct, RefineOptions, SoftWeight,
+};
 use zq_quant::{LayerQuant, QuantPlan};
 
 use crate::error::{Error, Result};
@@ -220,6 +222,7 @@ pub fn refine(
     let mut x_q = x_fp.clone();
     let mut reports = Vec::new();
     let total = spans.len();
+    let input = pg.inputs[0].value;
     for (bi, span) in spans.iter().enumerate() {
         let t0 = std::time::Instant::now();
         // The block's integer layers and the quantized values it reads.
@@ -246,7 +249,6 @@ pub fn refine(
             .iter()
             .map(|(&m, p)| (m, p.steps_producing(&span.values)))
             .collect();
-        let input = pg.inputs[0].value;
         let soft = fresh_soft(plan, &layers, &pg, o, &dev)?;
         let acts = fresh_acts(plan, &read, input, o, &dev)?;
         // Biases as the plan has them (bias correction included), in float: the block runs
@@ -265,11 +267,7 @@ pub fn refine(
             let Some(bv) = pg.nodes[*ni].input(2).filter(|b| pg.konst(*b).is_some()) else {
                 continue;
             };
-            let b: Vec<f32> =
-                bq.q.iter()
-                    .enumerate()
-                    .map(|(c, &q)| q as f32 * bq.scales[if *per_channel { c } else { 0 }])
-                    .collect();
+            let b = bq.dequantize(*per_channel);
             let shape = pg.konst(bv).unwrap().shape.clone();
             biases.insert(bv, Tensor::from_vec(b.clone(), shape, &dev)?);
             float_bias.insert(name.clone(), b);
@@ -288,7 +286,7 @@ pub fn refine(
             .iter()
             .map(|(_, w, _)| plans[&batch].constant(*w).cloned().unwrap())
             .collect();
-        let target = run_chunks(&block, &x_fp, &float_w, batch)?;
+        let target = run_batched(&block, &x_fp, &float_w, batch, &mut |_, t| Ok(t.clone()))?;
         let name = format!("refining block {}/{total}", bi + 1);
         let r = if soft.is_empty() {
             None
@@ -414,16 +412,4 @@ fn fresh_acts(
             )?)
         })
         .collect()
-}
-
-/// The block's output on all of `x` with weights `w` and no quantizers.
-fn run_chunks(block: &GraphBlock, x: &Tensor, w: &[Tensor], batch: usize) -> Result<Tensor> {
-    let n = x.dim(0)?;
-    let mut out = Vec::new();
-    for s in (0..n).step_by(batch) {
-        let m = batch.min(n - s);
-        let xb = x.narrow(0, s, m)?;
-        out.push(block.forward(&xb, w, &mut |_, t| Ok(t.clone()))?);
-    }
-    Ok(Tensor::cat(&out, 0)?)
 }

@@ -11,7 +11,7 @@ use zq_quant::sensitivity::{sensitivity_table, Candidate};
 
 use super::calibrate::Calibration;
 use super::report::{self, ParetoReport};
-use super::{finalize, plan_node, quantization_plan, ParetoOptions, QuantizeOptions};
+use super::{end_layers, finalize, plan_node, quantization_plan, ParetoOptions, QuantizeOptions};
 use crate::adapters::quant::PlanPerturb;
 use crate::error::{Error, Result};
 use crate::exec::Plan;
@@ -266,6 +266,7 @@ fn sizes(
     // The written file also declares its output shapes; the deltas are taken without them.
     let size8 = size_of(&plan8, &finalize(insert_qdq(g, &plan8)?)?)?;
     let raw8 = size_of(&plan8, &insert_qdq(g, &plan8)?)?;
+    let ends = end_layers(g);
     let by_name: HashMap<&str, &crate::ir::Node> =
         g.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let mut delta: Vec<Vec<i64>> = Vec::with_capacity(names.len());
@@ -286,7 +287,7 @@ fn sizes(
             let mut pb = plan8.clone();
             if let Some(l) = by_name
                 .get(nm.as_str())
-                .and_then(|n| plan_node(g, n, cal, &one))
+                .and_then(|n| plan_node(g, n, cal, &one, &ends))
             {
                 pb.layers.insert(nm.clone(), l);
             }
