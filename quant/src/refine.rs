@@ -76,7 +76,7 @@ impl RefineOptions {
             batch: 32,
             lr_round: 1e-2,
             lr_weight_scale: 1e-4,
-            lr_act_scale: 4e-5,
+            lr_act_scale: 4e-4,
             reg_weight: 0.01,
             warmup: 0.2,
             beta: (20.0, 2.0),
@@ -216,7 +216,8 @@ impl SoftWeight {
 /// fused op (elementwise candle ops would allocate and pass over the activation a dozen times):
 /// the straight-through gradient for `x` (1 inside the range, 0 where clamped) and LSQ's for `s`
 /// (`round(u) - u` inside, the clamped level outside). With `drop = Some((p, seed))` each element
-/// is kept in float with probability `p` (QDrop), chosen by a hash of `seed` and its index.
+/// is kept in float with probability `p` (QDrop, in steps of 1/256), chosen by a hash of `seed`
+/// and its index: one hash gives the bytes of eight elements.
 struct FakeQuant {
     lo: f32,
     hi: f32,
@@ -230,27 +231,93 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Elements per parallel task of the fused elementwise ops (a multiple of 8).
+const CHUNK: usize = 1 << 14;
+
 impl FakeQuant {
-    /// Whether element `i` stays in float.
-    fn kept(&self, i: usize) -> bool {
-        match self.drop {
-            Some((p, seed)) => {
-                let h = mix(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64) < p
+    /// For the group of eight elements starting at `8 * group`: bit j set when element j stays
+    /// in float.
+    fn kept_mask(&self, group: usize) -> u8 {
+        let Some((p, seed)) = self.drop else {
+            return 0;
+        };
+        let threshold = (p * 256.0).round().clamp(0.0, 256.0) as u32;
+        let h = mix(seed ^ (group as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut m = 0u8;
+        for j in 0..8 {
+            if (((h >> (8 * j)) & 0xFF) as u32) < threshold {
+                m |= 1 << j;
             }
-            None => false,
+        }
+        m
+    }
+
+    /// `round_half_even(u)` for the decisions of this quantizer: `u` is first clamped to one
+    /// level beyond the range (which changes neither the clamped level nor which side of the
+    /// range it falls on), so that the add-and-subtract rounding, which vectorizes, is exact.
+    fn round(&self, u: f32) -> f32 {
+        const MAGIC: f32 = 12_582_912.0;
+        (u.clamp(self.lo - 1.0, self.hi + 1.0) + MAGIC) - MAGIC
+    }
+
+    /// `y = fq(x)` over one chunk whose first element has index `start` (a multiple of 8).
+    fn forward_chunk(&self, s: f32, start: usize, x: &[f32], y: &mut [f32]) {
+        for (g, (y, x)) in y.chunks_mut(8).zip(x.chunks(8)).enumerate() {
+            let m = self.kept_mask(start / 8 + g);
+            for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+                let q = self.round(x / s).clamp(self.lo, self.hi) * s;
+                *y = if m >> j & 1 == 1 { x } else { q };
+            }
         }
     }
-}
 
-/// Elements per parallel task of the fused elementwise ops.
-const CHUNK: usize = 1 << 14;
+    /// `dx` over one chunk, returning its share of `ds`.
+    fn backward_chunk(&self, s: f32, start: usize, x: &[f32], dy: &[f32], dx: &mut [f32]) -> f64 {
+        let mut acc = 0f64;
+        for (g, ((dx, x), dy)) in dx
+            .chunks_mut(8)
+            .zip(x.chunks(8))
+            .zip(dy.chunks(8))
+            .enumerate()
+        {
+            let m = self.kept_mask(start / 8 + g);
+            let mut part = 0f32;
+            for (j, ((dx, &x), &g)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
+                let u = x / s;
+                let r = self.round(u);
+                let kept = m >> j & 1 == 1;
+                let inside = r >= self.lo && r <= self.hi;
+                let level = if r < self.lo {
+                    self.lo
+                } else if r > self.hi {
+                    self.hi
+                } else {
+                    r - u
+                };
+                *dx = if kept || inside { g } else { 0.0 };
+                part += if kept { 0.0 } else { g * level };
+            }
+            acc += f64::from(part);
+        }
+        acc
+    }
+}
 
 fn storage_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
     let (a, b) = l.contiguous_offsets().ok_or_else(|| {
         candle_core::Error::Msg("fake quantization needs contiguous input".into())
     })?;
     Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+/// `f` on the contiguous f32 values of a CPU tensor, without copying them out.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cs) => f(storage_slice(cs, layout)?),
+        _ => candle_core::bail!("fake quantization runs on the CPU"),
+    }
 }
 
 impl candle_core::CustomOp2 for FakeQuant {
@@ -272,15 +339,7 @@ impl candle_core::CustomOp2 for FakeQuant {
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .enumerate()
-            .for_each(|(c, (y, x))| {
-                for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
-                    *y = if self.kept(c * CHUNK + j) {
-                        x
-                    } else {
-                        crate::round_half_even(x / s).clamp(self.lo, self.hi) * s
-                    };
-                }
-            });
+            .for_each(|(c, (y, x))| self.forward_chunk(s, c * CHUNK, x, y));
         Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -292,37 +351,21 @@ impl candle_core::CustomOp2 for FakeQuant {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         use rayon::prelude::*;
-        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let dyv = dy.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let sv = s.flatten_all()?.to_vec1::<f32>()?[0];
-        let mut dx = vec![0f32; xv.len()];
-        let ds: f64 = dx
-            .par_chunks_mut(CHUNK)
-            .zip(xv.par_chunks(CHUNK).zip(dyv.par_chunks(CHUNK)))
-            .enumerate()
-            .map(|(c, (dx, (x, dy)))| {
-                let mut acc = 0f64;
-                for (j, ((dx, &x), &g)) in dx.iter_mut().zip(x).zip(dy).enumerate() {
-                    if self.kept(c * CHUNK + j) {
-                        *dx = g;
-                        continue;
-                    }
-                    let u = x / sv;
-                    let r = crate::round_half_even(u);
-                    if r < self.lo {
-                        acc += f64::from(g * self.lo);
-                    } else if r > self.hi {
-                        acc += f64::from(g * self.hi);
-                    } else {
-                        *dx = g;
-                        acc += f64::from(g * (r - u));
-                    }
-                }
-                acc
+        let (dx, ds) = with_values(x, |xv| {
+            with_values(dy, |dyv| {
+                let mut dx = vec![0f32; xv.len()];
+                let ds: f64 = dx
+                    .par_chunks_mut(CHUNK)
+                    .zip(xv.par_chunks(CHUNK).zip(dyv.par_chunks(CHUNK)))
+                    .enumerate()
+                    .map(|(c, (dx, (x, dy)))| self.backward_chunk(sv, c * CHUNK, x, dy, dx))
+                    .collect::<Vec<f64>>()
+                    .iter()
+                    .sum();
+                Ok((dx, ds))
             })
-            .collect::<Vec<f64>>()
-            .iter()
-            .sum();
+        })?;
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let ds = Tensor::from_vec(vec![ds as f32], s.shape(), s.device())?;
         Ok((Some(dx), Some(ds)))
@@ -509,6 +552,7 @@ pub fn reconstruct(
     let mut opt_act = (!act_vars.is_empty())
         .then(|| AdamW::new(act_vars, adam(o.lr_act_scale)))
         .transpose()?;
+
     let mut rng = Rng(o.seed);
     let dev = x.device().clone();
     for t in 0..o.iters {
@@ -538,6 +582,7 @@ pub fn reconstruct(
         if let Some(opt) = opt_act.as_mut() {
             opt.step(&grads)?;
         }
+
         progress(t + 1);
     }
     let error_after = error_on_all(block, x, target, weights, acts, batch)?;
@@ -690,6 +735,42 @@ mod tests {
             sw.harden()
         };
         assert_eq!(run()?, run()?);
+        Ok(())
+    }
+
+    #[test]
+    fn qdrop_keeps_the_asked_share_of_elements_in_float() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 40_000;
+        // Values halfway between levels: every quantized element differs from its float.
+        let x: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.1 + 0.05).collect();
+        let xt = Tensor::from_vec(x.clone(), n, &dev)?;
+        let a = LsqAct::new(ActQuant::uint8(0.0, 25.5), true, &dev)?;
+        for (p, lo, hi) in [(0.0, 0.0, 0.0), (0.5, 0.48, 0.52), (1.0, 1.0, 1.0)] {
+            let y = a.apply_dropping(&xt, Some((p, 3)))?.to_vec1::<f32>()?;
+            let kept = y.iter().zip(&x).filter(|(y, x)| y == x).count() as f64 / n as f64;
+            assert!((lo..=hi).contains(&kept), "p {p}: {kept} kept");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_fused_op_quantizes_exactly_as_the_plan_does() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = ActQuant {
+            scale: 0.25,
+            zero_point: 3,
+            bits: 4,
+        };
+        // Ties (k + 0.5 steps), values on and beyond both ends, huge ones.
+        let mut x: Vec<f32> = (-80..80).map(|k| k as f32 * 0.125).collect();
+        x.extend([1e9, -1e9, 3e7, -3e7, 0.3755, -0.875, f32::MIN_POSITIVE]);
+        let y = LsqAct::new(a, false, &dev)?
+            .apply(&Tensor::from_vec(x.clone(), x.len(), &dev)?)?
+            .to_vec1::<f32>()?;
+        for (x, y) in x.iter().zip(&y) {
+            assert_eq!(*y, a.fake(*x), "x = {x}");
+        }
         Ok(())
     }
 }

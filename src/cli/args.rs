@@ -503,7 +503,7 @@ pub struct QuantizeArgs {
     #[arg(long, value_name = "LR", default_value_t = 1e-4)]
     pub refine_lr_weight_scale: f64,
     /// Adam learning rate of the activation step sizes (--refine genie).
-    #[arg(long, value_name = "LR", default_value_t = 4e-5)]
+    #[arg(long, value_name = "LR", default_value_t = 4e-4)]
     pub refine_lr_act_scale: f64,
     /// One scale per weight tensor instead of one per output channel.
     #[arg(long)]

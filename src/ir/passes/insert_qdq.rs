@@ -5,7 +5,7 @@
 //! as a half-precision initializer and a Cast back to float. The algorithms that chose these
 //! numbers live in zq-quant; this pass only places them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use zq_quant::{ActQuant, LayerQuant, QuantPlan};
 
@@ -26,9 +26,21 @@ pub fn insert_qdq(g: &Graph, plan: &QuantPlan<ValueId>) -> Result<Graph> {
     }
     let mut nodes: Vec<Node> = Vec::with_capacity(g.nodes.len() * 3);
     let mut remap: HashMap<ValueId, ValueId> = HashMap::new();
+    // ONNX Runtime 1.32 fuses DequantizeLinear -> Conv/Gemm/MatMul with 8-bit weights into its
+    // integer kernels without checking the activation's type, and then rejects a uint4 input:
+    // 4-bit activations read by such a layer live in uint8 behind a Clip (the same levels).
+    let wide_readers: HashSet<ValueId> = g
+        .nodes
+        .iter()
+        .filter(|n| {
+            matches!(plan.layers.get(&n.name), Some(LayerQuant::Int { weight, .. }) if weight.bits > 4)
+        })
+        .filter_map(|n| n.input(0))
+        .collect();
+    let uint4 = |v: ValueId| !wide_readers.contains(&v);
     for i in &g.inputs {
         if let Some(a) = plan.activations.get(&i.value) {
-            let d = qdq_activation(&mut q, &mut nodes, i.value, a);
+            let d = qdq_activation(&mut q, &mut nodes, i.value, a, uint4(i.value));
             remap.insert(i.value, d);
         }
     }
@@ -114,7 +126,7 @@ pub fn insert_qdq(g: &Graph, plan: &QuantPlan<ValueId>) -> Result<Graph> {
         nodes.push(n2);
         for &y in &n.outputs {
             if let Some(a) = plan.activations.get(&y) {
-                let d = qdq_activation(&mut q, &mut nodes, y, a);
+                let d = qdq_activation(&mut q, &mut nodes, y, a, uint4(y));
                 remap.insert(y, d);
             }
         }
@@ -125,12 +137,23 @@ pub fn insert_qdq(g: &Graph, plan: &QuantPlan<ValueId>) -> Result<Graph> {
     Ok(q)
 }
 
-/// Q -> DQ for an activation value; returns the dequantized value. 8 bits are uint8, 4 uint4;
-/// other widths live in uint8 behind a Clip to their interval, so that the written model has
-/// exactly `2^bits` levels (QuantizeLinear saturates only at its type's ends).
-fn qdq_activation(q: &mut Graph, nodes: &mut Vec<Node>, v: ValueId, a: &ActQuant) -> ValueId {
+/// Q -> DQ for an activation value; returns the dequantized value. 8 bits are uint8, 4 uint4
+/// (when `uint4` allows); other widths live in uint8 behind a Clip to their interval, so that
+/// the written model has exactly `2^bits` levels (QuantizeLinear saturates only at its type's
+/// ends).
+fn qdq_activation(
+    q: &mut Graph,
+    nodes: &mut Vec<Node>,
+    v: ValueId,
+    a: &ActQuant,
+    uint4: bool,
+) -> ValueId {
     let name = q.values[v].name.clone();
-    let container = if a.bits == 4 { DType::U4 } else { DType::U8 };
+    let container = if a.bits == 4 && uint4 {
+        DType::U4
+    } else {
+        DType::U8
+    };
     let clip = |q: &mut Graph, nodes: &mut Vec<Node>, from: ValueId, to: &str| {
         let (lo, hi) = a.interval();
         let lo_id = q.add_const(format!("{name}_clip_min"), Tensor::f32(vec![], vec![lo]));
@@ -146,8 +169,9 @@ fn qdq_activation(q: &mut Graph, nodes: &mut Vec<Node>, v: ValueId, a: &ActQuant
         y
     };
     // Widths other than 4 and 8 live in uint8 behind a Clip: ONNX Runtime 1.32's Clip/Relu ->
-    // QuantizeLinear fusion fails on a uint4 zero point, so 2 and 3 bits do not use uint4.
-    let odd = a.bits != 4 && a.bits != 8;
+    // QuantizeLinear fusion fails on a uint4 zero point, so 2 and 3 bits do not use uint4
+    // (nor do 4 bits read by a layer with 8-bit weights, see `insert_qdq`).
+    let odd = a.bits != 8 && container != DType::U4;
     let x = if odd { clip(q, nodes, v, "clipped") } else { v };
     let s = q.add_const(format!("{name}_scale"), Tensor::f32(vec![], vec![a.scale]));
     let z = q.add_const(

@@ -135,6 +135,7 @@ pub struct BlockReport {
 }
 
 /// A block of the planned graph run by the reference executor.
+#[derive(Clone)]
 struct GraphBlock<'a> {
     plans: &'a HashMap<usize, Plan>,
     steps: HashMap<usize, Vec<usize>>,
@@ -281,12 +282,19 @@ pub fn refine(
             acts: read.iter().enumerate().map(|(k, &v)| (v, k)).collect(),
             biases,
         };
-        // FP32 target: float weights, no quantizers.
+        // FP32 target: the float block, i.e. float weights, the model's own biases (not the
+        // plan's, which are corrected for the round-to-nearest weights), no quantizers.
         let float_w: Vec<Tensor> = layers
             .iter()
             .map(|(_, w, _)| plans[&batch].constant(*w).cloned().unwrap())
             .collect();
-        let target = run_batched(&block, &x_fp, &float_w, batch, &mut |_, t| Ok(t.clone()))?;
+        let float_block = GraphBlock {
+            biases: HashMap::new(),
+            ..block.clone()
+        };
+        let target = run_batched(&float_block, &x_fp, &float_w, batch, &mut |_, t| {
+            Ok(t.clone())
+        })?;
         let name = format!("refining block {}/{total}", bi + 1);
         let r = if soft.is_empty() {
             None
