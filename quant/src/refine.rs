@@ -107,8 +107,9 @@ pub struct SoftWeight {
     /// Per-channel step, `[C, 1, ...]` (or `[1, ...]` per tensor); a `Var` when learnable.
     scale: Var,
     learn_scale: bool,
-    /// Channels whose initial step is zero (all-zero weights) keep it.
     channels: usize,
+    /// The plan's steps, kept where a learned one would not be positive.
+    initial: Vec<f32>,
 }
 
 impl SoftWeight {
@@ -151,6 +152,7 @@ impl SoftWeight {
             scale: Var::from_vec(scales.to_vec(), sshape, dev)?,
             learn_scale,
             channels,
+            initial: scales.to_vec(),
         })
     }
 
@@ -191,14 +193,19 @@ impl SoftWeight {
         (1.0 - d)?.sum_all()
     }
 
-    /// The result: integers and (possibly learned, never negative) steps.
+    /// The result: integers and (possibly learned) steps; a learned step that is not positive
+    /// falls back to the plan's.
     pub fn harden(&self) -> Result<WeightQuant> {
         let q = self.hard_q()?.flatten_all()?.to_vec1::<f32>()?;
         let scales = self.scale.as_tensor().flatten_all()?.to_vec1::<f32>()?;
         Ok(WeightQuant {
             bits: self.bits,
             q: q.into_iter().map(|v| v as i8).collect(),
-            scales: scales.into_iter().map(|s| s.max(0.0)).collect(),
+            scales: scales
+                .into_iter()
+                .zip(&self.initial)
+                .map(|(s, &s0)| if s > 0.0 { s } else { s0 })
+                .collect(),
         })
     }
 

@@ -101,6 +101,15 @@ pub fn quantize_weights(w: &[f32], channels: usize, bits: u8, search: ClipSearch
         quantize_row(row, scale, r, &mut q);
         scales.push(scale);
     }
+    // An all-zero row (a dead channel) quantizes to zeros at any step, but a zero step would
+    // zero its bias too (stored on the step s_x * s_w): give it the tensor's largest step.
+    let fill = scales.iter().copied().fold(0f32, f32::max);
+    let fill = if fill > 0.0 { fill } else { 1.0 };
+    for s in &mut scales {
+        if *s == 0.0 {
+            *s = fill;
+        }
+    }
     WeightQuant { bits, q, scales }
 }
 
@@ -131,6 +140,21 @@ mod tests {
         let back = q.dequantize();
         for (a, b) in w.iter().zip(&back) {
             assert!((a - b).abs() < 1e-6, "{w:?} -> {back:?}");
+        }
+    }
+
+    #[test]
+    fn a_dead_channel_keeps_a_step_for_its_bias() {
+        // Channel 1 has no weights left (pruned, or dead after training); its bias must survive.
+        let w = [0.5, -0.25, 0.0, 0.0, 0.0, 0.0];
+        for bits in [8, 4] {
+            let q = quantize_weights(&w, 3, bits, ClipSearch::MinMax);
+            assert!(q.scales.iter().all(|&s| s > 0.0), "{:?}", q.scales);
+            assert_eq!(&q.dequantize()[2..], &[0.0; 4]);
+            let b = crate::bias::quantize_bias(&[0.1, 0.7, -0.3], 0.05, &q.scales, true);
+            for (got, want) in b.dequantize(true).iter().zip([0.1, 0.7, -0.3]) {
+                assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+            }
         }
     }
 

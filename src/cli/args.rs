@@ -505,6 +505,10 @@ pub struct QuantizeArgs {
     /// Adam learning rate of the activation step sizes (--refine genie).
     #[arg(long, value_name = "LR", default_value_t = 4e-4)]
     pub refine_lr_act_scale: f64,
+    /// Probability of keeping each activation in float during reconstruction (QDrop) [default:
+    /// 0.5 for genie, 0 for adaround].
+    #[arg(long, value_name = "P")]
+    pub refine_qdrop: Option<f64>,
     /// One scale per weight tensor instead of one per output channel.
     #[arg(long)]
     pub per_tensor: bool,
@@ -524,7 +528,7 @@ pub struct QuantizeArgs {
     #[arg(long, value_name = "DIR")]
     pub calib_dir: Option<PathBuf>,
     /// Calibration images to distil (or to take from --calib-dir) [default: by input size: 64
-    /// up to 64x64 pixels, 32 above; see the README's defaults table].
+    /// up to 64x64 pixels (256 with --refine), 32 above; see the README's defaults table].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub num: Option<u32>,
     /// Distillation iterations per batch [default: by input size: 200 up to 64x64 pixels, 50

@@ -54,7 +54,11 @@ pub fn quantize_options(
     model_file_bytes: u64,
     pixels: usize,
 ) -> quantize::QuantizeOptions {
-    let d = quantize::calibrate::Budget::for_pixels(pixels);
+    let d = if a.refine == args::RefineArg::None {
+        quantize::calibrate::Budget::for_pixels(pixels)
+    } else {
+        quantize::calibrate::Budget::for_refinement(pixels)
+    };
     let num = a.num.map_or(d.num, |v| v as usize);
     let iters = a.iters.map_or(d.iters, |v| v as usize);
     let calib = match (&a.data, &a.calib_dir) {
@@ -69,13 +73,17 @@ pub fn quantize_options(
             stats: a.stats.into(),
         },
     };
-    let refine = |m| zq_quant::refine::RefineOptions {
-        iters: a.refine_iters as usize,
-        batch: a.refine_batch as usize,
-        lr_round: a.refine_lr,
-        lr_weight_scale: a.refine_lr_weight_scale,
-        lr_act_scale: a.refine_lr_act_scale,
-        ..zq_quant::refine::RefineOptions::new(m, a.seed)
+    let refine = |m| {
+        let d = zq_quant::refine::RefineOptions::new(m, a.seed);
+        zq_quant::refine::RefineOptions {
+            iters: a.refine_iters as usize,
+            batch: a.refine_batch as usize,
+            lr_round: a.refine_lr,
+            lr_weight_scale: a.refine_lr_weight_scale,
+            lr_act_scale: a.refine_lr_act_scale,
+            qdrop: a.refine_qdrop.unwrap_or(d.qdrop),
+            ..d
+        }
     };
     quantize::QuantizeOptions {
         wbits: a.wbits,

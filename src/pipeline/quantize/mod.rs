@@ -222,6 +222,12 @@ impl QuantizeOptions {
                     return usage(format!("{flag} must be a non-negative number, got {lr}"));
                 }
             }
+            if !(0.0..=1.0).contains(&r.qdrop) {
+                return usage(format!(
+                    "--refine-qdrop must be a probability between 0 and 1, got {}",
+                    r.qdrop
+                ));
+            }
         }
         for name in &self.keep_float {
             if !layers.contains(name.as_str()) {
