@@ -162,8 +162,14 @@ fn bad_low_bit_flags_are_refused() {
         (vec!["--layer-abits", "nosuch=4"], "nosuch"),
         (vec!["--layer-abits", "x=12"], "activation bit width"),
         (vec!["--refine", "genie", "--refine-lr=-1"], "--refine-lr"),
-        (vec!["--refine", "genie", "--refine-qdrop", "1.5"], "--refine-qdrop"),
-        (vec!["--refine", "genie", "--refine-qdrop=NaN"], "--refine-qdrop"),
+        (
+            vec!["--refine", "genie", "--refine-qdrop", "1.5"],
+            "--refine-qdrop",
+        ),
+        (
+            vec!["--refine", "genie", "--refine-qdrop=NaN"],
+            "--refine-qdrop",
+        ),
         (vec!["--refine", "magic"], "--refine"),
     ] {
         let mut args = vec![

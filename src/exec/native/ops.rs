@@ -319,12 +319,31 @@ pub(super) const PAD: u32 = u32::MAX;
 
 /// `y[i] = lut[x[map[i]]]`, or `pad` where `map[i] == PAD`.
 pub(super) fn gather(x: &[u8], y: &mut [u8], map: &[u32], lut: &[u8; 256], pad: u8) {
-    for (o, &m) in y.iter_mut().zip(map) {
-        *o = if m == PAD {
-            pad
+    // Maps are mostly runs of consecutive sources (a Pad's rows, a Slice's spans): copy a run
+    // at a time, through the table only when it is not the identity.
+    let identity = is_identity(lut);
+    let n = y.len().min(map.len());
+    let mut k = 0;
+    while k < n {
+        let m = map[k];
+        if m == PAD {
+            y[k] = pad;
+            k += 1;
+            continue;
+        }
+        let mut e = k + 1;
+        while e < n && map[e] == m.wrapping_add((e - k) as u32) {
+            e += 1;
+        }
+        let src = &x[m as usize..m as usize + (e - k)];
+        if identity {
+            y[k..e].copy_from_slice(src);
         } else {
-            lut[usize::from(x[m as usize])]
-        };
+            for (o, &v) in y[k..e].iter_mut().zip(src) {
+                *o = lut[usize::from(v)];
+            }
+        }
+        k = e;
     }
 }
 
@@ -431,6 +450,51 @@ pub(super) fn avg_pool(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gather_by_runs_is_the_element_by_element_gather() {
+        let x: Vec<u8> = (0..200u32).map(|v| (v * 7 % 256) as u8).collect();
+        let mut seed = 1u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        for case in 0..50 {
+            // Runs of random length from random sources, padding and lone elements between.
+            let mut map = Vec::new();
+            while map.len() < 300 {
+                match next() % 3 {
+                    0 => map.push(PAD),
+                    1 => map.push(next() % 200),
+                    _ => {
+                        let (s, l) = (next() % 150, next() % 50);
+                        map.extend(s..s + l);
+                    }
+                }
+            }
+            let mut lut = [0u8; 256];
+            for (i, v) in lut.iter_mut().enumerate() {
+                *v = if case % 2 == 0 {
+                    i as u8
+                } else {
+                    (255 - i) as u8
+                };
+            }
+            let mut want = vec![0u8; map.len()];
+            for (o, &m) in want.iter_mut().zip(&map) {
+                *o = if m == PAD {
+                    9
+                } else {
+                    lut[usize::from(x[m as usize])]
+                };
+            }
+            let mut got = vec![0u8; map.len()];
+            gather(&x, &mut got, &map, &lut, 9);
+            assert_eq!(got, want, "case {case}");
+        }
+    }
+
     use super::*;
 
     #[test]
