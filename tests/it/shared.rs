@@ -285,9 +285,10 @@ pub fn batch_distilled(m: &std::path::Path) -> std::path::PathBuf {
 
 #[test]
 fn resnet20_w4a4_reconstruction_beats_round_to_nearest_in_onnx_runtime() {
-    // Issue 12's first step, measured: W4A4 with the low-bit defaults, round to nearest against
-    // Genie-M reconstruction (200 steps per block), both judged by ONNX Runtime on the 10,000
-    // test images. Measured here: 65.2% against 73.5% at 500 steps, 71.5% at 100.
+    // W4A4 with the low-bit defaults, round to nearest against Genie-M reconstruction (200
+    // steps per block) on the suite's 64 distilled images, both judged by ONNX Runtime on the
+    // 10,000 test images. Measured here: 65.21% against 74.39% (the README's table, on 256
+    // images at 500 steps: 64.61% against 75.96%).
     let Some(sh) = shared() else { return };
     let Some(lib) = ort_lib() else { return };
     let t = tempfile::tempdir().unwrap();
@@ -322,8 +323,8 @@ fn resnet20_w4a4_reconstruction_beats_round_to_nearest_in_onnx_runtime() {
     }
     assert!(top1[0] >= 0.60, "W4A4 round to nearest {}", top1[0]);
     assert!(
-        top1[1] >= top1[0] + 0.04,
-        "W4A4 genie {} is not 4 points above round to nearest {}",
+        top1[1] >= top1[0] + 0.08,
+        "W4A4 genie {} is not 8 points above round to nearest {}",
         top1[1],
         top1[0]
     );
