@@ -4,14 +4,23 @@
 /// Round half to even (ONNX QuantizeLinear's rounding; `f32::round` rounds half away from zero).
 #[inline]
 pub fn round_half_even(x: f32) -> f32 {
-    // Adding and removing 1.5 * 2^23 rounds to nearest, ties to even, in the default rounding
-    // mode, for |x| < 2^22; it inlines, while `round_ties_even` is a libm call on baseline x86-64.
-    const MAGIC: f32 = 12_582_912.0;
-    if x.abs() < 4_194_304.0 {
-        (x + MAGIC) - MAGIC
+    if x.abs() < SMALL {
+        round_half_even_small(x)
     } else {
         x.round_ties_even()
     }
+}
+
+/// Below this magnitude [`round_half_even_small`] is exact.
+pub const SMALL: f32 = 4_194_304.0;
+
+/// [`round_half_even`] for `|x| < 2^22` ([`SMALL`]), branch-free so that loops over it
+/// vectorize: adding and removing 1.5 * 2^23 rounds to nearest, ties to even, in the default
+/// rounding mode (`round_ties_even` is a libm call on baseline x86-64).
+#[inline]
+pub fn round_half_even_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
 }
 
 /// `x` rounded to the nearest float16 value (what float16 storage keeps of it).

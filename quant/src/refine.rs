@@ -261,10 +261,9 @@ impl FakeQuant {
 
     /// `round_half_even(u)` for the decisions of this quantizer: `u` is first clamped to one
     /// level beyond the range (which changes neither the clamped level nor which side of the
-    /// range it falls on), so that the add-and-subtract rounding, which vectorizes, is exact.
+    /// range it falls on), so that the branch-free rounding, which vectorizes, is exact.
     fn round(&self, u: f32) -> f32 {
-        const MAGIC: f32 = 12_582_912.0;
-        (u.clamp(self.lo - 1.0, self.hi + 1.0) + MAGIC) - MAGIC
+        crate::numeric::round_half_even_small(u.clamp(self.lo - 1.0, self.hi + 1.0))
     }
 
     /// `y = fq(x)` over one chunk whose first element has index `start` (a multiple of 8).
@@ -559,7 +558,6 @@ pub fn reconstruct(
     let mut opt_act = (!act_vars.is_empty())
         .then(|| AdamW::new(act_vars, adam(o.lr_act_scale)))
         .transpose()?;
-
     let mut rng = Rng(o.seed);
     let dev = x.device().clone();
     for t in 0..o.iters {
@@ -589,7 +587,6 @@ pub fn reconstruct(
         if let Some(opt) = opt_act.as_mut() {
             opt.step(&grads)?;
         }
-
         progress(t + 1);
     }
     let error_after = error_on_all(block, x, target, weights, acts, batch)?;

@@ -450,6 +450,8 @@ pub(super) fn avg_pool(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn gather_by_runs_is_the_element_by_element_gather() {
         let x: Vec<u8> = (0..200u32).map(|v| (v * 7 % 256) as u8).collect();
@@ -494,8 +496,6 @@ mod tests {
             assert_eq!(got, want, "case {case}");
         }
     }
-
-    use super::*;
 
     #[test]
     fn requant_matches_onnx_quantize_linear() {
