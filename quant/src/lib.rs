@@ -22,4 +22,4 @@ pub mod weights;
 pub use numeric::{argmax, f16_round, round_half_even};
 pub use plan::{plan_layer, LayerOptions, LayerQuant, LayerSpec, QuantPlan};
 pub use range::{ActQuant, Prior};
-pub use weights::{quantize_weights, ClipSearch, QRange, WeightQuant};
+pub use weights::{quantize_weights, ClipSearch, Grid, QRange, WeightQuant};

@@ -8,7 +8,7 @@ use std::hash::Hash;
 use crate::bias::{bias_shift, quantize_bias, BiasQuant, LayerKind};
 use crate::numeric::f16_round;
 use crate::range::ActQuant;
-use crate::weights::{quantize_weights, ClipSearch, WeightQuant};
+use crate::weights::{quantize_weights, ClipSearch, Grid, WeightQuant};
 
 /// How one layer is stored and run.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,7 +41,10 @@ impl LayerQuant {
         let bias = bias_len.unwrap_or(0) * 4;
         match self {
             LayerQuant::Int { weight, .. } => {
-                (params * weight.bits as usize).div_ceil(8) + weight.scales.len() * 4 + bias
+                (params * weight.bits as usize).div_ceil(8)
+                    + weight.scales.len() * 4
+                    + weight.zero_points.len().div_ceil(2)
+                    + bias
             }
             LayerQuant::Float16 { .. } => params * 2 + bias,
             LayerQuant::Float => params * 4,
@@ -86,8 +89,20 @@ pub struct LayerOptions {
     /// One scale for the whole weight instead of one per output channel.
     pub per_tensor: bool,
     pub clip: ClipSearch,
+    /// The grid of weights of 2..=4 bits (INT4 storage); wider ones are always symmetric.
+    pub grid: Grid,
     /// Subtract the expected output shift of weight rounding from the bias.
     pub bias_correction: bool,
+}
+
+/// The grid weights of `bits` get when 2..=4-bit ones are asked to use `int4`: wider weights
+/// stay symmetric, the grid ONNX Runtime's integer kernels and zq's int8 ones take.
+pub fn grid_for(bits: u8, int4: Grid) -> Grid {
+    if bits <= 4 {
+        int4
+    } else {
+        Grid::Symmetric
+    }
 }
 
 /// Plan one layer: float16 when asked for; otherwise integer weights where the layer's input is a
@@ -109,7 +124,13 @@ pub fn plan_layer(
     };
     let per_channel = spec.kind.out_axis_first() && !o.per_tensor;
     let channels = if per_channel { spec.shape[0] } else { 1 };
-    let weight = quantize_weights(spec.weight, channels, o.bits, o.clip);
+    let weight = quantize_weights(
+        spec.weight,
+        channels,
+        o.bits,
+        o.clip,
+        grid_for(o.bits, o.grid),
+    );
     let bias = spec.bias.map(|b| {
         let mut bv = b.to_vec();
         if o.bias_correction {
@@ -153,6 +174,7 @@ mod tests {
             bits: 4,
             per_tensor: false,
             clip: ClipSearch::MinMax,
+            grid: Grid::Symmetric,
             bias_correction: false,
         };
         let w = [0.7, -0.35];
@@ -187,6 +209,7 @@ mod tests {
             bits: 2,
             per_tensor: true,
             clip: ClipSearch::MinMax,
+            grid: Grid::Symmetric,
             bias_correction: true,
         };
         // Per-tensor 2-bit grid {-1, 0, 1} x 1.0: 0.4 rounds to 0, a shift of -0.4 x mean 2.

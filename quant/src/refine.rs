@@ -6,7 +6,7 @@
 //! runs its block (any subgraph) through the [`Block`] trait, calling back here for every
 //! activation quantizer, so nothing in this module knows about graphs or files.
 //!
-//! - Soft rounding (Nagel et al. 2020): `w_q = s * clamp(floor(w/s0) + h(V), qmin, qmax)` with the
+//! - Soft rounding (Nagel et al. 2020): `w_q = s * clamp(floor(w/s0) + h(V), qmin - z, qmax - z)` with the
 //!   rectified sigmoid `h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)`, `V` initialised so
 //!   that `h(V)` is the fractional part of `w/s0`, and the regulariser
 //!   `sum(1 - |2h(V) - 1|^beta)` with `beta` annealed from 20 to 2 after a warm-up. Hardened at
@@ -110,25 +110,39 @@ pub struct SoftWeight {
     channels: usize,
     /// The plan's steps, kept where a learned one would not be positive.
     initial: Vec<f32>,
+    /// Affine grids: the plan's zero points, and the per-channel bounds `qmin - z`, `qmax - z`
+    /// of `floor(w / s0) + h(V)`, `[C, 1, ...]`.
+    zero_points: Vec<i8>,
+    bounds: Option<(Tensor, Tensor)>,
 }
 
 impl SoftWeight {
-    /// `w` laid out `[channels, ...]` with the plan's per-row steps `scales` (one per channel,
-    /// or one for the tensor).
+    /// `w` laid out `[channels, ...]` with the plan's round-to-nearest quantization `plan` (one
+    /// step, and on an affine grid one zero point, per channel or for the tensor).
     pub fn new(
         w: &[f32],
         shape: &[usize],
-        scales: &[f32],
-        bits: u8,
+        plan: &WeightQuant,
         learn_scale: bool,
         dev: &Device,
     ) -> Result<SoftWeight> {
+        let (scales, bits) = (&plan.scales, plan.bits);
         let channels = scales.len();
         if channels == 0 || !w.len().is_multiple_of(channels) {
             candle_core::bail!("{} weights for {channels} scales", w.len());
         }
+        if !plan.zero_points.is_empty() && plan.zero_points.len() != channels {
+            candle_core::bail!(
+                "{} zero points for {channels} scales",
+                plan.zero_points.len()
+            );
+        }
         let per = w.len() / channels;
-        let range = QRange::signed_symmetric(bits);
+        let range = if plan.zero_points.is_empty() {
+            QRange::signed_symmetric(bits)
+        } else {
+            QRange::signed_full(bits)
+        };
         let mut base = Vec::with_capacity(w.len());
         let mut v0 = Vec::with_capacity(w.len());
         for (i, &x) in w.iter().enumerate() {
@@ -143,6 +157,20 @@ impl SoftWeight {
         }
         let mut sshape = vec![1usize; shape.len().max(1)];
         sshape[0] = channels;
+        let bounds = if plan.zero_points.is_empty() {
+            None
+        } else {
+            let z = |off: i32| -> Vec<f32> {
+                plan.zero_points
+                    .iter()
+                    .map(|&z| (off - i32::from(z)) as f32)
+                    .collect()
+            };
+            Some((
+                Tensor::from_vec(z(range.min), sshape.clone(), dev)?,
+                Tensor::from_vec(z(range.max), sshape.clone(), dev)?,
+            ))
+        };
         Ok(SoftWeight {
             shape: shape.to_vec(),
             bits,
@@ -153,7 +181,17 @@ impl SoftWeight {
             learn_scale,
             channels,
             initial: scales.to_vec(),
+            zero_points: plan.zero_points.clone(),
+            bounds,
         })
+    }
+
+    /// Clamp integer offsets (from the zero point) to the grid.
+    fn clamp_q(&self, q: &Tensor) -> Result<Tensor> {
+        match &self.bounds {
+            None => q.clamp(self.range.min as f32, self.range.max as f32),
+            Some((lo, hi)) => q.broadcast_maximum(lo)?.broadcast_minimum(hi),
+        }
     }
 
     fn h(&self) -> Result<Tensor> {
@@ -171,14 +209,14 @@ impl SoftWeight {
 
     /// The soft-rounded weight used while training.
     pub fn weight(&self) -> Result<Tensor> {
-        let q = (&self.base + self.h()?)?.clamp(self.range.min as f32, self.range.max as f32)?;
+        let q = self.clamp_q(&(&self.base + self.h()?)?)?;
         q.broadcast_mul(&self.scale())
     }
 
-    /// The hardened integer weight, as a tensor of integer values.
+    /// The hardened integer weight less its zero point, as a tensor of integer values.
     fn hard_q(&self) -> Result<Tensor> {
         let up = self.v.as_tensor().ge(0f32)?.to_dtype(DType::F32)?;
-        (&self.base + up)?.clamp(self.range.min as f32, self.range.max as f32)
+        self.clamp_q(&(&self.base + up)?)
     }
 
     /// The hardened weight, dequantized (for running later blocks on the quantized model).
@@ -198,9 +236,15 @@ impl SoftWeight {
     pub fn harden(&self) -> Result<WeightQuant> {
         let q = self.hard_q()?.flatten_all()?.to_vec1::<f32>()?;
         let scales = self.scale.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let per = q.len() / self.channels;
+        let zp = |i: usize| self.zero_points.get(i / per).map_or(0.0, |&z| f32::from(z));
         Ok(WeightQuant {
             bits: self.bits,
-            q: q.into_iter().map(|v| v as i8).collect(),
+            zero_points: self.zero_points.clone(),
+            q: q.into_iter()
+                .enumerate()
+                .map(|(i, v)| (v + zp(i)) as i8)
+                .collect(),
             scales: scales
                 .into_iter()
                 .zip(&self.initial)
@@ -599,6 +643,28 @@ pub fn reconstruct(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::weights::Grid;
+
+    #[test]
+    fn a_fresh_soft_weight_hardens_to_the_plan_on_either_grid() -> Result<()> {
+        let dev = Device::Cpu;
+        let (c, k) = (6, 20);
+        // Rows leaning to one side, so the affine zero points are not 0.
+        let wv: Vec<f32> = data(c * k, 9)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + 0.3 * (i / k) as f32 - 0.8)
+            .collect();
+        for (bits, grid) in [(4, Grid::Symmetric), (4, Grid::Affine), (2, Grid::Affine)] {
+            let plan =
+                crate::weights::quantize_weights(&wv, c, bits, crate::ClipSearch::MinMax, grid);
+            let sw = SoftWeight::new(&wv, &[c, k], &plan, true, &dev)?;
+            assert_eq!(sw.harden()?, plan, "{bits} bits {grid:?}");
+            let hard = sw.hard_weight()?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(hard, plan.dequantize());
+        }
+        Ok(())
+    }
 
     /// y = act0(x) * w (one weight of shape [C, K] applied as a matmul), per-tensor.
     struct Dense;
@@ -625,7 +691,13 @@ mod tests {
     fn initial_soft_weights_are_the_float_weights_and_harden_to_a_grid() -> Result<()> {
         let dev = Device::Cpu;
         let w = [0.26f32, -0.64, 0.43, 0.0, 0.94, -0.14];
-        let sw = SoftWeight::new(&w, &[2, 3], &[0.1, 0.2], 4, false, &dev)?;
+        let plan = WeightQuant {
+            bits: 4,
+            q: vec![0; 6],
+            scales: vec![0.1, 0.2],
+            zero_points: Vec::new(),
+        };
+        let sw = SoftWeight::new(&w, &[2, 3], &plan, false, &dev)?;
         let soft = sw.weight()?.flatten_all()?.to_vec1::<f32>()?;
         for (a, b) in soft.iter().zip(&w) {
             assert!((a - b).abs() < 1e-3, "{soft:?}");
@@ -692,10 +764,14 @@ mod tests {
         let wv = data(c * k, 2);
         let w = Tensor::from_vec(wv.clone(), (c, k), &dev)?;
         let target = x.matmul(&w.t()?)?;
-        let plan = crate::weights::quantize_weights(&wv, c, 3, crate::ClipSearch::MinMax);
         let act = ActQuant::uint8(-0.5, 0.5);
-        for method in [Method::AdaRound, Method::Genie] {
-            let sw = SoftWeight::new(&wv, &[c, k], &plan.scales, 3, method == Method::Genie, &dev)?;
+        for (method, grid) in [
+            (Method::AdaRound, Grid::Symmetric),
+            (Method::Genie, Grid::Symmetric),
+            (Method::Genie, Grid::Affine),
+        ] {
+            let plan = crate::weights::quantize_weights(&wv, c, 3, crate::ClipSearch::MinMax, grid);
+            let sw = SoftWeight::new(&wv, &[c, k], &plan, method == Method::Genie, &dev)?;
             let acts = [LsqAct::new(act, method == Method::Genie, &dev)?];
             let o = RefineOptions {
                 iters: 300,
@@ -719,9 +795,10 @@ mod tests {
         let x = Tensor::from_vec(data(n * k, 3), (n, k), &dev)?;
         let wv = data(c * k, 4);
         let target = x.matmul(&Tensor::from_vec(wv.clone(), (c, k), &dev)?.t()?)?;
-        let plan = crate::weights::quantize_weights(&wv, c, 2, crate::ClipSearch::MinMax);
+        let plan =
+            crate::weights::quantize_weights(&wv, c, 2, crate::ClipSearch::MinMax, Grid::Affine);
         let run = || -> Result<WeightQuant> {
-            let sw = SoftWeight::new(&wv, &[c, k], &plan.scales, 2, true, &dev)?;
+            let sw = SoftWeight::new(&wv, &[c, k], &plan, true, &dev)?;
             let acts = [LsqAct::new(ActQuant::uint8(-0.5, 0.5), true, &dev)?];
             let o = RefineOptions {
                 iters: 50,

@@ -1,7 +1,7 @@
 //! ZeroQ sensitivity: KL(FP32 output || output with one layer quantized), on distilled data.
 
 use crate::numeric::{argmax, f16_round};
-use crate::weights::{quantize_weights, ClipSearch};
+use crate::weights::{quantize_weights, ClipSearch, Grid};
 
 fn softmax(row: &[f32]) -> Vec<f64> {
     let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -71,11 +71,12 @@ pub struct Candidate<'a> {
 }
 
 /// The weights as stored at `bits`: 16 is float16, 2..=8 the integer grid, dequantized.
-pub fn stored_weights(c: &Candidate, bits: u8, clip: ClipSearch) -> Vec<f32> {
+pub fn stored_weights(c: &Candidate, bits: u8, clip: ClipSearch, int4: Grid) -> Vec<f32> {
     if bits == 16 {
         c.weight.iter().map(|&v| f16_round(v)).collect()
     } else {
-        quantize_weights(c.weight, c.channels, bits, clip).dequantize()
+        let grid = crate::plan::grid_for(bits, int4);
+        quantize_weights(c.weight, c.channels, bits, clip, grid).dequantize()
     }
 }
 
@@ -89,6 +90,7 @@ pub fn sensitivity_table<M: Perturb>(
     layers: &[Candidate],
     bits: &[u8],
     clip: ClipSearch,
+    int4: Grid,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Vec<(u8, f64)>>, M::Error> {
     let total = layers.len() * bits.len();
@@ -97,7 +99,7 @@ pub fn sensitivity_table<M: Perturb>(
         let mut row = Vec::with_capacity(bits.len());
         for (k, &b) in bits.iter().enumerate() {
             progress(i * bits.len() + k + 1, total);
-            let out = model.with_weights(i, stored_weights(c, b, clip))?;
+            let out = model.with_weights(i, stored_weights(c, b, clip, int4))?;
             row.push((b, kl_divergence(reference, &out, classes)));
         }
         table.push(row);
@@ -169,6 +171,7 @@ mod tests {
             &layers,
             &[2, 4, 8],
             ClipSearch::MinMax,
+            Grid::Affine,
             &mut |_, _| calls += 1,
         )
         .unwrap();

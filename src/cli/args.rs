@@ -429,6 +429,14 @@ pub enum Clip {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Int4Grid {
+    /// A zero point per output channel, all 2^bits levels.
+    Affine,
+    /// Zero point 0, levels -(2^(bits-1) - 1) ..= 2^(bits-1) - 1.
+    Symmetric,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     /// QuantizeLinear/DequantizeLinear ONNX that ONNX Runtime runs with integer kernels.
     Onnx,
@@ -515,6 +523,11 @@ pub struct QuantizeArgs {
     /// How weight scales are chosen.
     #[arg(long, value_enum, default_value_t = Clip::Minmax)]
     pub clip: Clip,
+    /// Grid of weights stored in INT4 (2..4 bits): affine gives every output channel a zero
+    /// point and all 2^bits levels; symmetric keeps zero point 0 and 2^bits - 1 levels. Weights
+    /// of 5..8 bits are always symmetric (what integer kernels take).
+    #[arg(long, value_enum, default_value_t = Int4Grid::Affine)]
+    pub int4_grid: Int4Grid,
     /// Weight bits for one layer (repeatable), e.g. --layer-bits conv1=4.
     #[arg(long, value_name = "NAME=BITS", value_parser = layer_bits)]
     pub layer_bits: Vec<LayerBits>,

@@ -103,6 +103,10 @@ pub fn quantize_options(
             args::Clip::Minmax => zq_quant::ClipSearch::MinMax,
             args::Clip::Mse => zq_quant::ClipSearch::Mse,
         },
+        int4_grid: match a.int4_grid {
+            args::Int4Grid::Affine => zq_quant::Grid::Affine,
+            args::Int4Grid::Symmetric => zq_quant::Grid::Symmetric,
+        },
         layer_bits: a
             .layer_bits
             .iter()

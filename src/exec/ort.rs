@@ -45,7 +45,23 @@ pub struct OrtModel {
 }
 
 impl OrtModel {
+    /// A session that computes the model's integer arithmetic exactly, as the oracle must: on
+    /// x86-64 without VNNI, ONNX Runtime's default U8S8 integer kernels sum pairs of products
+    /// in int16 (VPMADDUBSW) and saturate on full-range uint8 activations and int8 weights, so
+    /// this asks for its U8U8 kernels (`session.x64quantprecision`). It changes nothing on CPUs
+    /// with VNNI.
     pub fn open(path: &Path, lib: Option<&Path>, threads: usize) -> Result<OrtModel> {
+        Self::open_with(path, lib, threads, true)
+    }
+
+    /// `open`, with ONNX Runtime's default (possibly saturating, faster) integer kernels when
+    /// `precise` is false: what a deployment gets, for speed comparisons.
+    pub fn open_with(
+        path: &Path,
+        lib: Option<&Path>,
+        threads: usize,
+        precise: bool,
+    ) -> Result<OrtModel> {
         let env = init(lib)?;
         let e = |m: String| Error::Model {
             path: path.to_path_buf(),
@@ -55,6 +71,9 @@ impl OrtModel {
         b = b
             .with_intra_threads(threads.max(1))
             .map_err(|x| e(x.to_string()))?;
+        if precise {
+            b = b.with_precise_qmm().map_err(|x| e(x.to_string()))?;
+        }
         let session = b.commit_from_file(path).map_err(|x| e(x.to_string()))?;
         let input_name = session
             .inputs()

@@ -183,20 +183,25 @@ pub struct OrtClassifier {
 }
 
 impl OrtClassifier {
-    /// A session with one intra-op thread per core.
+    /// A session with one intra-op thread per core, exact integer kernels ([`OrtModel::open`]).
     pub fn open(path: &Path, lib: Option<&Path>) -> Result<Self> {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        Self::open_threads(path, lib, threads)
+        Self::open_threads(path, lib, threads, true)
     }
 
-    /// A session with `threads` intra-op threads.
-    pub fn open_threads(path: &Path, lib: Option<&Path>, threads: usize) -> Result<Self> {
+    /// A session with `threads` intra-op threads; `precise` as in [`OrtModel::open_with`].
+    pub fn open_threads(
+        path: &Path,
+        lib: Option<&Path>,
+        threads: usize,
+        precise: bool,
+    ) -> Result<Self> {
         let graph = read_model(path)?.graph;
         let chw = chw_of(&graph, path)?;
         Ok(OrtClassifier {
-            model: OrtModel::open(path, lib, threads)?,
+            model: OrtModel::open_with(path, lib, threads, precise)?,
             chw,
         })
     }

@@ -32,6 +32,8 @@ struct LayerPlan {
     packing: &'static str,
     weight: String,
     weight_scale: Option<String>,
+    /// Per-channel zero points of an affine INT4 weight (null: all zero).
+    weight_zero_point: Option<String>,
     bias: Option<String>,
     bias_scale: Option<String>,
     input: Option<ActParams>,
@@ -98,7 +100,7 @@ pub fn to_safetensors(
     let mut used = std::collections::HashSet::new();
     for n in qg.nodes.iter().filter(|n| n.op.is_weighted()) {
         let Some(w_in) = n.input(1) else { continue };
-        let Some((wq, ws, _, axis)) = const_dq(qg, &prod, w_in) else {
+        let Some((wq, ws, wz, axis)) = const_dq(qg, &prod, w_in) else {
             // Stored in float: float16 behind a Cast, or a float constant kept as it is.
             let (wv, dt, packing, lb) = match const_f16(qg, &prod, w_in) {
                 Some(h) => (h, safetensors::Dtype::F16, "float16", 16),
@@ -146,6 +148,7 @@ pub fn to_safetensors(
                 packing,
                 weight: wname,
                 weight_scale: None,
+                weight_zero_point: None,
                 bias,
                 bias_scale: None,
                 input: None,
@@ -180,6 +183,22 @@ pub fn to_safetensors(
                 f32_bytes(&scales),
             ),
         );
+        let zero_points: Vec<i64> = wz
+            .and_then(|z| qg.konst(z))
+            .map(|t| t.to_i64_vec())
+            .unwrap_or_default();
+        let weight_zero_point = zero_points.iter().any(|&z| z != 0).then(|| {
+            let name = format!("{wname}_zero_point");
+            tensors.insert(
+                name.clone(),
+                (
+                    safetensors::Dtype::I8,
+                    vec![zero_points.len()],
+                    zero_points.iter().map(|&z| z as i8 as u8).collect(),
+                ),
+            );
+            name
+        });
         let (mut bias, mut bias_scale) = (None, None);
         if let Some((bq, bs, _, _)) = n.input(2).and_then(|v| const_dq(qg, &prod, v)) {
             let bt = qg.konst(bq).unwrap();
@@ -232,6 +251,7 @@ pub fn to_safetensors(
             packing,
             weight: wname.clone(),
             weight_scale: Some(format!("{wname}_scale")),
+            weight_zero_point,
             bias,
             bias_scale,
             input,

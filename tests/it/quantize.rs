@@ -399,11 +399,11 @@ fn onnx_layer_weights(g: &zq::ir::Graph, layer: &str) -> Vec<f32> {
     match p.op {
         Op::Cast { .. } => c(0).to_f32_vec(),
         Op::DequantizeLinear { .. } => {
-            let (q, scales) = (c(0).to_i64_vec(), c(1).to_f32_vec());
+            let (q, scales, zp) = (c(0).to_i64_vec(), c(1).to_f32_vec(), c(2).to_i64_vec());
             let per = q.len() / scales.len();
             q.iter()
                 .enumerate()
-                .map(|(i, &v)| v as f32 * scales[i / per])
+                .map(|(i, &v)| (v - zp[(i / per) % zp.len()]) as f32 * scales[i / per])
                 .collect()
         }
         ref other => panic!("{layer}: weight made by {other:?}"),
@@ -483,10 +483,21 @@ fn every_layer_is_recoverable_from_both_output_formats() {
                     assert_eq!(n, count);
                     w.data().iter().map(|&b| i64::from(b as i8)).collect()
                 };
+                let zero_points: Vec<f32> = match l["weight_zero_point"].as_str() {
+                    Some(z) => f
+                        .tensor(z)
+                        .unwrap()
+                        .data()
+                        .iter()
+                        .map(|&b| f32::from(b as i8))
+                        .collect(),
+                    None => vec![0.0; scales.len()],
+                };
+                assert_eq!(zero_points.len(), scales.len(), "{name}");
                 let per = q.len() / scales.len();
                 q.iter()
                     .enumerate()
-                    .map(|(i, &v)| v as f32 * scales[i / per])
+                    .map(|(i, &v)| (v as f32 - zero_points[i / per]) * scales[i / per])
                     .collect()
             }
         };

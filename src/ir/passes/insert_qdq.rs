@@ -93,6 +93,9 @@ pub fn insert_qdq(g: &Graph, plan: &QuantPlan<ValueId>) -> Result<Graph> {
                     } else {
                         vec![]
                     };
+                    let zero_points = (0..weight.scales.len())
+                        .map(|c| f32::from(weight.zero_point(c)))
+                        .collect();
                     let wd = dq_const(
                         &mut q,
                         &mut nodes,
@@ -100,6 +103,7 @@ pub fn insert_qdq(g: &Graph, plan: &QuantPlan<ValueId>) -> Result<Graph> {
                         qt,
                         sshape,
                         weight.scales.clone(),
+                        zero_points,
                     );
                     n2.inputs[1] = Some(wd);
                     let bias_value = n.input(2).and_then(|b| g.konst(b));
@@ -115,8 +119,16 @@ pub fn insert_qdq(g: &Graph, plan: &QuantPlan<ValueId>) -> Result<Graph> {
                             vec![]
                         };
                         let bname = format!("{}_bias", n.name);
-                        let bd =
-                            dq_const(&mut q, &mut nodes, &bname, qt, sshape, bq.scales.clone());
+                        let zeros = vec![0.0; bq.scales.len()];
+                        let bd = dq_const(
+                            &mut q,
+                            &mut nodes,
+                            &bname,
+                            qt,
+                            sshape,
+                            bq.scales.clone(),
+                            zeros,
+                        );
                         n2.inputs[2] = Some(bd);
                     }
                 }
@@ -197,7 +209,7 @@ fn qdq_activation(
     dv
 }
 
-/// A constant integer tensor `qt` dequantized along axis 0 (zero points 0 of its type) by a new
+/// A constant integer tensor `qt` dequantized along axis 0 (`zero_points` in its type) by a new
 /// DequantizeLinear node appended to `nodes`; returns the float value it produces.
 fn dq_const(
     q: &mut Graph,
@@ -206,8 +218,9 @@ fn dq_const(
     qt: Tensor,
     scale_shape: Vec<usize>,
     scales: Vec<f32>,
+    zero_points: Vec<f32>,
 ) -> ValueId {
-    let (dt, shape, nz) = (qt.dtype, qt.shape.clone(), scales.len());
+    let (dt, shape) = (qt.dtype, qt.shape.clone());
     let qid = q.add_const(format!("{name}_quantized"), qt);
     let sid = q.add_const(
         format!("{name}_scale"),
@@ -215,7 +228,7 @@ fn dq_const(
     );
     let zid = q.add_const(
         format!("{name}_zero_point"),
-        Tensor::f32(scale_shape, vec![0.0; nz]).cast(dt),
+        Tensor::f32(scale_shape, zero_points).cast(dt),
     );
     let d = q.add_value(format!("{name}_dequantized"), DType::F32);
     q.values[d].shape = Some(shape);

@@ -54,6 +54,8 @@ pub struct QuantizeOptions {
     pub per_tensor: bool,
     /// Weight scale search.
     pub clip: ClipSearch,
+    /// Grid of weights of 2..=4 bits (wider ones are symmetric).
+    pub int4_grid: zq_quant::Grid,
     /// Per-layer weight bits, by node name.
     pub layer_bits: BTreeMap<String, u8>,
     /// Layers left in float, by node name.
@@ -326,6 +328,7 @@ pub(crate) fn plan_node(
             bits: o.weight_bits(&n.name, ends),
             per_tensor: o.per_tensor,
             clip: o.clip,
+            grid: o.int4_grid,
             bias_correction: o.bias_correction,
         },
     ))

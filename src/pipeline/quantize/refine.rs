@@ -393,8 +393,7 @@ fn fresh_soft(
             Ok(SoftWeight::new(
                 &wt.to_f32_vec(),
                 &wt.shape,
-                &weight.scales,
-                weight.bits,
+                weight,
                 o.method == zq_quant::refine::Method::Genie,
                 dev,
             )?)

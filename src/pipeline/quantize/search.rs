@@ -226,6 +226,7 @@ fn sensitivities(
         &layers,
         &p.bits,
         o.clip,
+        o.int4_grid,
         &mut |done, total| progress("measuring sensitivity", done, total),
     )
 }
