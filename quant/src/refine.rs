@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::range::ActQuant;
-use crate::weights::{QRange, WeightQuant};
+use crate::weights::{Grid, QRange, WeightQuant};
 
 /// Rectified sigmoid stretch (AdaRound's gamma and zeta).
 const GAMMA: f64 = -0.1;
@@ -138,11 +138,12 @@ impl SoftWeight {
             );
         }
         let per = w.len() / channels;
-        let range = if plan.zero_points.is_empty() {
-            QRange::signed_symmetric(bits)
+        let grid = if plan.zero_points.is_empty() {
+            Grid::Symmetric
         } else {
-            QRange::signed_full(bits)
+            Grid::Affine
         };
+        let range = grid.range(bits);
         let mut base = Vec::with_capacity(w.len());
         let mut v0 = Vec::with_capacity(w.len());
         for (i, &x) in w.iter().enumerate() {
@@ -643,7 +644,6 @@ pub fn reconstruct(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weights::Grid;
 
     #[test]
     fn a_fresh_soft_weight_hardens_to_the_plan_on_either_grid() -> Result<()> {

@@ -70,13 +70,20 @@ pub struct Candidate<'a> {
     pub channels: usize,
 }
 
+/// How candidate weights are quantized: the scale search, and the grid of 2..=4-bit weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheme {
+    pub clip: ClipSearch,
+    pub int4: Grid,
+}
+
 /// The weights as stored at `bits`: 16 is float16, 2..=8 the integer grid, dequantized.
-pub fn stored_weights(c: &Candidate, bits: u8, clip: ClipSearch, int4: Grid) -> Vec<f32> {
+pub fn stored_weights(c: &Candidate, bits: u8, s: Scheme) -> Vec<f32> {
     if bits == 16 {
         c.weight.iter().map(|&v| f16_round(v)).collect()
     } else {
-        let grid = crate::plan::grid_for(bits, int4);
-        quantize_weights(c.weight, c.channels, bits, clip, grid).dequantize()
+        let grid = crate::plan::grid_for(bits, s.int4);
+        quantize_weights(c.weight, c.channels, bits, s.clip, grid).dequantize()
     }
 }
 
@@ -89,8 +96,7 @@ pub fn sensitivity_table<M: Perturb>(
     classes: usize,
     layers: &[Candidate],
     bits: &[u8],
-    clip: ClipSearch,
-    int4: Grid,
+    scheme: Scheme,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Vec<(u8, f64)>>, M::Error> {
     let total = layers.len() * bits.len();
@@ -99,7 +105,7 @@ pub fn sensitivity_table<M: Perturb>(
         let mut row = Vec::with_capacity(bits.len());
         for (k, &b) in bits.iter().enumerate() {
             progress(i * bits.len() + k + 1, total);
-            let out = model.with_weights(i, stored_weights(c, b, clip, int4))?;
+            let out = model.with_weights(i, stored_weights(c, b, scheme))?;
             row.push((b, kl_divergence(reference, &out, classes)));
         }
         table.push(row);
@@ -170,8 +176,10 @@ mod tests {
             4,
             &layers,
             &[2, 4, 8],
-            ClipSearch::MinMax,
-            Grid::Affine,
+            Scheme {
+                clip: ClipSearch::MinMax,
+                int4: Grid::Affine,
+            },
             &mut |_, _| calls += 1,
         )
         .unwrap();

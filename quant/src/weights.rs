@@ -53,6 +53,16 @@ pub enum Grid {
     Affine,
 }
 
+impl Grid {
+    /// The integer range of a `bits`-bit weight on this grid.
+    pub fn range(self, bits: u8) -> QRange {
+        match self {
+            Grid::Symmetric => QRange::signed_symmetric(bits),
+            Grid::Affine => QRange::signed_full(bits),
+        }
+    }
+}
+
 /// Per-output-channel quantization of a weight laid out `[channels, rest...]`: the value of
 /// `q` in row `c` is `(q - zero_points[c]) * scales[c]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,27 +138,19 @@ pub fn quantize_weights(
         "weight of {} values is not {channels} rows",
         w.len()
     );
-    let r = match grid {
-        Grid::Symmetric => QRange::signed_symmetric(bits),
-        Grid::Affine => QRange::signed_full(bits),
-    };
+    let r = grid.range(bits);
     let per = w.len() / channels;
     let mut q = Vec::with_capacity(w.len());
     let mut scales = Vec::with_capacity(channels);
     let mut zero_points = Vec::new();
     for row in w.chunks(per) {
-        // The row's parameters when its range is shrunk by `f` (1: no clipping).
+        // The row's parameters when its range (with 0 in it) is shrunk by `f` (1: no clipping).
+        let lo = row.iter().fold(0f32, |m, &x| m.min(x));
+        let hi = row.iter().fold(0f32, |m, &x| m.max(x));
         let params = |f: f32| -> (f32, f32) {
             match grid {
-                Grid::Symmetric => {
-                    let amax = row.iter().fold(0f32, |m, &x| m.max(x.abs()));
-                    (amax * f / r.max as f32, 0.0)
-                }
-                Grid::Affine => {
-                    let lo = row.iter().fold(0f32, |m, &x| m.min(x));
-                    let hi = row.iter().fold(0f32, |m, &x| m.max(x));
-                    affine_params(lo * f, hi * f, r)
-                }
+                Grid::Symmetric => ((-lo).max(hi) * f / r.max as f32, 0.0),
+                Grid::Affine => affine_params(lo * f, hi * f, r),
             }
         };
         let base = params(1.0);

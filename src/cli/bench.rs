@@ -114,9 +114,8 @@ fn cmd_bench_model(p: &Printer, a: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchEngine::Zq => Box::new(eval::ZqClassifier::new(graph, &path)?),
     };
     // ONNX Runtime absent is not an error (zq is still timed); a library named by --ort-lib
-    // that does not load is.
-    // ONNX Runtime is timed with its default integer kernels (what a deployment runs, faster
-    // than the exact ones on CPUs without VNNI).
+    // that does not load is. It is timed with its default integer kernels (what a deployment
+    // runs, faster than the exact ones on CPUs without VNNI).
     let lib = a.ort_lib.as_deref();
     let mut ort = match crate::exec::ort::init(lib) {
         Ok(_) => Ok(eval::OrtClassifier::open_threads(

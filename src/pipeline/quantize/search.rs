@@ -225,8 +225,10 @@ fn sensitivities(
         classes,
         &layers,
         &p.bits,
-        o.clip,
-        o.int4_grid,
+        zq_quant::sensitivity::Scheme {
+            clip: o.clip,
+            int4: o.int4_grid,
+        },
         &mut |done, total| progress("measuring sensitivity", done, total),
     )
 }
