@@ -526,7 +526,7 @@ pub struct QuantizeArgs {
     /// Grid of weights stored in INT4 (2..4 bits): affine gives every output channel a zero
     /// point and all 2^bits levels; symmetric keeps zero point 0 and 2^bits - 1 levels. Weights
     /// of 5..8 bits are always symmetric (what integer kernels take).
-    #[arg(long, value_enum, default_value_t = Int4Grid::Affine)]
+    #[arg(long, value_enum, default_value_t = Int4Grid::Symmetric)]
     pub int4_grid: Int4Grid,
     /// Weight bits for one layer (repeatable), e.g. --layer-bits conv1=4.
     #[arg(long, value_name = "NAME=BITS", value_parser = layer_bits)]

@@ -32,7 +32,9 @@ struct LayerPlan {
     packing: &'static str,
     weight: String,
     weight_scale: Option<String>,
-    /// Per-channel zero points of an affine INT4 weight (null: all zero).
+    /// Per-channel zero points of an affine INT4 weight; left out of the plan when all zero,
+    /// so symmetric models keep the header they had.
+    #[serde(skip_serializing_if = "Option::is_none")]
     weight_zero_point: Option<String>,
     bias: Option<String>,
     bias_scale: Option<String>,

@@ -425,6 +425,8 @@ fn every_layer_is_recoverable_from_both_output_formats() {
             "Conv_2=4",
             "--keep-float",
             "Conv_14",
+            "--int4-grid",
+            "affine",
             "--holdout",
             "0",
         ],
@@ -448,6 +450,12 @@ fn every_layer_is_recoverable_from_both_output_formats() {
     assert_eq!(layers.len(), weighted.len(), "every layer is in the plan");
     for name in weighted {
         let l = layers.iter().find(|l| l["name"] == name).unwrap();
+        // The 4-bit layer is on the affine grid: its zero points are stored.
+        assert_eq!(
+            l["weight_zero_point"].is_string(),
+            name == "Conv_2",
+            "{name}: {l}"
+        );
         let w = f.tensor(l["weight"].as_str().unwrap()).unwrap();
         let n: usize = w.shape().iter().product();
         let from_st: Vec<f32> = match l["packing"].as_str().unwrap() {
@@ -695,7 +703,11 @@ fn pareto_fits_the_budget_with_the_predicted_size() {
             assert!(w[0]["bytes"].as_u64() < w[1]["bytes"].as_u64());
             assert!(w[0]["sensitivity"].as_f64() > w[1]["sensitivity"].as_f64());
         }
-        assert!(pts.contains(&f["chosen"]));
+        assert!(
+            pts.contains(&f["chosen"]),
+            "{fmt}: {} not in {pts:?}",
+            f["chosen"]
+        );
         // Sensitivity grows as bits shrink, layer by layer.
         for row in f["sensitivity"].as_array().unwrap() {
             let v: Vec<f64> = row
