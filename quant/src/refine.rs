@@ -20,6 +20,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::range::ActQuant;
 use crate::weights::{Grid, QRange, WeightQuant};
+use zq_kernels::rng::{mix, SplitMix64, GOLDEN};
 
 /// Rectified sigmoid stretch (AdaRound's gamma and zeta).
 const GAMMA: f64 = -0.1;
@@ -276,13 +277,6 @@ struct FakeQuant {
     drop: Option<(f64, u64)>,
 }
 
-/// SplitMix64's finaliser: a hash of one word.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Elements per parallel task of the fused elementwise ops (a multiple of 8).
 const CHUNK: usize = 1 << 14;
 
@@ -294,7 +288,7 @@ impl FakeQuant {
             return 0;
         };
         let threshold = (p * 256.0).round().clamp(0.0, 256.0) as u32;
-        let h = mix(seed ^ (group as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let h = mix(seed ^ (group as u64).wrapping_mul(GOLDEN));
         let mut m = 0u8;
         for j in 0..8 {
             if (((h >> (8 * j)) & 0xFF) as u32) < threshold {
@@ -500,13 +494,15 @@ pub struct BlockResult {
     pub error_after: f64,
 }
 
-/// SplitMix64: the seeded stream for batches and QDrop masks.
-struct Rng(u64);
+/// The seeded stream for batches and QDrop masks.
+struct Rng(SplitMix64);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(SplitMix64::new(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
@@ -603,7 +599,7 @@ pub fn reconstruct(
     let mut opt_act = (!act_vars.is_empty())
         .then(|| AdamW::new(act_vars, adam(o.lr_act_scale)))
         .transpose()?;
-    let mut rng = Rng(o.seed);
+    let mut rng = Rng::new(o.seed);
     let dev = x.device().clone();
     for t in 0..o.iters {
         let idx: Vec<u32> = (0..batch).map(|_| rng.below(n) as u32).collect();
@@ -681,7 +677,7 @@ mod tests {
     }
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = Rng(seed);
+        let mut r = Rng::new(seed);
         (0..n)
             .map(|_| (r.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
             .collect()

@@ -1,5 +1,6 @@
 //! Adam on plain f32 buffers (the optimised tensor is the input batch; the model stays frozen).
 
+use zq_kernels::rng::SplitMix64;
 #[derive(Debug, Clone)]
 pub struct Adam {
     pub lr: f32,
@@ -81,37 +82,9 @@ impl Plateau {
     }
 }
 
-/// SplitMix64: a seeded stream of 64-bit values, identical on every machine.
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> SplitMix {
-        SplitMix(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1), never 0 or 1.
-    pub fn next_unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_unit() * n as f64) as usize % n.max(1)
-    }
-}
-
 /// SplitMix64 with Box-Muller: seeded normal samples, identical on every machine.
 pub fn normal(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = SplitMix::new(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
         let (u1, u2) = (rng.next_unit(), rng.next_unit());

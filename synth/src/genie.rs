@@ -20,9 +20,10 @@
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{BatchNorm, Linear, Optimizer, ParamsAdamW, VarMap};
 
-use crate::adam::{normal, Plateau, SplitMix};
+use crate::adam::{normal, Plateau};
 use crate::engine::TapGrad;
 use crate::zeroq::{self, Distilled, PixelMap, Stats, PIXEL_MEAN, PIXEL_STD};
+use zq_kernels::rng::SplitMix64;
 
 /// The reference's learning rate of the latents (its code calls it `lr_g`, but hands it to the
 /// latents' optimiser).
@@ -367,7 +368,7 @@ pub fn distill(
         (true, true, 0) => Swing::NoStridedConv,
         (true, true, k) => Swing::On(k),
     };
-    let mut rng = SplitMix::new(cfg.seed ^ SEED_SWING);
+    let mut rng = SplitMix64::new(cfg.seed ^ SEED_SWING);
     let images = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1::<f32>() };
     let (p0, _) = to_pixels(&images(&gen.forward(z.as_tensor())?)?);
     let (_, per0, _) = zeroq::loss_and_grad(model, &p0, &cfg.map, Stats::Batch, false)?;

@@ -5,5 +5,6 @@
 
 pub mod gemm;
 pub mod int8;
+pub mod rng;
 pub mod simd;
 pub mod stats;
