@@ -437,6 +437,15 @@ pub enum Int4Grid {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AbitsScope {
+    /// The inputs of weighted layers (Conv, Gemm, MatMul), as the literature's WxAy counts them;
+    /// residual sums, a conv's output before an Add and pooled features stay at 8 bits.
+    LayerInputs,
+    /// Every quantized activation.
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     /// QuantizeLinear/DequantizeLinear ONNX that ONNX Runtime runs with integer kernels.
     Onnx,
@@ -461,8 +470,8 @@ pub struct QuantizeArgs {
     /// Largest output file for --pareto: 4MB, 3.5MiB, 512KB, 200000 (bytes) or 50% (of the FP32 file).
     #[arg(long, value_name = "SIZE", requires = "pareto")]
     pub budget: Option<crate::cli::size::SizeSpec>,
-    /// Largest bit-operation count per image for --pareto (sum of MACs x weight bits x 8), as in
-    /// ZeroQ and HAWQ-V3; with or without --budget.
+    /// Largest bit-operation count per image for --pareto (sum of MACs x weight bits x the bits
+    /// of the layer's input activation), as in ZeroQ and HAWQ-V3; with or without --budget.
     #[arg(long, value_name = "BOPS", requires = "pareto")]
     pub bops_budget: Option<u64>,
     /// Candidate weight bit widths for --pareto (16: float16 storage, for layers too sensitive for 8).
@@ -490,6 +499,10 @@ pub struct QuantizeArgs {
     /// and last layers' weights at 8 or more, unless --layer-bits/--layer-abits say otherwise.
     #[arg(long, value_name = "BITS", default_value_t = 8, value_parser = clap::value_parser!(u8).range(2..=8))]
     pub abits: u8,
+    /// Which activations --abits applies to: the inputs of weighted layers (the others, such as
+    /// residual sums, stay at 8 bits: they hold no weights and cost no storage), or all.
+    #[arg(long, value_enum, default_value_t = AbitsScope::LayerInputs)]
+    pub abits_scope: AbitsScope,
     /// Activation bits of one layer's input (repeatable), e.g. --layer-abits conv1=8.
     #[arg(long, value_name = "NAME=BITS", value_parser = layer_abits)]
     pub layer_abits: Vec<LayerBits>,

@@ -88,6 +88,10 @@ pub fn quantize_options(
     quantize::QuantizeOptions {
         wbits: a.wbits,
         abits: a.abits,
+        abits_scope: match a.abits_scope {
+            args::AbitsScope::LayerInputs => quantize::AbitsScope::LayerInputs,
+            args::AbitsScope::All => quantize::AbitsScope::All,
+        },
         layer_abits: a
             .layer_abits
             .iter()

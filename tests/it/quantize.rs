@@ -832,6 +832,24 @@ fn pareto_with_float16_candidates_bops_budget_and_plot() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let chosen = o.json()["pareto"]["chosen_bops"].as_u64().unwrap();
     assert!(chosen <= fp8 * 3 / 4 && chosen > 0, "{chosen}");
+    // With 4-bit activations the count multiplies each layer's MACs by its input's bits.
+    a.extend_from_slice(&["--abits", "4"]);
+    let o = zq(&a);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
+    let p = &j["pareto"];
+    let u = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let (macs, abits, bits) = (u(&p["macs"]), u(&p["abits"]), u(&p["chosen"]["bits"]));
+    assert!(abits.contains(&4) && abits.contains(&8), "{abits:?}");
+    let want: u64 = (0..macs.len()).map(|i| macs[i] * bits[i] * abits[i]).sum();
+    assert_eq!(p["chosen_bops"].as_u64().unwrap(), want);
+    assert!(want <= fp8 * 3 / 4);
     let mut a = vec![
         "quantize",
         s(&m),

@@ -109,6 +109,63 @@ fn low_bit_activations_run_in_onnx_runtime_as_zq_predicts() {
 }
 
 #[test]
+fn low_bit_activations_are_the_inputs_of_layers_unless_asked_for_all() {
+    // The digits model has a residual Add: under the default scope its inputs that no layer
+    // reads (a conv's output) stay 8-bit, while --abits-scope all quantizes them at 4 bits too.
+    let t = tempfile::tempdir().unwrap();
+    let mut by_scope = Vec::new();
+    for scope in ["layer-inputs", "all"] {
+        let (out, o) = quantize(
+            t.path(),
+            &format!("{scope}.onnx"),
+            &["--wbits", "4", "--abits", "4", "--abits-scope", scope],
+        );
+        let j = o.json();
+        let acts = j["activations"].as_array().unwrap();
+        let four: Vec<&str> = acts
+            .iter()
+            .filter(|a| a["bits"] == 4)
+            .map(|a| a["tensor"].as_str().unwrap())
+            .collect();
+        // Which 4-bit tensors some weighted layer reads, in the emitted graph.
+        let g = read_model(&out).unwrap().graph;
+        let weighted = ["Conv", "Gemm", "MatMul"];
+        let read_by_layer = |tensor: &str| {
+            let v = g.values.iter().position(|v| v.name == tensor).unwrap();
+            let q = g
+                .nodes
+                .iter()
+                .find(|n| n.op.name() == "QuantizeLinear" && n.input(0) == Some(v))
+                .unwrap_or_else(|| panic!("{tensor} has no QuantizeLinear"));
+            g.nodes
+                .iter()
+                .filter(|n| n.op.name() == "DequantizeLinear" && n.input(0) == Some(q.outputs[0]))
+                .any(|dq| {
+                    g.nodes.iter().any(|r| {
+                        weighted.contains(&r.op.name()) && r.input(0) == Some(dq.outputs[0])
+                    })
+                })
+        };
+        let not_layer_inputs = four.iter().filter(|t| !read_by_layer(t)).count();
+        eprintln!(
+            "digits W4A4 --abits-scope {scope}: {} 4-bit activations, {not_layer_inputs} not read by a layer",
+            four.len()
+        );
+        assert!(!four.is_empty());
+        by_scope.push((four.len(), not_layer_inputs));
+    }
+    assert_eq!(
+        by_scope[0].1, 0,
+        "layer-inputs scope quantized a non-input at 4 bits"
+    );
+    assert!(
+        by_scope[1].1 > 0,
+        "--abits-scope all left every residual input at 8 bits"
+    );
+    assert!(by_scope[1].0 > by_scope[0].0);
+}
+
+#[test]
 fn refinement_lowers_the_error_and_repeats_for_a_seed() {
     let t = tempfile::tempdir().unwrap();
     let flags = ["--wbits", "2", "--abits", "4"];

@@ -11,7 +11,7 @@ use zq_quant::range::{calibrated_range, mse_range};
 use zq_quant::{ActQuant, Prior};
 
 use super::report::ActReport;
-use super::{Calib, QuantizeOptions};
+use super::{AbitsScope, Calib, QuantizeOptions};
 use crate::error::{Error, Result};
 use crate::exec::Plan;
 use crate::ir::passes::BnPrior;
@@ -215,9 +215,26 @@ const SAMPLES_PER_BATCH: usize = 16_384;
 /// The bits of every activation to quantize: `--layer-abits` for a layer's input, else 8 for the
 /// network input and the last layer's input when the low-bit defaults apply (as the literature
 /// keeps them), else `--abits`. A value read by several layers takes the widest of their choices.
+/// Under [`AbitsScope::LayerInputs`] an activation no weighted layer reads (a conv's output
+/// before a residual Add, the sum itself, a pool's input) stays at 8 bits.
 pub(crate) fn activation_bits(pg: &Graph, o: &QuantizeOptions) -> HashMap<ValueId, u8> {
     let acts = activations(pg);
-    let mut bits: HashMap<ValueId, u8> = acts.iter().map(|&v| (v, o.abits)).collect();
+    let layer_inputs: HashSet<ValueId> = pg
+        .nodes
+        .iter()
+        .filter(|n| n.op.is_weighted())
+        .filter_map(|n| n.input(0))
+        .collect();
+    let mut bits: HashMap<ValueId, u8> = acts
+        .iter()
+        .map(|&v| {
+            let b = match o.abits_scope {
+                AbitsScope::LayerInputs if !layer_inputs.contains(&v) => 8,
+                _ => o.abits,
+            };
+            (v, b)
+        })
+        .collect();
     let ends = super::end_layers(pg);
     let mut chosen: HashMap<ValueId, u8> = HashMap::new();
     for n in pg.nodes.iter().filter(|n| n.op.is_weighted()) {

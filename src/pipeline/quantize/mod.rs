@@ -47,6 +47,8 @@ pub struct QuantizeOptions {
     pub wbits: u8,
     /// Activation bits (2..=8).
     pub abits: u8,
+    /// Which activations `abits` applies to.
+    pub abits_scope: AbitsScope,
     /// Per-layer activation bits (of the layer's input), by node name.
     pub layer_abits: BTreeMap<String, u8>,
     /// Block-wise reconstruction after planning (`None`: round to nearest).
@@ -79,6 +81,15 @@ pub struct QuantizeOptions {
     pub format: OutputFormat,
     /// Bounds on the estimated quality; a miss is reported, and nothing should be written.
     pub gate: Gate,
+}
+
+/// Which activations `--abits` sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbitsScope {
+    /// Inputs of weighted layers; every other activation stays at 8 bits.
+    LayerInputs,
+    /// Every quantized activation.
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,11 +24,14 @@ pub struct ParetoReport {
     /// Uniform assignments (every layer at one width), for comparison.
     pub uniform: Vec<zq_quant::pareto::Point>,
     pub predicted_bytes: u64,
-    /// Bit-operations per image of the chosen assignment (MACs x weight bits x 8 activation bits).
+    /// Bit-operations per image of the chosen assignment (MACs x weight bits x input activation
+    /// bits).
     pub chosen_bops: u64,
     pub bops_budget: Option<u64>,
     /// Multiply-accumulates per image of each layer (same order as `layers`).
     pub macs: Vec<u64>,
+    /// Activation bits of each layer's input, which the BOPs count multiplies by.
+    pub abits: Vec<u8>,
     pub seconds: f64,
 }
 

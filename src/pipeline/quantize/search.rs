@@ -19,9 +19,6 @@ use crate::ir::passes::insert_qdq;
 use crate::ir::{Graph, ValueId};
 use crate::units::human_bytes;
 
-/// Activation bits the BOPs count uses (every activation is uint8).
-const ACT_BITS: u8 = 8;
-
 /// The message for a budget nothing meets, naming the figures that would be feasible.
 fn infeasible_message(i: &Infeasible) -> String {
     match *i {
@@ -94,7 +91,25 @@ pub fn search(
         })
         .collect();
     let macs = layer_macs(&plan.graph, &cand);
-    let mut chosen = choose(&front, base, &options, &macs, p)?;
+    // BOPs count each layer's input at the activation bits it is quantized to.
+    let act = super::calibrate::activation_bits(&plan.graph, o);
+    let abits: Vec<u8> = cand
+        .iter()
+        .map(|&(ni, _)| {
+            plan.graph.nodes[ni]
+                .input(0)
+                .and_then(|v| act.get(&v).copied())
+                .unwrap_or(8)
+        })
+        .collect();
+    let total_bops = |bits: &[u8]| -> u64 {
+        bits.iter()
+            .zip(&macs)
+            .zip(&abits)
+            .map(|((&b, &m), &a)| zq_quant::cost::bops(m, b, a))
+            .sum()
+    };
+    let mut chosen = choose(&front, base, &options, &macs, &abits, p)?;
     // The per-layer deltas are exact but not quite additive (safetensors pads its header to 8
     // bytes): measure the chosen point, and where it does not fit after all, take the least
     // sensitive frontier point that does.
@@ -108,15 +123,7 @@ pub fn search(
     };
     let mut actual = measure(&chosen.bits)?;
     if actual > p.budget {
-        let fits_bops = |bits: &[u8]| {
-            p.bops_budget.is_none_or(|max| {
-                bits.iter()
-                    .zip(&macs)
-                    .map(|(&b, &m)| zq_quant::cost::bops(m, b, ACT_BITS))
-                    .sum::<u64>()
-                    <= max
-            })
-        };
+        let fits_bops = |bits: &[u8]| p.bops_budget.is_none_or(|max| total_bops(bits) <= max);
         let mut others: Vec<&Point> = front
             .iter()
             .filter(|q| q.bytes <= p.budget && fits_bops(&q.bits))
@@ -140,16 +147,12 @@ pub fn search(
         actual = a;
     }
     chosen.bytes = actual;
-    let chosen_bops = chosen
-        .bits
-        .iter()
-        .zip(&macs)
-        .map(|(&b, &m)| zq_quant::cost::bops(m, b, ACT_BITS))
-        .sum();
+    let chosen_bops = total_bops(&chosen.bits);
     Ok(ParetoReport {
         chosen_bops,
         bops_budget: p.bops_budget,
         macs,
+        abits,
         budget: p.budget,
         candidate_bits: p.bits.clone(),
         layers: names,
@@ -329,9 +332,10 @@ fn choose(
     base: u64,
     options: &[Vec<Choice>],
     macs: &[u64],
+    abits: &[u8],
     p: &ParetoOptions,
 ) -> Result<Point> {
-    let bops = |ci: usize, b: u8| zq_quant::cost::bops(macs[ci], b, ACT_BITS);
+    let bops = |ci: usize, b: u8| zq_quant::cost::bops(macs[ci], b, abits[ci]);
     let chosen = match p.bops_budget {
         None => pareto::pick(front, p.budget).cloned(),
         Some(max_bops) => {
