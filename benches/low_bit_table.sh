@@ -13,8 +13,9 @@ cargo build --release --quiet
 Z=target/release/zq
 row() { # model data name flags...
   local m=$1 d=$2 name=$3; shift 3
-  $Z quantize "$m" --data "$d" --holdout 0 -o "$OUT/$name.onnx" -q "$@"
-  printf '%-14s %s\n' "$name" "$($Z eval "$OUT/$name.onnx" --data $T --engine ort -q --json |
+  local t0=$SECONDS
+  $Z quantize "$m" --data "$d" --holdout 0 -o "$OUT/$name.onnx" --json "$@" > "$OUT/$name.json"
+  printf '%-16s %5ss  %s\n' "$name" "$((SECONDS - t0))" "$($Z eval "$OUT/$name.onnx" --data $T --engine ort -q --json |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["top1"])')"
 }
 for m in resnet20 resnet32; do
@@ -27,6 +28,7 @@ row $M $D w8a8_genie --refine genie --refine-iters 200
 row $M $D w4a8_none --wbits 4
 row $M $D w4a8_adaround --wbits 4 --refine adaround --refine-iters 200
 row $M $D w4a8_genie --wbits 4 --refine genie
+row $M $D w4a4_all_none --wbits 4 --abits 4 --abits-scope all
 row $M $D w4a4_none --wbits 4 --abits 4
 row $M $D w4a4_adaround --wbits 4 --abits 4 --refine adaround --refine-iters 200
 row $M $D w4a4_genie --wbits 4 --abits 4 --refine genie
@@ -36,4 +38,6 @@ row $M $D pareto_none --abits 4 --pareto --budget 280KB
 row $M $D pareto_genie --abits 4 --pareto --budget 280KB --refine genie --refine-iters 200
 M=$S/resnet32_cifar10_bn.onnx; D=$OUT/resnet32.d256.safetensors
 row $M $D r32_w4a4_none --wbits 4 --abits 4
+row $M $D r32_w4a8_none --wbits 4
+row $M $D r32_w4a8_genie --wbits 4 --refine genie
 row $M $D r32_w4a4_genie --wbits 4 --abits 4 --refine genie

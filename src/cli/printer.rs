@@ -220,6 +220,28 @@ pub fn print_quantize(r: &super::QuantizeSummary) {
             pr.seconds
         );
     }
+    if let Some(rf) = &r.report.refine {
+        let kept = rf.blocks.iter().filter(|b| b.kept_round_to_nearest).count();
+        print!(
+            "refine {}: {} blocks ({kept} kept round to nearest), {} steps of {} images ({:.1} s)",
+            rf.method,
+            rf.blocks.len(),
+            rf.iters,
+            rf.batch,
+            rf.seconds
+        );
+        match &rf.holdout {
+            Some(h) if h.kept_round_to_nearest => println!(
+                "; held-out KL {:.5} refined against {:.5} round to nearest: wrote round to nearest",
+                h.kl_refined, h.kl_round_to_nearest
+            ),
+            Some(h) => println!(
+                "; held-out KL {:.5} refined against {:.5} round to nearest",
+                h.kl_refined, h.kl_round_to_nearest
+            ),
+            None => println!(),
+        }
+    }
     if let Some(qual) = &r.report.quality {
         println!(
             "estimated on {} held-out distilled images: agreement with FP32 {:.2}%, KL {:.5}",

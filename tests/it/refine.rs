@@ -199,6 +199,19 @@ fn refinement_lowers_the_error_and_repeats_for_a_seed() {
         // reported, not bounded (the ResNet-20 acceptance test bounds accuracy on real images).
         let kl = j["quality"]["kl"].as_f64().unwrap();
         eprintln!("digits W2A4 {method}: held-out KL {kl_none} -> {kl}");
+        // The model-level check: round to nearest's held-out KL is the unrefined run's, and the
+        // model written is whichever of the two is closer to FP32 there.
+        let h = &r["holdout"];
+        let (k_rtn, k_ref) = (
+            h["kl_round_to_nearest"].as_f64().unwrap(),
+            h["kl_refined"].as_f64().unwrap(),
+        );
+        assert!(
+            (k_rtn - kl_none).abs() <= 1e-9 * kl_none.max(1.0),
+            "{k_rtn} vs {kl_none}"
+        );
+        assert_eq!(h["kept_round_to_nearest"].as_bool().unwrap(), k_ref > k_rtn);
+        assert!((kl - k_ref.min(k_rtn)).abs() <= 1e-9 * kl.max(1.0), "{kl}");
         let (b, _) = quantize(t.path(), &format!("{method}2.onnx"), &f);
         assert_eq!(
             std::fs::read(&a).unwrap(),

@@ -415,18 +415,38 @@ pub fn quantize(
         None => None,
     };
     let mut plan = quantization_plan(&g, &cal, &o);
-    let refined = match &o.refine {
-        Some(r) => Some(refine::refine(
-            &g,
-            &mut plan,
-            &set.images,
-            set.n,
-            r,
-            progress,
-        )?),
-        None => None,
+    let mut refined = None;
+    let mut qg = None;
+    if let Some(r) = &o.refine {
+        let rtn = plan.clone();
+        let mut rep = refine::refine(&g, &mut plan, &set.images, set.n, r, progress)?;
+        // Refinement fits the calibration images; where held-out images exist, the refined
+        // model is kept only if it is no further from FP32 on them than round to nearest.
+        if let Some((hx, hn)) = &set.holdout {
+            progress("checking refinement on held-out images", 0, 1);
+            let q_ref = finalize(insert_qdq(&g, &plan)?)?;
+            let q_rtn = finalize(insert_qdq(&g, &rtn)?)?;
+            let kl_ref = estimate(g0, &q_ref, path, hx, *hn)?.kl;
+            let kl_rtn = estimate(g0, &q_rtn, path, hx, *hn)?.kl;
+            let keep_rtn = kl_ref > kl_rtn;
+            rep.holdout = Some(refine::HoldoutCheck {
+                kl_round_to_nearest: kl_rtn,
+                kl_refined: kl_ref,
+                kept_round_to_nearest: keep_rtn,
+            });
+            if keep_rtn {
+                plan = rtn;
+                qg = Some(q_rtn);
+            } else {
+                qg = Some(q_ref);
+            }
+        }
+        refined = Some(rep);
+    }
+    let qg = match qg {
+        Some(q) => q,
+        None => finalize(insert_qdq(&g, &plan)?)?,
     };
-    let qg = finalize(insert_qdq(&g, &plan)?)?;
     let (layers, fp32_bytes, q_bytes) = report::layers(&g, &plan);
     let bytes = report::serialize(&qg, o.format, &model_name, &layers)?;
     if let Some(p) = pareto.as_ref().filter(|p| bytes.len() as u64 > p.budget) {

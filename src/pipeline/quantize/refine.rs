@@ -119,6 +119,17 @@ pub struct RefineReport {
     pub images: usize,
     pub blocks: Vec<BlockReport>,
     pub seconds: f64,
+    /// The model-level check on the held-out images (absent with `--holdout 0`).
+    pub holdout: Option<HoldoutCheck>,
+}
+
+/// Refined against round-to-nearest on the held-out distilled images, by mean KL from FP32.
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldoutCheck {
+    pub kl_round_to_nearest: f64,
+    pub kl_refined: f64,
+    /// The refined model was further from FP32 there, so the written model is round to nearest.
+    pub kept_round_to_nearest: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -370,6 +381,7 @@ pub fn refine(
         images: n,
         blocks: reports,
         seconds: start.elapsed().as_secs_f64(),
+        holdout: None,
     })
 }
 
