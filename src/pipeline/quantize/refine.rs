@@ -188,7 +188,7 @@ impl Block for GraphBlock<'_> {
             &self.steps[&m],
             Some(&overrides),
             &mut |v, t| match self.acts.get(&v) {
-                Some(&k) => act(k, &t).map_err(|e| Error::Internal(e.to_string())),
+                Some(&k) => act(k, &t).map_err(Error::from),
                 None => Ok(t),
             },
         )
