@@ -80,6 +80,22 @@ fn bit_list(s: &str) -> Result<BitList, String> {
     Ok(BitList(bits))
 }
 
+fn abit_list(s: &str) -> Result<BitList, String> {
+    let mut bits = s
+        .split(',')
+        .map(|b| {
+            b.trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|b| (2..=8).contains(b))
+                .ok_or_else(|| format!("'{b}' is not an activation bit width (2 to 8)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    bits.sort_unstable();
+    bits.dedup();
+    Ok(BitList(bits))
+}
+
 /// zq: zero-shot (data-free) quantization of ONNX neural networks.
 ///
 /// Exit codes: 0 success, 1 a goal was not met (e.g. a quality gate), 2 bad input or error.
@@ -483,6 +499,12 @@ pub struct QuantizeArgs {
         value_parser = bit_list
     )]
     pub bits: BitList,
+    /// Candidate activation bits of each layer's input for --pareto with --bops-budget (e.g.
+    /// 4,8): the search then picks weight and input bits per layer, adding each layer's
+    /// activation sensitivity (KL with only that input quantized) to its weight sensitivity.
+    /// Without it every layer's input keeps --abits.
+    #[arg(long, value_name = "B,B,..", requires = "bops_budget", value_parser = abit_list)]
+    pub pareto_abits: Option<BitList>,
     /// Write the whole frontier (bytes, summed sensitivity, per-layer bits) and the chosen point as JSON.
     #[arg(long, value_name = "F.json", requires = "pareto")]
     pub frontier: Option<PathBuf>,

@@ -130,6 +130,7 @@ pub fn quantize_options(
             budget: a.budget.map_or(u64::MAX, |b| b.resolve(model_file_bytes)),
             bops_budget: a.bops_budget,
             bits: a.bits.0.clone(),
+            abits: a.pareto_abits.as_ref().map_or(Vec::new(), |b| b.0.clone()),
         }),
         format: match a.format {
             args::Format::Onnx => quantize::OutputFormat::Onnx,

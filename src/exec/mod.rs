@@ -229,6 +229,16 @@ impl Plan {
     }
 
     /// The step that computes node `node` of `self.graph`.
+    /// How many steps the plan runs.
+    pub fn steps_len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// The node step `si` computes.
+    pub fn node_of_step(&self, si: usize) -> usize {
+        self.steps[si].node
+    }
+
     pub fn step_of(&self, node: usize) -> Option<usize> {
         self.steps.iter().position(|s| s.node == node)
     }

@@ -893,3 +893,83 @@ fn same_seed_same_model_bytes() {
         "the same seed must give the same file"
     );
 }
+
+#[test]
+fn pareto_chooses_input_bits_under_a_bops_budget() {
+    // Weights pinned to 8-bit candidates: under 3/4 of the all-8-bit BOPs the only way down is
+    // 4-bit inputs, which the search picks by their measured activation sensitivity.
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("digits_bn/model.onnx");
+    let out = t.path().join("a.onnx");
+    let run = |budget: &str| {
+        let mut a = vec![
+            "quantize",
+            s(&m),
+            "-o",
+            s(&out),
+            "--pareto",
+            "--bits",
+            "8",
+            "--bops-budget",
+            budget,
+            "--pareto-abits",
+            "4,8",
+            "--json",
+        ];
+        a.extend_from_slice(&PARETO_CALIB);
+        zq(&a)
+    };
+    let o = run("1000000000000");
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
+    let u = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let macs = u(&j["pareto"]["macs"]);
+    let act = j["pareto"]["act_sensitivity"].as_array().unwrap();
+    assert_eq!(act.len(), macs.len());
+    for row in act {
+        let r = row.as_array().unwrap();
+        let (a4, a8) = (r[0][1].as_f64().unwrap(), r[1][1].as_f64().unwrap());
+        assert_eq!((r[0][0].as_u64(), r[1][0].as_u64()), (Some(4), Some(8)));
+        assert!(a4 > a8 && a8 >= 0.0, "{row}");
+    }
+    // Unbounded: every input stays at 8.
+    assert!(u(&j["pareto"]["abits"]).iter().all(|&a| a == 8));
+    let all8: u64 = macs.iter().map(|m| m * 64).sum();
+    let budget = (all8 * 3 / 4).to_string();
+    let o = run(&budget);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j = o.json();
+    let p = &j["pareto"];
+    let (abits, bits) = (u(&p["abits"]), u(&p["chosen"]["bits"]));
+    assert!(abits.contains(&4), "{abits:?}");
+    let bops: u64 = (0..macs.len()).map(|i| macs[i] * bits[i] * abits[i]).sum();
+    assert_eq!(p["chosen_bops"].as_u64().unwrap(), bops);
+    assert!(bops <= all8 * 3 / 4);
+    // The written model quantizes each chosen input at its width.
+    let layers = j["layers"].as_array().unwrap();
+    let names: Vec<&str> = p["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for (name, &a) in names.iter().zip(&abits) {
+        let l = layers.iter().find(|l| l["name"] == *name).unwrap();
+        assert_eq!(l["abits"].as_u64(), Some(a), "{name}");
+    }
+    if let Some(lib) = ort_lib() {
+        let (x, shape) = digits_test();
+        let (agree, _) = zq_vs_ort(&out, &x, shape, &lib);
+        assert!(agree >= 0.99, "zq predicts ONNX Runtime on {agree}");
+    }
+    // Impossible even with every input at 4 bits: the message names the least achievable.
+    let o = run(&(all8 / 4).to_string());
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("--bops-budget"), "{}", o.stderr);
+}

@@ -102,10 +102,13 @@ pub enum OutputFormat {
 pub struct ParetoOptions {
     /// Largest output file, in bytes (u64::MAX: none).
     pub budget: u64,
-    /// Largest bit-operation count per image (sum over layers of MACs x weight bits x 8).
+    /// Largest bit-operation count per image (sum over layers of MACs x weight bits x input bits).
     pub bops_budget: Option<u64>,
     /// Candidate weight bit widths.
     pub bits: Vec<u8>,
+    /// Candidate activation bits of layer inputs (empty: inputs keep their bits); used with
+    /// `bops_budget`.
+    pub abits: Vec<u8>,
 }
 
 /// The quality gate: `--min-agreement`, `--max-kl` on the held-out estimate.
@@ -395,7 +398,7 @@ pub fn quantize(
     let input_box = input_interval(g0, path, &o.pre)?;
     let set = calibrate::images(g0, path, o, progress)?;
     let (g, prior, folded) = fold_bn(g0);
-    let cal = calibrate::calibrate(&g, &prior, &set, input_box, o, progress)?;
+    let mut cal = calibrate::calibrate(&g, &prior, &set, input_box, o, progress)?;
     let model_name = path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -409,6 +412,16 @@ pub fn quantize(
             let r = search::search(&g, x, batch, &cal, &o, &p, &model_name, progress)?;
             for (name, &b) in r.layers.iter().zip(&r.chosen.bits) {
                 o.layer_bits.insert(name.clone(), b);
+            }
+            if !r.act_sensitivity.is_empty() {
+                // Input bits chosen by the search: calibrate their ranges at those widths.
+                let before = calibrate::activation_bits(&g, &o);
+                for (name, &a) in r.layers.iter().zip(&r.abits) {
+                    o.layer_abits.insert(name.clone(), a);
+                }
+                if calibrate::activation_bits(&g, &o) != before {
+                    cal = calibrate::calibrate(&g, &prior, &set, input_box, &o, progress)?;
+                }
             }
             Some(r)
         }

@@ -32,6 +32,8 @@ pub struct ParetoReport {
     pub macs: Vec<u64>,
     /// Activation bits of each layer's input, which the BOPs count multiplies by.
     pub abits: Vec<u8>,
+    /// With `--pareto-abits`: per layer, (input bits, KL with only that input quantized).
+    pub act_sensitivity: Vec<Vec<(u8, f64)>>,
     pub seconds: f64,
 }
 

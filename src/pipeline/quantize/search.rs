@@ -102,6 +102,41 @@ pub fn search(
                 .unwrap_or(8)
         })
         .collect();
+    // Joint weight x input-bit choices: each candidate's activation sensitivity at every
+    // candidate input width (a --layer-abits pin is that width alone, at no cost).
+    let act_sens: Vec<Vec<(u8, f64)>> = if p.abits.is_empty() || p.bops_budget.is_none() {
+        Vec::new()
+    } else {
+        let xt = CTensor::from_slice(x, plan.input_shape(0), plan.device())?;
+        let mut model = PlanPerturb::new(&plan, &xt, &cand)?;
+        let reference = model.reference()?;
+        let classes = reference.len() / plan.input_shape(0)[0].max(1);
+        let total = cand.len() * p.abits.len();
+        let mut table = Vec::with_capacity(cand.len());
+        for (ci, name) in names.iter().enumerate() {
+            if let Some(&b) = o.layer_abits.get(name) {
+                table.push(vec![(b, 0.0)]);
+                continue;
+            }
+            let mut row = Vec::with_capacity(p.abits.len());
+            for (k, &b) in p.abits.iter().enumerate() {
+                progress(
+                    "measuring activation sensitivity",
+                    ci * p.abits.len() + k + 1,
+                    total,
+                );
+                let out = model.with_input_bits(ci, b)?;
+                row.push((
+                    b,
+                    zq_quant::sensitivity::kl_divergence(&reference, &out, classes),
+                ));
+            }
+            table.push(row);
+        }
+        table
+    };
+    let (mut chosen, chosen_abits) = choose(&front, base, &options, &macs, &abits, &act_sens, p)?;
+    let abits = chosen_abits.unwrap_or(abits);
     let total_bops = |bits: &[u8]| -> u64 {
         bits.iter()
             .zip(&macs)
@@ -109,7 +144,6 @@ pub fn search(
             .map(|((&b, &m), &a)| zq_quant::cost::bops(m, b, a))
             .sum()
     };
-    let mut chosen = choose(&front, base, &options, &macs, &abits, p)?;
     // The per-layer deltas are exact but not quite additive (safetensors pads its header to 8
     // bytes): measure the chosen point, and where it does not fit after all, take the least
     // sensitive frontier point that does.
@@ -153,6 +187,7 @@ pub fn search(
         bops_budget: p.bops_budget,
         macs,
         abits,
+        act_sensitivity: act_sens,
         budget: p.budget,
         candidate_bits: p.bits.clone(),
         layers: names,
@@ -326,18 +361,67 @@ fn layer_macs(pg: &Graph, cand: &[(usize, ValueId)]) -> Vec<u64> {
         .collect()
 }
 
-/// The least sensitive assignment within the budgets, or why there is none.
+/// The least sensitive assignment within the budgets, or why there is none; with `act`
+/// (per candidate, (input bits, activation sensitivity)) the input bits are chosen too and
+/// returned beside the point.
 fn choose(
     front: &[Point],
     base: u64,
     options: &[Vec<Choice>],
     macs: &[u64],
     abits: &[u8],
+    act: &[Vec<(u8, f64)>],
     p: &ParetoOptions,
-) -> Result<Point> {
+) -> Result<(Point, Option<Vec<u8>>)> {
     let bops = |ci: usize, b: u8| zq_quant::cost::bops(macs[ci], b, abits[ci]);
     let chosen = match p.bops_budget {
-        None => pareto::pick(front, p.budget).cloned(),
+        None => pareto::pick(front, p.budget).cloned().map(|q| (q, None)),
+        Some(max_bops) if !act.is_empty() => {
+            // A choice's label is its index in the layer's (weight, input) product.
+            let joint: Vec<Vec<(u8, u8)>> = options
+                .iter()
+                .zip(act)
+                .map(|(row, arow)| {
+                    row.iter()
+                        .flat_map(|c| arow.iter().map(move |&(a, _)| (c.bits, a)))
+                        .collect()
+                })
+                .collect();
+            let with_bops: Vec<Vec<BopsChoice>> = options
+                .iter()
+                .zip(act)
+                .enumerate()
+                .map(|(ci, (row, arow))| {
+                    row.iter()
+                        .flat_map(|c| arow.iter().map(move |&(a, s)| (c, a, s)))
+                        .enumerate()
+                        .map(|(k, (c, a, s))| BopsChoice {
+                            bits: k as u8,
+                            bytes: c.bytes,
+                            bops: zq_quant::cost::bops(macs[ci], c.bits, a),
+                            sensitivity: c.sensitivity + s,
+                        })
+                        .collect()
+                })
+                .collect();
+            let points = pareto::frontier_with_bops(base, &with_bops);
+            pareto::pick_with_bops(&points, p.budget, max_bops).map(|q| {
+                let pairs: Vec<(u8, u8)> = q
+                    .bits
+                    .iter()
+                    .enumerate()
+                    .map(|(ci, &k)| joint[ci][k as usize])
+                    .collect();
+                (
+                    Point {
+                        bytes: q.bytes,
+                        sensitivity: q.sensitivity,
+                        bits: pairs.iter().map(|&(w, _)| w).collect(),
+                    },
+                    Some(pairs.iter().map(|&(_, a)| a).collect()),
+                )
+            })
+        }
         Some(max_bops) => {
             let with_bops: Vec<Vec<BopsChoice>> = options
                 .iter()
@@ -354,17 +438,30 @@ fn choose(
                 })
                 .collect();
             let points = pareto::frontier_with_bops(base, &with_bops);
-            pareto::pick_with_bops(&points, p.budget, max_bops).map(|q| Point {
-                bytes: q.bytes,
-                sensitivity: q.sensitivity,
-                bits: q.bits.clone(),
+            pareto::pick_with_bops(&points, p.budget, max_bops).map(|q| {
+                (
+                    Point {
+                        bytes: q.bytes,
+                        sensitivity: q.sensitivity,
+                        bits: q.bits.clone(),
+                    },
+                    None,
+                )
             })
         }
     };
     chosen.ok_or_else(|| {
         let fewest_bits = p.bits.iter().min().copied().unwrap_or(0);
         let smallest = front.first().map_or(0, |f| f.bytes);
-        let least_bops = (0..options.len()).map(|ci| bops(ci, fewest_bits)).sum();
+        let least_bops = (0..options.len())
+            .map(|ci| {
+                let a = act
+                    .get(ci)
+                    .and_then(|r| r.iter().map(|&(a, _)| a).min())
+                    .unwrap_or(abits[ci]);
+                zq_quant::cost::bops(macs[ci], fewest_bits, a)
+            })
+            .sum();
         Error::Infeasible(infeasible_message(&pareto::diagnose(
             p.budget,
             p.bops_budget,
