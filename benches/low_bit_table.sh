@@ -36,6 +36,9 @@ row $M $D w2a4_none --wbits 2 --abits 4
 row $M $D w2a4_genie --wbits 2 --abits 4 --refine genie --refine-iters 200
 row $M $D pareto_none --abits 4 --pareto --budget 280KB
 row $M $D pareto_genie --abits 4 --pareto --budget 280KB --refine genie --refine-iters 200
+# Under 45% of the all-8-bit bit-operations: weights alone, then weights and layer inputs.
+row $M $D pareto_bops_w --pareto --bits 2,4,8 --bops-budget 1167869952
+row $M $D pareto_bops_wa --pareto --bits 2,4,8 --bops-budget 1167869952 --pareto-abits 4,8
 M=$S/resnet32_cifar10_bn.onnx; D=$OUT/resnet32.d256.safetensors
 row $M $D r32_w4a4_none --wbits 4 --abits 4
 row $M $D r32_w4a8_none --wbits 4
