@@ -838,14 +838,11 @@ fn pareto_with_float16_candidates_bops_budget_and_plot() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let j = o.json();
     let p = &j["pareto"];
-    let u = |v: &serde_json::Value| -> Vec<u64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
-    let (macs, abits, bits) = (u(&p["macs"]), u(&p["abits"]), u(&p["chosen"]["bits"]));
+    let (macs, abits, bits) = (
+        u64s(&p["macs"]),
+        u64s(&p["abits"]),
+        u64s(&p["chosen"]["bits"]),
+    );
     assert!(abits.contains(&4) && abits.contains(&8), "{abits:?}");
     let want: u64 = (0..macs.len()).map(|i| macs[i] * bits[i] * abits[i]).sum();
     assert_eq!(p["chosen_bops"].as_u64().unwrap(), want);
@@ -922,14 +919,7 @@ fn pareto_chooses_input_bits_under_a_bops_budget() {
     let o = run("1000000000000");
     assert_eq!(o.code, 0, "{}", o.stderr);
     let j = o.json();
-    let u = |v: &serde_json::Value| -> Vec<u64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
-    let macs = u(&j["pareto"]["macs"]);
+    let macs = u64s(&j["pareto"]["macs"]);
     let act = j["pareto"]["act_sensitivity"].as_array().unwrap();
     assert_eq!(act.len(), macs.len());
     for row in act {
@@ -939,14 +929,14 @@ fn pareto_chooses_input_bits_under_a_bops_budget() {
         assert!(a4 > a8 && a8 >= 0.0, "{row}");
     }
     // Unbounded: every input stays at 8.
-    assert!(u(&j["pareto"]["abits"]).iter().all(|&a| a == 8));
+    assert!(u64s(&j["pareto"]["abits"]).iter().all(|&a| a == 8));
     let all8: u64 = macs.iter().map(|m| m * 64).sum();
     let budget = (all8 * 3 / 4).to_string();
     let o = run(&budget);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let j = o.json();
     let p = &j["pareto"];
-    let (abits, bits) = (u(&p["abits"]), u(&p["chosen"]["bits"]));
+    let (abits, bits) = (u64s(&p["abits"]), u64s(&p["chosen"]["bits"]));
     assert!(abits.contains(&4), "{abits:?}");
     let bops: u64 = (0..macs.len()).map(|i| macs[i] * bits[i] * abits[i]).sum();
     assert_eq!(p["chosen_bops"].as_u64().unwrap(), bops);
@@ -972,4 +962,13 @@ fn pareto_chooses_input_bits_under_a_bops_budget() {
     let o = run(&(all8 / 4).to_string());
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert!(o.stderr.contains("--bops-budget"), "{}", o.stderr);
+}
+
+/// A JSON array of unsigned integers.
+fn u64s(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }

@@ -209,6 +209,15 @@ fn activations(pg: &Graph) -> Vec<ValueId> {
     out
 }
 
+/// The values weighted layers read as their input.
+fn layer_inputs(pg: &Graph) -> HashSet<ValueId> {
+    pg.nodes
+        .iter()
+        .filter(|n| n.op.is_weighted())
+        .filter_map(|n| n.input(0))
+        .collect()
+}
+
 /// Values of one calibration batch kept per low-bit activation for its range search.
 const SAMPLES_PER_BATCH: usize = 16_384;
 
@@ -219,12 +228,7 @@ const SAMPLES_PER_BATCH: usize = 16_384;
 /// before a residual Add, the sum itself, a pool's input) stays at 8 bits.
 pub(crate) fn activation_bits(pg: &Graph, o: &QuantizeOptions) -> HashMap<ValueId, u8> {
     let acts = activations(pg);
-    let layer_inputs: HashSet<ValueId> = pg
-        .nodes
-        .iter()
-        .filter(|n| n.op.is_weighted())
-        .filter_map(|n| n.input(0))
-        .collect();
+    let layer_inputs = layer_inputs(pg);
     let mut bits: HashMap<ValueId, u8> = acts
         .iter()
         .map(|&v| {
@@ -309,12 +313,7 @@ pub fn calibrate(
     let pg = plans[&batch].graph.clone();
     let acts = activations(&pg);
     let mut obs: HashMap<ValueId, MinMax> = acts.iter().map(|&v| (v, MinMax::default())).collect();
-    let weighted_inputs: HashSet<ValueId> = pg
-        .nodes
-        .iter()
-        .filter(|n| n.op.is_weighted())
-        .filter_map(|n| n.input(0))
-        .collect();
+    let weighted_inputs = layer_inputs(&pg);
     let mut sums: HashMap<ValueId, ChannelMeans> = HashMap::new();
     let bits = activation_bits(&pg, o);
     // Low-bit activations keep a sample of their values for the range search.

@@ -373,10 +373,17 @@ fn choose(
     act: &[Vec<(u8, f64)>],
     p: &ParetoOptions,
 ) -> Result<(Point, Option<Vec<u8>>)> {
-    let bops = |ci: usize, b: u8| zq_quant::cost::bops(macs[ci], b, abits[ci]);
+    // Without input-bit candidates each layer's input keeps its bits, at no sensitivity.
+    let fixed: Vec<Vec<(u8, f64)>>;
+    let act = if act.is_empty() {
+        fixed = abits.iter().map(|&a| vec![(a, 0.0)]).collect();
+        &fixed
+    } else {
+        act
+    };
     let chosen = match p.bops_budget {
         None => pareto::pick(front, p.budget).cloned().map(|q| (q, None)),
-        Some(max_bops) if !act.is_empty() => {
+        Some(max_bops) => {
             // A choice's label is its index in the layer's (weight, input) product.
             let joint: Vec<Vec<(u8, u8)>> = options
                 .iter()
@@ -422,43 +429,13 @@ fn choose(
                 )
             })
         }
-        Some(max_bops) => {
-            let with_bops: Vec<Vec<BopsChoice>> = options
-                .iter()
-                .enumerate()
-                .map(|(ci, row)| {
-                    row.iter()
-                        .map(|c| BopsChoice {
-                            bits: c.bits,
-                            bytes: c.bytes,
-                            bops: bops(ci, c.bits),
-                            sensitivity: c.sensitivity,
-                        })
-                        .collect()
-                })
-                .collect();
-            let points = pareto::frontier_with_bops(base, &with_bops);
-            pareto::pick_with_bops(&points, p.budget, max_bops).map(|q| {
-                (
-                    Point {
-                        bytes: q.bytes,
-                        sensitivity: q.sensitivity,
-                        bits: q.bits.clone(),
-                    },
-                    None,
-                )
-            })
-        }
     };
     chosen.ok_or_else(|| {
         let fewest_bits = p.bits.iter().min().copied().unwrap_or(0);
         let smallest = front.first().map_or(0, |f| f.bytes);
         let least_bops = (0..options.len())
             .map(|ci| {
-                let a = act
-                    .get(ci)
-                    .and_then(|r| r.iter().map(|&(a, _)| a).min())
-                    .unwrap_or(abits[ci]);
+                let a = act[ci].iter().map(|&(a, _)| a).min().unwrap_or(abits[ci]);
                 zq_quant::cost::bops(macs[ci], fewest_bits, a)
             })
             .sum();
