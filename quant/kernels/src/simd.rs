@@ -21,8 +21,15 @@ impl<K: Kernel> pulp::WithSimd for Dispatch<K> {
     }
 }
 
-/// Run `k` compiled for the best instruction set detected at run time.
+/// Run `k` compiled for the best instruction set detected at run time, at most AVX2+FMA on
+/// x86-64: the f32 GEMM is built with AVX-512 kernels, but auto-vectorised loops (Winograd
+/// transforms, elementwise ops) measured twice as slow with 512-bit vectors on Zen 4, which
+/// executes them as two 256-bit halves and pays for the masked remainders.
 pub fn vectorize<K: Kernel>(k: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = pulp::x86::V3::try_new() {
+        return pulp::Simd::vectorize(v3, Dispatch(k));
+    }
     pulp::Arch::new().dispatch(Dispatch(k))
 }
 
