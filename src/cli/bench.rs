@@ -157,7 +157,7 @@ fn model_report(r: &ModelBenchReport) -> String {
         r.model,
         if r.quantized { "quantized" } else { "float" },
         if r.engine == "native" {
-            "zq's native integer engine"
+            "zq's native engine"
         } else {
             "zq's executor"
         },

@@ -283,6 +283,24 @@ struct ConvOp {
 }
 
 impl Geo {
+    /// A fully connected layer from `k` inputs to `m` outputs: a pointwise convolution over one
+    /// position of one image.
+    pub(super) fn dense(k: usize, m: usize) -> Geo {
+        Geo {
+            n: 1,
+            c: k,
+            h: 1,
+            w: 1,
+            k: [1, 1],
+            s: [1, 1],
+            d: [1, 1],
+            p: [0, 0],
+            o: [1, 1],
+            groups: 1,
+            m,
+        }
+    }
+
     pub(super) fn pointwise(&self) -> bool {
         self.k == [1, 1] && self.s == [1, 1] && self.p == [0, 0] && self.o == [self.h, self.w]
     }

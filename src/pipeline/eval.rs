@@ -154,7 +154,7 @@ impl Classifier for NativeClassifier {
         Ok(argmax_flat(&y, k))
     }
     fn prepare(&mut self, n: usize) -> Result<()> {
-        self.model.program(n).map(|_| ())
+        self.model.prepare(n)
     }
 }
 

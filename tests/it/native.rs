@@ -144,12 +144,15 @@ fn depthwise_squeeze_excite_and_op_zoo_models_match_the_reference() {
 }
 
 #[test]
-fn float_models_run_through_the_fallback_exactly() {
-    // No QuantizeLinear at all: every op takes the float path, which is the reference's.
+fn float_models_run_on_the_tape_within_rounding() {
+    // No QuantizeLinear at all: the native engine runs the graph on the f32 tape (BN folded,
+    // Winograd convolutions), which reorders sums; the logits agree to float rounding.
     let (x, n) = digits_test();
     let m = fixture("digits_bn/model.onnx");
     let (nat, reference, _) = native_and_reference(&m, &x, n, 64);
-    assert!(max_abs_diff(&nat, &reference) <= 1e-5);
+    let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = max_abs_diff(&nat, &reference);
+    assert!(d <= 1e-4 * scale.max(1.0), "max |diff| {d}, logits up to {scale}");
 }
 
 #[test]

@@ -4,5 +4,6 @@
 //! `wino`'s Winograd F(4x4, 3x3) convolutions. The reference executor (`exec::Plan`) stays the
 //! definition of what every op computes; the compiled engines are checked against it.
 
+pub mod infer;
 pub mod tape;
 pub mod wino;

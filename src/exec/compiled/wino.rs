@@ -9,6 +9,7 @@
 //! are GEMMs `[tiles, C] x [C, M]`.
 
 use zq_kernels::gemm::{sgemm, MatMut, MatRef};
+use zq_kernels::simd::{vectorize, Kernel};
 
 /// Input tile side, output tile side, transformed points.
 const TI: usize = 6;
@@ -40,6 +41,26 @@ pub struct Wino {
     pad: [usize; 2],
     /// Transformed weights, `[36][c][m]`.
     u: Vec<f32>,
+}
+
+/// One band of tile rows of a [`Wino::run`], compiled per instruction set.
+struct Band<'a> {
+    f: &'a Wino,
+    x: &'a [f32],
+    y: &'a mut [f32],
+    accumulate: bool,
+    scratch: &'a mut [f32],
+    rows: [usize; 2],
+}
+
+impl Kernel for Band<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let [a, b] = self.rows;
+        self.f
+            .run_band(self.x, self.y, self.accumulate, self.scratch, a, b);
+    }
 }
 
 /// Eight channels of one tile position.
@@ -199,40 +220,105 @@ impl Wino {
         P * th * tw * (self.c + self.m)
     }
 
-    /// `y = conv(x)`, or `y += conv(x)` when `accumulate`; both channels-last.
+    /// `y = conv(x)`, or `y += conv(x)` when `accumulate`; both channels-last. With `threads`
+    /// above 1 the tile rows are split into that many bands run in parallel (each its own
+    /// transforms and GEMMs on its share of `scratch`), for a batch too small to give every core
+    /// an image of its own.
     #[inline(always)]
-    pub fn run(&self, x: &[f32], y: &mut [f32], accumulate: bool, scratch: &mut [f32]) {
+    pub fn run(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        accumulate: bool,
+        scratch: &mut [f32],
+        threads: usize,
+    ) {
         let (th, tw) = self.tiles();
-        let t = th * tw;
         let (c, m) = (self.c, self.m);
         assert_eq!(x.len(), c * self.h * self.w);
         assert_eq!(y.len(), m * self.oh * self.ow);
+        let parts = threads.clamp(1, th.max(1));
+        if parts == 1 {
+            self.run_band(x, y, accumulate, scratch, 0, th);
+            return;
+        }
+        let per = th.div_ceil(parts);
+        let mut bands = Vec::with_capacity(parts);
+        let (mut yr, mut sr) = (y, scratch);
+        for a in (0..th).step_by(per) {
+            let b = (a + per).min(th);
+            let rows = (TO * b).min(self.oh) - TO * a;
+            let (yk, rest) = std::mem::take(&mut yr).split_at_mut(rows * self.ow * m);
+            yr = rest;
+            let (sk, rest) = std::mem::take(&mut sr).split_at_mut(P * (b - a) * tw * (c + m));
+            sr = rest;
+            bands.push(Band {
+                f: self,
+                x,
+                y: yk,
+                accumulate,
+                scratch: sk,
+                rows: [a, b],
+            });
+        }
+        use rayon::prelude::*;
+        bands.into_par_iter().for_each(vectorize);
+    }
+
+    /// [`Wino::run`] for the tile rows `a..b`: `y` holds their output rows only.
+    #[inline(always)]
+    fn run_band(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        accumulate: bool,
+        scratch: &mut [f32],
+        a: usize,
+        b: usize,
+    ) {
+        let (_, tw) = self.tiles();
+        let t = (b - a) * tw;
+        let (c, m) = (self.c, self.m);
         let (v, rest) = scratch.split_at_mut(P * c * t);
         let mx = &mut rest[..P * m * t];
-        self.transform_input(x, v);
+        self.transform_input(x, v, a, b);
+        // `v` is `[tile][xi][c]` and `mx` `[tile][xi][m]`: a tile's transform reads and writes
+        // one contiguous run, where `[xi][tile]` would put its 36 points a power-of-two stride
+        // apart in one cache set. The GEMM of point `xi` takes every 36th row.
         for xi in 0..P {
             sgemm(
-                MatMut::rows(&mut mx[xi * t * m..][..t * m], t, m),
-                MatRef::rows(&v[xi * t * c..][..t * c], t, c),
+                MatMut {
+                    data: &mut mx[xi * m..],
+                    rows: t,
+                    cols: m,
+                    rs: P * m,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &v[xi * c..],
+                    rows: t,
+                    cols: c,
+                    rs: P * c,
+                    cs: 1,
+                },
                 MatRef::rows(&self.u[xi * c * m..][..c * m], c, m),
                 false,
                 1,
             );
         }
-        self.transform_output(mx, y, accumulate);
+        self.transform_output(mx, y, accumulate, a, b);
     }
 
-    /// `V[xi][tile][c] = (B^T d B)[xi]` for every 6x6 input tile `d` (vectors of channels).
+    /// `V[tile][xi][c] = (B^T d B)[xi]` for every 6x6 input tile `d` (vectors of channels).
     #[inline(always)]
-    fn transform_input(&self, x: &[f32], v: &mut [f32]) {
-        let (th, tw) = self.tiles();
-        let t = th * tw;
+    fn transform_input(&self, x: &[f32], v: &mut [f32], a: usize, b: usize) {
+        let (_, tw) = self.tiles();
         let c = self.c;
         let (h, w) = (self.h as isize, self.w as isize);
         let mut at = [None; P];
-        for ty in 0..th {
+        for ty in a..b {
             for tx in 0..tw {
-                let tile = ty * tw + tx;
+                let tile = (ty - a) * tw + tx;
                 // Offsets of the tile's inputs; None outside the image (zero padding).
                 for (k, a) in at.iter_mut().enumerate() {
                     let iy = (TO * ty + k / TI) as isize - self.pad[0] as isize;
@@ -259,7 +345,7 @@ impl Wino {
                     for i in 0..TI {
                         let row = bt(six(&r, i * TI, 1));
                         for (j, o) in row.into_iter().enumerate() {
-                            store(v, ((i * TI + j) * t + tile) * c + cb, n, o, false);
+                            store(v, (tile * P + i * TI + j) * c + cb, n, o, false);
                         }
                     }
                 }
@@ -269,18 +355,17 @@ impl Wino {
 
     /// `y[4ty+a][4tx+b] = (A^T M A)[a][b]`, cropped to the output size.
     #[inline(always)]
-    fn transform_output(&self, mx: &[f32], y: &mut [f32], accumulate: bool) {
-        let (th, tw) = self.tiles();
-        let t = th * tw;
+    fn transform_output(&self, mx: &[f32], y: &mut [f32], accumulate: bool, a0: usize, b0: usize) {
+        let (_, tw) = self.tiles();
         let (m, oh, ow) = (self.m, self.oh, self.ow);
-        for ty in 0..th {
+        for ty in a0..b0 {
             for tx in 0..tw {
-                let tile = ty * tw + tx;
+                let tile = (ty - a0) * tw + tx;
                 for mb in (0..m).step_by(8) {
                     let n = (m - mb).min(8);
                     let mut g = [[0f32; 8]; P];
                     for (k, gk) in g.iter_mut().enumerate() {
-                        *gk = load(mx, (k * t + tile) * m + mb, n);
+                        *gk = load(mx, (tile * P + k) * m + mb, n);
                     }
                     // Columns: A^T g (4 rows of 6), then rows.
                     let mut r = [[0f32; 8]; TO * TI];
@@ -301,7 +386,7 @@ impl Wino {
                             if ox >= ow {
                                 break;
                             }
-                            store(y, (oy * ow + ox) * m + mb, n, o, accumulate);
+                            store(y, ((oy - TO * a0) * ow + ox) * m + mb, n, o, accumulate);
                         }
                     }
                 }
@@ -435,6 +520,7 @@ mod tests {
             (2, 2, 5, 4, 2, 1),
             (1, 1, 3, 3, 1, 0),
             (19, 10, 6, 5, 1, 1),
+            (9, 17, 21, 13, 1, 1),
         ] {
             let oh = h + 2 * ph - 2;
             let ow = w + 2 * pw - 2;
@@ -452,7 +538,13 @@ mod tests {
             let f = Wino::new(&wt, sh);
             let mut scratch = vec![0f32; f.scratch_len()];
             let mut y = vec![7f32; m * oh * ow];
-            f.run(&hwc(&x, c, h * w), &mut y, false, &mut scratch);
+            f.run(&hwc(&x, c, h * w), &mut y, false, &mut scratch, 1);
+            // Bands of tile rows run in parallel give the same values, to the bit.
+            for threads in [2, 3, 8] {
+                let mut yt = vec![-3f32; m * oh * ow];
+                f.run(&hwc(&x, c, h * w), &mut yt, false, &mut scratch, threads);
+                assert_eq!(yt, y, "c{c} m{m} {h}x{w}: {threads} bands");
+            }
             let y = chw(&y, m, oh * ow);
             let r = direct(&x, &wt, sh);
             let e = y
@@ -466,7 +558,7 @@ mod tests {
             let b = Wino::input_grad(&wt, sh).unwrap();
             let mut scratch = vec![0f32; b.scratch_len()];
             let mut gx = vec![1f32; c * h * w];
-            b.run(&hwc(&g, m, oh * ow), &mut gx, true, &mut scratch);
+            b.run(&hwc(&g, m, oh * ow), &mut gx, true, &mut scratch, 2);
             let gx = chw(&gx, c, h * w);
             let lhs: f32 = y.iter().zip(&g).map(|(a, b)| a * b).sum();
             let rhs: f32 = x.iter().zip(&gx).map(|(a, b)| a * (b - 1.0)).sum();

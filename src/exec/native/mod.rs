@@ -34,6 +34,7 @@ use candle_core::Device;
 use zq_kernels::int8::{ConvGeometry, DepthwiseWeights, Kernels, PackedWeights};
 
 use crate::error::{Error, Result};
+use crate::exec::compiled::infer::{FloatModel, NotCovered};
 use crate::exec::{avg_divisor, eval, fold_with_candle, lower};
 use crate::ir::{infer, passes, DType, Graph, Node, Op, PadMode, ValueId};
 use ops::{AddParams, PoolGeom};
@@ -1481,24 +1482,59 @@ fn logical_map(g: &Graph, n: &Node, ish: &[usize], osh: &[usize]) -> Option<Vec<
     })
 }
 
-/// The native engine for one graph, with a compiled program per batch size.
+/// The native engine for one graph: a compiled program per batch size, or for a float graph the
+/// tape covers, [`FloatModel`]'s compiled forward pass.
 pub struct NativeModel {
     graph: Graph,
     programs: HashMap<usize, Program>,
+    float: Option<FloatModel>,
 }
 
 impl NativeModel {
     /// Compile for batch size 1 at once, so an unsupported model fails before any input is read.
     pub fn new(graph: Graph) -> Result<Self> {
+        let quantized = graph.nodes.iter().any(|n| {
+            matches!(
+                n.op,
+                Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. }
+            )
+        });
+        if !quantized {
+            match FloatModel::new(&graph) {
+                Ok(f) => {
+                    return Ok(NativeModel {
+                        graph,
+                        programs: HashMap::new(),
+                        float: Some(f),
+                    })
+                }
+                Err(NotCovered::Failed(e)) => return Err(e),
+                // The program runs what the tape does not (op by op, more slowly).
+                Err(NotCovered::Refused(_)) => {}
+            }
+        }
         let p = compile(&graph, 1)?;
         Ok(NativeModel {
             graph,
             programs: HashMap::from([(1, p)]),
+            float: None,
         })
     }
 
-    /// The program for batch size `n` (compiled on first use).
-    pub fn program(&mut self, n: usize) -> Result<&mut Program> {
+    /// Whether the model runs on the float tape (a float graph every op of which it covers).
+    pub fn on_tape(&self) -> bool {
+        self.float.is_some()
+    }
+
+    /// Compile for batch size `n` now (else on first use).
+    pub fn prepare(&mut self, n: usize) -> Result<()> {
+        if let Some(f) = &mut self.float {
+            return f.prepare(n);
+        }
+        self.program(n).map(|_| ())
+    }
+
+    fn program(&mut self, n: usize) -> Result<&mut Program> {
         if !self.programs.contains_key(&n) {
             let p = compile(&self.graph, n)?;
             self.programs.insert(n, p);
@@ -1508,7 +1544,10 @@ impl NativeModel {
 
     /// Run `n` inputs (ONNX layout, one graph input); returns the first output and its shape.
     pub fn run(&mut self, x: &[f32], n: usize) -> Result<(Vec<f32>, Vec<usize>)> {
-        let mut outs = self.program(n)?.run(&[x])?;
+        let mut outs = match &mut self.float {
+            Some(f) => f.run(x, n)?,
+            None => self.program(n)?.run(&[x])?,
+        };
         if outs.is_empty() {
             return Err(Error::Usage("the model has no outputs".into()));
         }
