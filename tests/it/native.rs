@@ -152,7 +152,10 @@ fn float_models_run_on_the_tape_within_rounding() {
     let (nat, reference, _) = native_and_reference(&m, &x, n, 64);
     let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = max_abs_diff(&nat, &reference);
-    assert!(d <= 1e-4 * scale.max(1.0), "max |diff| {d}, logits up to {scale}");
+    assert!(
+        d <= 1e-4 * scale.max(1.0),
+        "max |diff| {d}, logits up to {scale}"
+    );
 }
 
 #[test]

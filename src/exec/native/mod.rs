@@ -1521,11 +1521,6 @@ impl NativeModel {
         })
     }
 
-    /// Whether the model runs on the float tape (a float graph every op of which it covers).
-    pub fn on_tape(&self) -> bool {
-        self.float.is_some()
-    }
-
     /// Compile for batch size `n` now (else on first use).
     pub fn prepare(&mut self, n: usize) -> Result<()> {
         if let Some(f) = &mut self.float {
