@@ -7,4 +7,6 @@ pub mod gemm;
 pub mod int8;
 pub mod rng;
 pub mod simd;
+pub mod small;
 pub mod stats;
+pub mod team;
