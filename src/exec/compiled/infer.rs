@@ -14,6 +14,8 @@ use crate::ir::Graph;
 pub struct FloatModel {
     graph: Graph,
     tapes: HashMap<usize, Compiled>,
+    /// [`FloatModel::set_split_grain`]'s value, for tapes compiled later.
+    grain: Option<usize>,
 }
 
 struct Compiled {
@@ -37,6 +39,7 @@ impl FloatModel {
         let mut m = FloatModel {
             graph,
             tapes: HashMap::new(),
+            grain: None,
         };
         let c = m.compile(1)?;
         m.tapes.insert(1, c);
@@ -57,7 +60,10 @@ impl FloatModel {
                 })
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let tape = Tape::new(&plan, &outs).map_err(NotCovered::Refused)?;
+        let mut tape = Tape::new(&plan, &outs).map_err(NotCovered::Refused)?;
+        if let Some(g) = self.grain {
+            tape.set_split_grain(g);
+        }
         Ok(Compiled { tape, shapes })
     }
 
@@ -100,6 +106,15 @@ impl FloatModel {
         Ok(())
     }
 
+    /// Split every convolution of at least `macs` multiply-adds over the threads a batch smaller
+    /// than the pool leaves over (tests use 0 to run the split paths on small models).
+    pub fn set_split_grain(&mut self, macs: usize) {
+        self.grain = Some(macs);
+        for c in self.tapes.values_mut() {
+            c.tape.set_split_grain(macs);
+        }
+    }
+
     /// Run `n` inputs (`[n, ...]` flattened); returns every output with its shape.
     pub fn run(&mut self, x: &[f32], n: usize) -> Result<Vec<(Vec<f32>, Vec<usize>)>> {
         self.prepare(n)?;
@@ -137,5 +152,45 @@ impl FloatModel {
             at += k;
         }
         Ok(outs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At batch 1 on two threads, convolutions split over the team (Winograd bands, pointwise
+    /// row bands, depthwise output rows) give the values of the unsplit run, to the bit.
+    #[test]
+    fn split_convolutions_equal_the_unsplit_ones() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for name in ["digits_bn", "mobile_dw"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures")
+                .join(name)
+                .join("model.onnx");
+            let g = crate::onnx::read_model(&path).unwrap().graph;
+            pool.install(|| {
+                let mut whole = match FloatModel::new(&g) {
+                    Ok(m) => m,
+                    Err(NotCovered::Refused(r)) => panic!("{name}: the tape refuses it: {r}"),
+                    Err(NotCovered::Failed(e)) => panic!("{name}: {e}"),
+                };
+                let Ok(mut split) = FloatModel::new(&g) else {
+                    unreachable!()
+                };
+                split.set_split_grain(0);
+                let per = whole.tapes[&1].tape.input_len();
+                let x: Vec<f32> = (0..per)
+                    .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+                    .collect();
+                let a = whole.run(&x, 1).unwrap();
+                let b = split.run(&x, 1).unwrap();
+                assert_eq!(a, b, "{name}");
+            });
+        }
     }
 }

@@ -14,15 +14,17 @@
 //! BatchNormalization input is left to the general executor ([`Tape::new`] says which op).
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 use zq_kernels::gemm::{sgemm, MatMut, MatRef};
 use zq_kernels::simd::{vectorize, Kernel};
+use zq_kernels::team::{with_team, Team};
 
 use super::wino::{Wino, WinoShape};
 use crate::exec::conv::Geo;
 use crate::exec::{Kind, Plan};
-use crate::ir::{Op, ValueId};
+use crate::ir::{Op, PadMode, ValueId};
 
 /// One op of the tape and the slot it writes.
 #[derive(Debug)]
@@ -91,6 +93,11 @@ enum TOp {
     Mul {
         a: usize,
         b: usize,
+    },
+    /// Softmax over all of an image's values (a classifier's `[N, C]` scores, or axis 1 of an
+    /// opset < 13 Softmax, which flattens the rest).
+    Softmax {
+        x: usize,
     },
     /// Data movement within an image (Slice, Pad, Transpose, reshapes): `y[i] = x[map[i]]`, or
     /// `fill` where `map[i] == NONE`.
@@ -223,6 +230,20 @@ fn fuse_relu(steps: Vec<Step>, tapped: &[usize]) -> Vec<Step> {
     out
 }
 
+/// Drop the steps whose output no later step reads and no tap is (a Pad folded into the
+/// convolution after it).
+fn drop_unread(mut steps: Vec<Step>, tapped: &[usize]) -> Vec<Step> {
+    loop {
+        let read: std::collections::HashSet<usize> =
+            steps.iter().flat_map(|st| st.op.inputs()).collect();
+        let before = steps.len();
+        steps.retain(|st| read.contains(&st.y) || tapped.contains(&st.y));
+        if steps.len() == before {
+            return steps;
+        }
+    }
+}
+
 impl TOp {
     /// The slots the op reads.
     fn inputs(&self) -> Vec<usize> {
@@ -233,7 +254,8 @@ impl TOp {
             | TOp::Clip { x, .. }
             | TOp::Pool { x, .. }
             | TOp::Unary { x, .. }
-            | TOp::Gather { x, .. } => vec![*x],
+            | TOp::Gather { x, .. }
+            | TOp::Softmax { x } => vec![*x],
             TOp::Add { a, b, .. } | TOp::Mul { a, b, .. } => vec![*a, *b],
         }
     }
@@ -419,6 +441,8 @@ pub struct Tape {
     /// Threads each worker's convolutions may use: the cores a batch too small to give every
     /// core an image of its own leaves over.
     inner: usize,
+    /// The least work (multiply-adds) a convolution is split over those threads for.
+    grain: usize,
     /// The ops that are strided convolutions, in graph order ([`Tape::set_swing`]).
     strided: Vec<usize>,
 }
@@ -580,9 +604,32 @@ impl Tape {
                     continue;
                 }
                 (Op::Conv(_), Kind::Conv(geom, _)) => {
-                    let x = slot(node.input(0).unwrap())?;
+                    // A zero Pad of the spatial axes in front (TensorFlow's SAME padding as
+                    // exported) becomes the convolution's own padding: no padded copy is made,
+                    // and the Pad's step is dropped below when nothing else reads it.
+                    let xv = node.input(0).unwrap();
+                    let pad = producer.get(&xv).and_then(|&j| {
+                        match (&g.nodes[j].op, &plan.steps[j].kind) {
+                            (Op::Pad { .. }, Kind::Pad(b, e, v, PadMode::Constant))
+                                if *v == 0.0
+                                    && b.len() == 4
+                                    && e.len() == 4
+                                    && b[..2] == [0, 0]
+                                    && e[..2] == [0, 0] =>
+                            {
+                                let src = g.nodes[j].input(0)?;
+                                slot_of.get(&src).map(|_| (src, [b[2], b[3], e[2], e[3]]))
+                            }
+                            _ => None,
+                        }
+                    });
+                    let (xv, pad) = match pad {
+                        Some((src, p)) => (src, p),
+                        None => (xv, [0; 4]),
+                    };
+                    let x = slot(xv)?;
                     let w = konst(1).ok_or_else(|| form("weight is not constant".into()))?;
-                    let xs = shape_of(node.input(0).unwrap())?;
+                    let xs = shape_of(xv)?;
                     let (c, h, wd) = match xs.len() {
                         3 => (xs[1], 1, xs[2]),
                         4 => (xs[1], xs[2], xs[3]),
@@ -604,7 +651,11 @@ impl Tape {
                                 .to_f32_vec(),
                         ),
                     };
-                    let geo = Geo::new(1, c, h, wd, wdims, geom);
+                    let (ph, pw) = (h + pad[0] + pad[2], wd + pad[1] + pad[3]);
+                    let mut geo = Geo::new(1, c, ph, pw, wdims, geom);
+                    // Output positions reading the Pad's zeros read outside the input instead.
+                    (geo.h, geo.w) = (h, wd);
+                    geo.p = [geo.p[0] + pad[0], geo.p[1] + pad[1]];
                     if geo.l() * geo.m != y_shape[1..].iter().product::<usize>() {
                         return Err(form(format!("output shape {y_shape:?}")));
                     }
@@ -734,6 +785,16 @@ impl Tape {
                 (Op::Relu, _) => TOp::Relu {
                     x: slot(node.input(0).unwrap())?,
                 },
+                (Op::Softmax { .. }, Kind::Softmax(axis, coerce)) if dynamic.len() == 1 => {
+                    let xs = shape_of(dynamic[0])?;
+                    let whole = *axis == 1 && (*coerce || xs[2..].iter().all(|&d| d == 1));
+                    if !whole {
+                        return Err(form(format!("axis {axis} of {xs:?}")));
+                    }
+                    TOp::Softmax {
+                        x: slot(dynamic[0])?,
+                    }
+                }
                 (
                     Op::LeakyRelu { .. }
                     | Op::PRelu
@@ -927,7 +988,7 @@ impl Tape {
                 TOp::Affine { x, scale, .. } => {
                     scale.len() == slots[*x].c && slots[*x].c == slots[*y].c
                 }
-                TOp::Relu { x } | TOp::Clip { x, .. } => len(*x) == len(*y),
+                TOp::Relu { x } | TOp::Clip { x, .. } | TOp::Softmax { x } => len(*x) == len(*y),
                 TOp::Add { a, b, .. } => len(*a) == len(*y) && len(*b) == len(*y),
                 TOp::Pool {
                     x,
@@ -964,7 +1025,7 @@ impl Tape {
             .iter()
             .filter_map(|v| slot_of.get(v).copied())
             .collect();
-        let ops = fuse_relu(ops, &tapped);
+        let ops = drop_unread(fuse_relu(ops, &tapped), &tapped);
         let strided: Vec<usize> = ops
             .iter()
             .enumerate()
@@ -1051,10 +1112,9 @@ impl Tape {
             })
             .filter(|w| !w.images.is_empty())
             .collect::<Vec<_>>();
-        // Bands of one image over the spare cores measured slower than one core at batch 1
-        // (ResNet-20: 0.91 against 0.70 ms/img): each band pays the GEMM calls' fixed cost again
-        // on GEMMs of a few dozen rows. Off until one kernel call runs all 36 products of a band.
-        let inner = 1;
+        // Cores left over when the batch is smaller than the pool split each image's Winograd
+        // convolutions into bands of tile rows.
+        let inner = (rayon::current_num_threads() / workers.len().max(1)).max(1);
         Ok(Tape {
             n,
             slots,
@@ -1062,8 +1122,15 @@ impl Tape {
             taps: tap_slots,
             workers,
             inner,
+            grain: SPLIT_MACS,
             strided,
         })
+    }
+
+    /// Split every convolution of at least `macs` multiply-adds over the spare threads (tests
+    /// use 0 to run the split paths on small models).
+    pub fn set_split_grain(&mut self, macs: usize) {
+        self.grain = macs;
     }
 
     /// How many strided convolutions the tape runs (the offsets [`Tape::set_swing`] takes).
@@ -1097,6 +1164,7 @@ impl Tape {
         let len0 = s0.c * s0.hw;
         assert_eq!(x.len(), self.n * len0, "tape input of the wrong size");
         let (ops, slots, taps, inner) = (&self.ops, &self.slots, &self.taps, self.inner);
+        let grain = self.grain;
         let mut first = 0;
         let jobs: Vec<(usize, &mut Worker)> = self
             .workers
@@ -1108,21 +1176,23 @@ impl Tape {
             })
             .collect();
         jobs.into_par_iter().for_each(|(f, w)| {
-            for (k, img) in w.images.iter_mut().enumerate() {
-                let src = &x[(f + k) * len0..][..len0];
-                for (i, v) in img.vals[0].iter_mut().enumerate() {
-                    *v = src[(i % s0.c) * s0.hw + i / s0.c];
+            with_team(inner, grain, |team| {
+                for (k, img) in w.images.iter_mut().enumerate() {
+                    let src = &x[(f + k) * len0..][..len0];
+                    for (i, v) in img.vals[0].iter_mut().enumerate() {
+                        *v = src[(i % s0.c) * s0.hw + i / s0.c];
+                    }
+                    vectorize(Forward {
+                        ops,
+                        slots,
+                        taps,
+                        img,
+                        cols: &mut w.cols,
+                        swung: &mut w.swung,
+                        team,
+                    });
                 }
-                vectorize(Forward {
-                    ops,
-                    slots,
-                    taps,
-                    img,
-                    cols: &mut w.cols,
-                    swung: &mut w.swung,
-                    inner,
-                });
-            }
+            })
         });
         taps.iter()
             .enumerate()
@@ -1176,6 +1246,7 @@ impl Tape {
         let s0 = self.slots[0];
         let len0 = s0.c * s0.hw;
         let (ops, slots, taps, inner) = (&self.ops, &self.slots, &self.taps, self.inner);
+        let grain = self.grain;
         let mut out = vec![0f32; self.n * len0];
         let mut chunks = out.chunks_mut(len0);
         let mut first = 0;
@@ -1192,27 +1263,29 @@ impl Tape {
             })
             .collect();
         jobs.into_par_iter().for_each(|(f, w, outs)| {
-            for (k, (img, o)) in w.images.iter_mut().zip(outs).enumerate() {
-                vectorize(Backward {
-                    ops,
-                    slots,
-                    taps,
-                    coeffs,
-                    b: f + k,
-                    img,
-                    g: &mut w.grads,
-                    cols: &mut w.cols,
-                    swung: &mut w.swung_grad,
-                    inner,
-                });
-                if w.grads.live[0] {
-                    for (i, v) in o.iter_mut().enumerate() {
-                        *v = w.grads.grads[0][(i % s0.hw) * s0.c + i / s0.hw];
+            with_team(inner, grain, |team| {
+                for (k, (img, o)) in w.images.iter_mut().zip(outs).enumerate() {
+                    vectorize(Backward {
+                        ops,
+                        slots,
+                        taps,
+                        coeffs,
+                        b: f + k,
+                        img,
+                        g: &mut w.grads,
+                        cols: &mut w.cols,
+                        swung: &mut w.swung_grad,
+                        team,
+                    });
+                    if w.grads.live[0] {
+                        for (i, v) in o.iter_mut().enumerate() {
+                            *v = w.grads.grads[0][(i % s0.hw) * s0.c + i / s0.hw];
+                        }
+                    } else {
+                        o.fill(0.0);
                     }
-                } else {
-                    o.fill(0.0);
                 }
-            }
+            })
         });
         out
     }
@@ -1226,7 +1299,7 @@ struct Forward<'a> {
     img: &'a mut Image,
     cols: &'a mut [f32],
     swung: &'a mut [f32],
-    inner: usize,
+    team: &'a Team,
 }
 
 /// Sum of `f(row)` over the rows of a `[rows, c]` buffer, per channel: blocks of 64 rows in f32
@@ -1260,9 +1333,9 @@ impl Kernel for Forward<'_> {
             img,
             cols,
             swung,
-            inner,
+            team,
         } = self;
-        forward_image(ops, slots, img, cols, swung, inner);
+        forward_image(ops, slots, img, cols, swung, team);
         for (t, &s) in taps.iter().enumerate() {
             let Slot { c, hw } = slots[s];
             let x = &img.vals[s];
@@ -1290,7 +1363,7 @@ struct Backward<'a> {
     g: &'a mut Grads,
     cols: &'a mut [f32],
     swung: &'a mut [f32],
-    inner: usize,
+    team: &'a Team,
 }
 
 impl Kernel for Backward<'_> {
@@ -1307,7 +1380,7 @@ impl Kernel for Backward<'_> {
             g: gr,
             cols,
             swung,
-            inner,
+            team,
         } = self;
         gr.live.fill(false);
         for (t, &s) in taps.iter().enumerate() {
@@ -1326,7 +1399,7 @@ impl Kernel for Backward<'_> {
             }
             gr.live[s] = true;
         }
-        backward_image(ops, slots, img, gr, cols, swung, inner);
+        backward_image(ops, slots, img, gr, cols, swung, team);
     }
 }
 
@@ -1342,6 +1415,25 @@ fn put(dst: &mut [f32], src: impl Iterator<Item = f32>, live: bool) {
             *d = s;
         }
     }
+}
+
+/// `y = softmax(x)` over the whole slice.
+#[inline(always)]
+fn softmax(x: &[f32], y: &mut [f32]) {
+    let top = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = (v - top).exp();
+    }
+    let sum: f32 = y.iter().sum();
+    y.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// The adjoint of [`softmax`] at its output `y`: `dx = y * (dy - <dy, y>)`, added into `gx` when
+/// `live`.
+#[inline(always)]
+fn softmax_adjoint(gy: &[f32], y: &[f32], gx: &mut [f32], live: bool) {
+    let dot: f32 = gy.iter().zip(y).map(|(g, v)| g * v).sum();
+    put(gx, gy.iter().zip(y).map(|(&g, &v)| v * (g - dot)), live);
 }
 
 /// Input row/column of output `o` at kernel offset `k` along one axis, if inside the input.
@@ -1416,15 +1508,114 @@ fn col2im_hwc(cols: &[f32], geo: &Geo, grp: usize, dx: &mut [f32]) {
 /// Depthwise convolution of a channels-last image (`dw` is `[kh * kw][C]`), written into `out`
 /// (`[positions][C]`): along the channels, so it vectorises.
 #[inline(always)]
-fn depthwise_hwc(x: &[f32], geo: &Geo, dw: &[f32], out: &mut [f32]) {
-    let c = geo.c;
-    out.fill(0.0);
-    for_each_tap(geo, |o, k, i| {
-        let (o, xs, ws) = (&mut out[o * c..][..c], &x[i * c..][..c], &dw[k * c..][..c]);
-        for ((o, &v), &wv) in o.iter_mut().zip(xs).zip(ws) {
-            *o += v * wv;
+fn depthwise_hwc(x: &[f32], geo: &Geo, dw: &[f32], out: &mut [f32], team: &Team) {
+    let rows = geo.o[0];
+    let parts = team.parts_for(geo.l() * geo.c * geo.k[0] * geo.k[1], rows);
+    if parts <= 1 {
+        depthwise_rows(x, geo, dw, out, 0);
+        return;
+    }
+    let per = rows.div_ceil(parts);
+    let bands: Vec<Mutex<Option<DwRows>>> = out
+        .chunks_mut(per * geo.o[1] * geo.c)
+        .enumerate()
+        .map(|(i, out)| {
+            Mutex::new(Some(DwRows {
+                x,
+                geo,
+                dw,
+                out,
+                first: i * per,
+            }))
+        })
+        .collect();
+    team.split(bands.len(), &|i| {
+        if let Some(b) = bands[i].lock().unwrap_or_else(|e| e.into_inner()).take() {
+            vectorize(b);
         }
     });
+}
+
+/// Work (multiply-adds) from which a convolution of one image is split over a team: below it,
+/// handing half to the other core cost more than it saved (ResNet-20's 3x3 convolutions at
+/// 32x32x16, 2.4M, ran slower split at batch 1; EfficientNet-Lite1's layers at 120x120 gain).
+const SPLIT_MACS: usize = 1 << 23;
+
+/// Output rows from `first` of a depthwise convolution, for one member of a team.
+struct DwRows<'a> {
+    x: &'a [f32],
+    geo: &'a Geo,
+    dw: &'a [f32],
+    out: &'a mut [f32],
+    first: usize,
+}
+
+impl Kernel for DwRows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        depthwise_rows(self.x, self.geo, self.dw, self.out, self.first);
+    }
+}
+
+/// [`depthwise_hwc`] for the output rows from `first` that `out` holds.
+#[inline(always)]
+fn depthwise_rows(x: &[f32], geo: &Geo, dw: &[f32], out: &mut [f32], first: usize) {
+    let (c, kh, kw) = (geo.c, geo.k[0], geo.k[1]);
+    let rows = out.len() / (geo.o[1] * c).max(1);
+    // Per output position, its taps' (input, weight) offsets; each block of channels sums them
+    // in registers and is stored once (taps in the same order as the adjoint's, from zero).
+    let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
+    for oy in first..first + rows {
+        for ox in 0..geo.o[1] {
+            taps.clear();
+            for ki in 0..kh {
+                let Some(iy) = tap_pos(geo, 0, oy, ki) else {
+                    continue;
+                };
+                for kj in 0..kw {
+                    if let Some(ix) = tap_pos(geo, 1, ox, kj) {
+                        taps.push(((iy * geo.w + ix) * c, (ki * kw + kj) * c));
+                    }
+                }
+            }
+            let o = &mut out[((oy - first) * geo.o[1] + ox) * c..][..c];
+            let mut cb = 0;
+            while cb + 16 <= c {
+                depthwise_block::<16>(x, dw, &taps, cb, &mut o[cb..cb + 16]);
+                cb += 16;
+            }
+            if cb + 8 <= c {
+                depthwise_block::<8>(x, dw, &taps, cb, &mut o[cb..cb + 8]);
+                cb += 8;
+            }
+            for (ch, o) in o.iter_mut().enumerate().skip(cb) {
+                *o = taps
+                    .iter()
+                    .fold(0.0, |a, &(xi, wi)| a + x[xi + ch] * dw[wi + ch]);
+            }
+        }
+    }
+}
+
+/// `W` channels from `cb` of one depthwise output position: the sum over `taps`.
+#[inline(always)]
+fn depthwise_block<const W: usize>(
+    x: &[f32],
+    dw: &[f32],
+    taps: &[(usize, usize)],
+    cb: usize,
+    o: &mut [f32],
+) {
+    let mut acc = [0f32; W];
+    for &(xi, wi) in taps {
+        let xs: &[f32; W] = x[xi + cb..][..W].try_into().unwrap();
+        let ws: &[f32; W] = dw[wi + cb..][..W].try_into().unwrap();
+        for l in 0..W {
+            acc[l] += xs[l] * ws[l];
+        }
+    }
+    o.copy_from_slice(&acc);
 }
 
 /// The adjoint of [`depthwise_hwc`]: adds the input gradient of `gy` into `gx`.
@@ -1523,7 +1714,7 @@ fn forward_image(
     img: &mut Image,
     cols: &mut [f32],
     swung: &mut [f32],
-    inner: usize,
+    team: &Team,
 ) {
     for Step { op, y } in ops {
         let y = *y;
@@ -1551,17 +1742,40 @@ fn forward_image(
                 let (cg, mg) = (geo.cg(), geo.mg());
                 let kg = geo.k[0] * geo.k[1] * cg;
                 if let Some(f) = wino {
-                    f.run(xin, &mut out, false, cols, inner);
+                    f.run(xin, &mut out, false, cols, team);
                 } else if let Some(dw) = dw {
-                    depthwise_hwc(xin, geo, dw, &mut out);
+                    depthwise_hwc(xin, geo, dw, &mut out, team);
                 } else if geo.pointwise() && geo.groups == 1 {
-                    sgemm(
-                        MatMut::rows(&mut out, l, m),
-                        MatRef::rows(xin, l, c),
-                        MatRef::rows(w, c, m),
-                        false,
-                        1,
-                    );
+                    let parts = team.parts_for(l * c * m, l);
+                    if parts <= 1 {
+                        sgemm(
+                            MatMut::rows(&mut out, l, m),
+                            MatRef::rows(xin, l, c),
+                            MatRef::rows(w, c, m),
+                            false,
+                            1,
+                        );
+                    } else {
+                        // Bands of output positions, one per thread (`c`, `m` > 0 here).
+                        let per = l.div_ceil(parts);
+                        let bands: Vec<Mutex<(&mut [f32], &[f32])>> = out
+                            .chunks_mut(per * m)
+                            .zip(xin.chunks(per * c))
+                            .map(Mutex::new)
+                            .collect();
+                        team.split(bands.len(), &|i| {
+                            let mut band = bands[i].lock().unwrap_or_else(|e| e.into_inner());
+                            let (o, xb) = &mut *band;
+                            let rows = xb.len() / c;
+                            sgemm(
+                                MatMut::rows(o, rows, m),
+                                MatRef::rows(xb, rows, c),
+                                MatRef::rows(w, c, m),
+                                false,
+                                1,
+                            );
+                        });
+                    }
                 } else {
                     for grp in 0..geo.groups {
                         let cs = &mut cols[..l * kg];
@@ -1610,8 +1824,16 @@ fn forward_image(
                 }
             }
             TOp::Clip { x, lo, hi, .. } => {
+                let (lo, hi) = (*lo, *hi);
+                // Compare and select, which vectorises (`f32::clamp` does not); NaN stays NaN.
                 for (o, &v) in out.iter_mut().zip(&img.vals[*x]) {
-                    *o = v.clamp(*lo, *hi);
+                    *o = if v < lo {
+                        lo
+                    } else if v > hi {
+                        hi
+                    } else {
+                        v
+                    };
                 }
             }
             TOp::Add { a, b, relu, .. } => {
@@ -1680,6 +1902,7 @@ fn forward_image(
                     }
                 }
             }
+            TOp::Softmax { x } => softmax(&img.vals[*x], &mut out),
             TOp::Gather { x, map, fill, .. } => {
                 let xin = &img.vals[*x];
                 for (o, &k) in out.iter_mut().zip(map) {
@@ -1699,7 +1922,7 @@ fn backward_image(
     gr: &mut Grads,
     cols: &mut [f32],
     swung: &mut [f32],
-    inner: usize,
+    team: &Team,
 ) {
     for Step { op, y } in ops.iter().rev() {
         let y = *y;
@@ -1730,7 +1953,7 @@ fn backward_image(
                 let (cg, mg) = (geo.cg(), geo.mg());
                 let kg = geo.k[0] * geo.k[1] * cg;
                 if let Some(f) = wino_grad {
-                    f.run(&gy, gx, live, cols, inner);
+                    f.run(&gy, gx, live, cols, team);
                 } else if let Some(dw) = dw {
                     if !live {
                         gx.fill(0.0);
@@ -1934,6 +2157,10 @@ fn backward_image(
                 }
                 gr.live[*x] = true;
             }
+            TOp::Softmax { x } => {
+                softmax_adjoint(&gy, &yv, &mut gr.grads[*x], gr.live[*x]);
+                gr.live[*x] = true;
+            }
         }
         gr.grads[y] = gy;
         img.vals[y] = yv;
@@ -1957,6 +2184,36 @@ mod tests {
             o: [h.div_ceil(2), w.div_ceil(2)],
             groups: 1,
             m: 1,
+        }
+    }
+
+    #[test]
+    fn softmax_gradient_matches_finite_differences() {
+        let x = [0.3f32, -1.2, 2.0, 0.5, 0.0];
+        let w = [0.7f32, -0.4, 1.1, 0.2, -0.9];
+        // f(x) = <w, softmax(x)>
+        let f = |x: &[f32]| {
+            let mut y = [0f32; 5];
+            softmax(x, &mut y);
+            y.iter().zip(&w).map(|(a, b)| f64::from(a * b)).sum::<f64>()
+        };
+        let mut y = [0f32; 5];
+        softmax(&x, &mut y);
+        assert!((y.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let mut g = [5f32; 5];
+        softmax_adjoint(&w, &y, &mut g, false);
+        for i in 0..5 {
+            let (mut a, mut b) = (x, x);
+            a[i] += 1e-2;
+            b[i] -= 1e-2;
+            let fd = (f(&a) - f(&b)) / 2e-2;
+            assert!((fd - f64::from(g[i])).abs() < 1e-3, "{i}: {fd} vs {}", g[i]);
+        }
+        // live: added to what is there
+        let mut h = [1f32; 5];
+        softmax_adjoint(&w, &y, &mut h, true);
+        for i in 0..5 {
+            assert!((h[i] - 1.0 - g[i]).abs() < 1e-6);
         }
     }
 

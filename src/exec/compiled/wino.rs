@@ -8,8 +8,11 @@
 //! innermost, the transforms of a tile are arithmetic on vectors of 8 channels; the 36 products
 //! are GEMMs `[tiles, C] x [C, M]`.
 
-use zq_kernels::gemm::{sgemm, MatMut, MatRef};
+use std::sync::Mutex;
+use zq_kernels::gemm::{MatMut, MatRef};
 use zq_kernels::simd::{vectorize, Kernel};
+use zq_kernels::small::sgemm_small;
+use zq_kernels::team::Team;
 
 /// Input tile side, output tile side, transformed points.
 const TI: usize = 6;
@@ -220,8 +223,8 @@ impl Wino {
         P * th * tw * (self.c + self.m)
     }
 
-    /// `y = conv(x)`, or `y += conv(x)` when `accumulate`; both channels-last. With `threads`
-    /// above 1 the tile rows are split into that many bands run in parallel (each its own
+    /// `y = conv(x)`, or `y += conv(x)` when `accumulate`; both channels-last. On a team of
+    /// more than one thread the tile rows are split into one band per thread (each its own
     /// transforms and GEMMs on its share of `scratch`), for a batch too small to give every core
     /// an image of its own.
     #[inline(always)]
@@ -231,13 +234,13 @@ impl Wino {
         y: &mut [f32],
         accumulate: bool,
         scratch: &mut [f32],
-        threads: usize,
+        team: &Team,
     ) {
         let (th, tw) = self.tiles();
         let (c, m) = (self.c, self.m);
         assert_eq!(x.len(), c * self.h * self.w);
         assert_eq!(y.len(), m * self.oh * self.ow);
-        let parts = threads.clamp(1, th.max(1));
+        let parts = team.parts_for(self.oh * self.ow * c * m * 9, th);
         if parts == 1 {
             self.run_band(x, y, accumulate, scratch, 0, th);
             return;
@@ -252,17 +255,21 @@ impl Wino {
             yr = rest;
             let (sk, rest) = std::mem::take(&mut sr).split_at_mut(P * (b - a) * tw * (c + m));
             sr = rest;
-            bands.push(Band {
+            bands.push(Mutex::new(Some(Band {
                 f: self,
                 x,
                 y: yk,
                 accumulate,
                 scratch: sk,
                 rows: [a, b],
-            });
+            })));
         }
-        use rayon::prelude::*;
-        bands.into_par_iter().for_each(vectorize);
+        team.split(bands.len(), &|i| {
+            let band = bands[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(band) = band {
+                vectorize(band);
+            }
+        });
     }
 
     /// [`Wino::run`] for the tile rows `a..b`: `y` holds their output rows only.
@@ -286,7 +293,7 @@ impl Wino {
         // one contiguous run, where `[xi][tile]` would put its 36 points a power-of-two stride
         // apart in one cache set. The GEMM of point `xi` takes every 36th row.
         for xi in 0..P {
-            sgemm(
+            sgemm_small(
                 MatMut {
                     data: &mut mx[xi * m..],
                     rows: t,
@@ -303,7 +310,6 @@ impl Wino {
                 },
                 MatRef::rows(&self.u[xi * c * m..][..c * m], c, m),
                 false,
-                1,
             );
         }
         self.transform_output(mx, y, accumulate, a, b);
@@ -453,6 +459,7 @@ fn a_t(m: [V8; 6]) -> [V8; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zq_kernels::team::with_team;
 
     fn direct(x: &[f32], wt: &[f32], sh: WinoShape) -> Vec<f32> {
         let WinoShape {
@@ -538,11 +545,12 @@ mod tests {
             let f = Wino::new(&wt, sh);
             let mut scratch = vec![0f32; f.scratch_len()];
             let mut y = vec![7f32; m * oh * ow];
-            f.run(&hwc(&x, c, h * w), &mut y, false, &mut scratch, 1);
+            let xh = hwc(&x, c, h * w);
+            with_team(1, 0, |t| f.run(&xh, &mut y, false, &mut scratch, t));
             // Bands of tile rows run in parallel give the same values, to the bit.
             for threads in [2, 3, 8] {
                 let mut yt = vec![-3f32; m * oh * ow];
-                f.run(&hwc(&x, c, h * w), &mut yt, false, &mut scratch, threads);
+                with_team(threads, 0, |t| f.run(&xh, &mut yt, false, &mut scratch, t));
                 assert_eq!(yt, y, "c{c} m{m} {h}x{w}: {threads} bands");
             }
             let y = chw(&y, m, oh * ow);
@@ -558,7 +566,8 @@ mod tests {
             let b = Wino::input_grad(&wt, sh).unwrap();
             let mut scratch = vec![0f32; b.scratch_len()];
             let mut gx = vec![1f32; c * h * w];
-            b.run(&hwc(&g, m, oh * ow), &mut gx, true, &mut scratch, 2);
+            let gh = hwc(&g, m, oh * ow);
+            with_team(2, 0, |t| b.run(&gh, &mut gx, true, &mut scratch, t));
             let gx = chw(&gx, c, h * w);
             let lhs: f32 = y.iter().zip(&g).map(|(a, b)| a * b).sum();
             let rhs: f32 = x.iter().zip(&gx).map(|(a, b)| a * (b - 1.0)).sum();

@@ -1521,6 +1521,11 @@ impl NativeModel {
         })
     }
 
+    /// Whether the graph runs on the f32 tape (a float graph it covers), not the program.
+    pub fn on_tape(&self) -> bool {
+        self.float.is_some()
+    }
+
     /// Compile for batch size `n` now (else on first use).
     pub fn prepare(&mut self, n: usize) -> Result<()> {
         if let Some(f) = &mut self.float {
