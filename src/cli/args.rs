@@ -153,8 +153,8 @@ pub enum Command {
     /// on real layer shapes, single thread, against the measured VNNI peak.
     ///
     /// With --model FILE: milliseconds per image of that model on zq's engine (the native
-    /// integer engine for a quantized model, zq's executor for a float one) and on ONNX Runtime,
-    /// both on --threads threads, at each --batch size: the same inputs for both, two warm-up
+    /// engine for a quantized model or a float one its f32 tape covers, else zq's executor) and
+    /// on ONNX Runtime, both on --threads threads, at each --batch size: the same inputs for both, two warm-up
     /// runs each not counted, then --rounds rounds that alternate between the engines; the
     /// median round and the ratio zq / ONNX Runtime are reported, and how often both predict the
     /// same class. Without ONNX Runtime (--ort-lib or ZQ_ORT_LIB) zq alone is timed.
@@ -233,7 +233,8 @@ pub struct BenchArgs {
     /// Threads for each engine [default: one per core].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024), requires = "model")]
     pub threads: Option<u32>,
-    /// zq's engine to time [default: native for a model with QuantizeLinear, else zq].
+    /// zq's engine to time [default: native for a model with QuantizeLinear or a float model the
+    /// native engine's f32 tape covers, else zq].
     #[arg(long, value_enum, requires = "model")]
     pub engine: Option<BenchEngine>,
     /// ONNX Runtime shared library (libonnxruntime.so) [default: $ZQ_ORT_LIB].
@@ -307,7 +308,8 @@ pub enum Engine {
     Zq,
     /// ONNX Runtime (needs --ort-lib or ZQ_ORT_LIB).
     Ort,
-    /// zq's integer engine: QDQ patterns on int8/int4 kernels, NHWC, the rest in float.
+    /// zq's native engine: QDQ patterns on int8/int4 kernels, NHWC, the rest in float; a float
+    /// model the f32 tape covers runs on it (BN folded, Winograd and GEMM convolutions).
     Native,
 }
 
@@ -329,7 +331,8 @@ pub struct EvalArgs {
     /// Also run a reference model and report how often both predict the same class.
     #[arg(long, value_name = "REF.onnx")]
     pub compare: Option<PathBuf>,
-    /// Which executor runs the model(s) [default: native for models with QuantizeLinear, else zq].
+    /// Which executor runs the model(s) [default: native for models with QuantizeLinear and for
+    /// float models the native engine's f32 tape covers, else zq].
     #[arg(long, value_enum)]
     pub engine: Option<Engine>,
     /// ONNX Runtime shared library (libonnxruntime.so) for --engine ort.

@@ -104,14 +104,19 @@ fn cmd_bench_model(p: &Printer, a: BenchArgs) -> anyhow::Result<ExitCode> {
     use_threads(threads)?;
     let graph = crate::onnx::read_model(&path)?.graph;
     let quantized = eval::is_quantized(&graph);
-    let engine = a.engine.unwrap_or(if quantized {
-        BenchEngine::Native
-    } else {
-        BenchEngine::Zq
-    });
-    let mut zq: Box<dyn Classifier> = match engine {
-        BenchEngine::Native => Box::new(eval::NativeClassifier::new(graph, &path)?),
-        BenchEngine::Zq => Box::new(eval::ZqClassifier::new(graph, &path)?),
+    let (mut zq, engine): (Box<dyn Classifier>, _) = match a.engine {
+        Some(BenchEngine::Native) => (
+            Box::new(eval::NativeClassifier::new(graph, &path)?),
+            BenchEngine::Native,
+        ),
+        Some(BenchEngine::Zq) => (
+            Box::new(eval::ZqClassifier::new(graph, &path)?),
+            BenchEngine::Zq,
+        ),
+        None => match eval::default_classifier(graph, &path)? {
+            (c, true) => (c, BenchEngine::Native),
+            (c, false) => (c, BenchEngine::Zq),
+        },
     };
     // ONNX Runtime absent is not an error (zq is still timed); a library named by --ort-lib
     // that does not load is. It is timed with its default integer kernels (what a deployment

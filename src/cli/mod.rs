@@ -38,8 +38,8 @@ fn cmd_inspect(p: &Printer, a: InspectArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Open `path` with `engine`; without one, quantized models (QuantizeLinear present) run on the
-/// native engine and float models on zq's. Returns the engine used.
+/// Open `path` with `engine`; without one, as [`eval::default_classifier`] chooses. Returns the
+/// engine used.
 fn open(
     engine: Option<Engine>,
     path: &std::path::Path,
@@ -54,13 +54,9 @@ fn open(
         ),
         None => {
             let g = crate::onnx::read_model(path)?.graph;
-            if eval::is_quantized(&g) {
-                (
-                    Box::new(eval::NativeClassifier::new(g, path)?),
-                    Engine::Native,
-                )
-            } else {
-                (Box::new(eval::ZqClassifier::new(g, path)?), Engine::Zq)
+            match eval::default_classifier(g, path)? {
+                (c, true) => (c, Engine::Native),
+                (c, false) => (c, Engine::Zq),
             }
         }
     })

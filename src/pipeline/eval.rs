@@ -117,7 +117,8 @@ impl Classifier for ZqClassifier {
     }
 }
 
-/// The native integer engine (`exec::native`), one compiled program per batch size.
+/// The native engine (`exec::native`): one compiled program per batch size, or the f32 tape for a
+/// float graph it covers.
 pub struct NativeClassifier {
     model: crate::exec::native::NativeModel,
     chw: [usize; 3],
@@ -135,6 +136,11 @@ impl NativeClassifier {
             model: crate::exec::native::NativeModel::new(graph)?,
             chw,
         })
+    }
+
+    /// Whether the model runs on the f32 tape (a float graph it covers).
+    pub fn on_tape(&self) -> bool {
+        self.model.on_tape()
     }
 
     /// The model's first output for `n` inputs, as a flat [n, K] table, and K.
@@ -167,6 +173,24 @@ pub fn argmax_flat(y: &[f32], k: usize) -> Vec<usize> {
                 .fold(0, |b, (i, &v)| if v > r[b] { i } else { b })
         })
         .collect()
+}
+
+/// The engine `zq eval` and `zq bench` pick without `--engine`: the native one for a quantized
+/// model, and for a float model the f32 tape covers (its fast path); zq's executor for any other
+/// float model (the native program would run it op by op, no faster). `true` means native.
+pub fn default_classifier(
+    graph: crate::ir::Graph,
+    path: &Path,
+) -> Result<(Box<dyn Classifier>, bool)> {
+    if is_quantized(&graph) {
+        return Ok((Box::new(NativeClassifier::new(graph, path)?), true));
+    }
+    if let Ok(c) = NativeClassifier::new(graph.clone(), path) {
+        if c.on_tape() {
+            return Ok((Box::new(c), true));
+        }
+    }
+    Ok((Box::new(ZqClassifier::new(graph, path)?), false))
 }
 
 /// Whether a model holds QuantizeLinear nodes (then `zq eval` runs it natively by default).

@@ -158,6 +158,50 @@ fn float_models_run_on_the_tape_within_rounding() {
     );
 }
 
+/// Every float fixture on the native engine against ONNX Runtime's recorded outputs: the ones
+/// the tape covers (convolutions, depthwise, Gemm with transB, MatMul + Add heads) within float
+/// rounding of the largest output, the one it refuses (ops_zoo's shape and activation ops) on
+/// the program fallback, which must agree with zq's reference executor to 1e-5.
+#[test]
+fn float_fixtures_on_the_native_engine_match_onnx_runtime() {
+    use zq::exec::native::NativeModel;
+    for (name, tape) in [
+        ("digits_bn", true),
+        ("mobile_dw", true),
+        ("folded_nobn", true),
+        ("ops_zoo_op11", false),
+        ("ops_zoo_op21", false),
+    ] {
+        let model = fixture(&format!("{name}/model.onnx"));
+        let (x, xs, want, ws) = read_io(&fixture(&format!("{name}/io.safetensors")));
+        let g = zq::onnx::read_model(&model).unwrap().graph;
+        let mut nat = NativeModel::new(g.clone()).unwrap();
+        assert_eq!(nat.on_tape(), tape, "{name}: tape or program");
+        let (got, gs) = nat.run(&x, xs[0]).unwrap();
+        assert_eq!(gs, ws, "{name}");
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        let d = max_abs_diff(&got, &want);
+        assert!(
+            d <= 1e-4 * scale,
+            "{name}: max |diff| {d} vs ONNX Runtime, outputs up to {scale}"
+        );
+        if !tape {
+            let plan = zq::exec::Plan::new(&g, xs[0]).unwrap();
+            let t = candle_core::Tensor::from_vec(x.clone(), xs.as_slice(), plan.device()).unwrap();
+            let r: Vec<f32> = plan.run(&[t]).unwrap()[0]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let e = max_abs_diff(&got, &r);
+            assert!(
+                e <= 1e-5,
+                "{name}: the program differs from the reference executor by {e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn eval_runs_quantized_models_natively_by_default() {
     let t = tempfile::tempdir().unwrap();
@@ -196,9 +240,9 @@ fn eval_runs_quantized_models_natively_by_default() {
         reference["top1"].as_f64().unwrap(),
     );
     assert!((a - b).abs() <= 0.005, "native {a} vs zq {b}");
-    // A float model stays on zq's executor.
+    // A float model the f32 tape covers runs there too.
     let fp = run_fp32(&data);
-    assert_eq!(fp["engine"], "zq");
+    assert_eq!(fp["engine"], "native");
 }
 
 fn run_fp32(data: &Path) -> serde_json::Value {
