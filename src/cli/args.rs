@@ -308,8 +308,9 @@ pub enum Engine {
     Zq,
     /// ONNX Runtime (needs --ort-lib or ZQ_ORT_LIB).
     Ort,
-    /// zq's native engine: QDQ patterns on int8/int4 kernels, NHWC, the rest in float; a float
-    /// model the f32 tape covers runs on it (BN folded, Winograd and GEMM convolutions).
+    /// zq's native engine: QDQ patterns on int8/int4 kernels, NHWC, the rest in float (`zq
+    /// eval` and `zq bench` run a float model its f32 tape covers there: BN folded, Winograd and
+    /// GEMM convolutions).
     Native,
 }
 
