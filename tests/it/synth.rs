@@ -160,8 +160,9 @@ fn tape_engine_matches_autograd() {
             covered.push(m);
         }
     }
-    assert!(
-        covered.contains(&"digits_bn"),
-        "the tape must run digits_bn"
-    );
+    // mobile_dw's squeeze-excite Conv -> Relu (fused on the tape) lies before its last BN, so
+    // the fused ReLU's mask is in the gradient compared.
+    for m in ["digits_bn", "mobile_dw"] {
+        assert!(covered.contains(&m), "the tape must run {m}");
+    }
 }

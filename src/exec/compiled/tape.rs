@@ -53,6 +53,8 @@ enum TOp {
         /// read reflect-padded by 1 and cropped back at offset `[dy, dx]`; `[1, 1]` or `None`
         /// is the plain convolution.
         swing: Option<[usize; 2]>,
+        /// A following ReLU fused in (applied with the bias, in the same pass).
+        relu: bool,
     },
     /// `y[c] = x[c] * scale[c] + shift[c]`, then ReLU when `relu` (a following ReLU fused in).
     Affine {
@@ -215,7 +217,10 @@ fn fuse_relu(steps: Vec<Step>, tapped: &[usize]) -> Vec<Step> {
         if let TOp::Relu { x } = st.op {
             if readers.get(&x) == Some(&1) && !tapped.contains(&x) {
                 if let Some(prev) = out.iter_mut().rev().find(|p| p.y == x) {
-                    if let TOp::Affine { relu, .. } | TOp::Add { relu, .. } = &mut prev.op {
+                    if let TOp::Affine { relu, .. }
+                    | TOp::Add { relu, .. }
+                    | TOp::Conv { relu, .. } = &mut prev.op
+                    {
                         if !*relu {
                             *relu = true;
                             prev.y = st.y;
@@ -719,6 +724,7 @@ impl Tape {
                         wino_grad,
                         dw,
                         swing: None,
+                        relu: false,
                     }
                 }
                 // A fully connected layer on `[N, K]` rows is a pointwise convolution over one
@@ -754,6 +760,7 @@ impl Tape {
                         wino_grad: None,
                         dw: None,
                         swing: None,
+                        relu: false,
                     }
                 }
                 (Op::BatchNorm { epsilon }, _) => {
@@ -1580,8 +1587,18 @@ fn depthwise_rows(x: &[f32], geo: &Geo, dw: &[f32], out: &mut [f32], first: usiz
                 }
             }
             let o = &mut out[((oy - first) * geo.o[1] + ox) * c..][..c];
+            // Wide blocks keep several independent sums in flight (one block of 16 waited on
+            // its own additions, tap after tap).
             let mut cb = 0;
-            while cb + 16 <= c {
+            while cb + 64 <= c {
+                depthwise_block::<64>(x, dw, &taps, cb, &mut o[cb..cb + 64]);
+                cb += 64;
+            }
+            if cb + 32 <= c {
+                depthwise_block::<32>(x, dw, &taps, cb, &mut o[cb..cb + 32]);
+                cb += 32;
+            }
+            if cb + 16 <= c {
                 depthwise_block::<16>(x, dw, &taps, cb, &mut o[cb..cb + 16]);
                 cb += 16;
             }
@@ -1728,6 +1745,7 @@ fn forward_image(
                 wino,
                 dw,
                 swing,
+                relu,
                 ..
             } => {
                 let xin: &[f32] = match active(swing) {
@@ -1789,12 +1807,23 @@ fn forward_image(
                         );
                     }
                 }
-                if let Some(b) = bias {
-                    for row in out.chunks_exact_mut(m) {
-                        for (v, &bv) in row.iter_mut().zip(b) {
-                            *v += bv;
+                match (bias, *relu) {
+                    (Some(b), true) => {
+                        for row in out.chunks_exact_mut(m) {
+                            for (v, &bv) in row.iter_mut().zip(b) {
+                                *v = (*v + bv).max(0.0);
+                            }
                         }
                     }
+                    (Some(b), false) => {
+                        for row in out.chunks_exact_mut(m) {
+                            for (v, &bv) in row.iter_mut().zip(b) {
+                                *v += bv;
+                            }
+                        }
+                    }
+                    (None, true) => out.iter_mut().for_each(|v| *v = v.max(0.0)),
+                    (None, false) => {}
                 }
             }
             TOp::Affine {
@@ -1939,8 +1968,17 @@ fn backward_image(
                 wino_grad,
                 dw,
                 swing,
+                relu,
                 ..
             } => {
+                // Through the fused ReLU first: its output is the mask.
+                if *relu {
+                    for (g, &v) in gy.iter_mut().zip(&yv) {
+                        if v <= 0.0 {
+                            *g = 0.0;
+                        }
+                    }
+                }
                 // A swung convolution's input gradient goes to the swung input first, then
                 // back through the reflection.
                 let off = active(swing);
