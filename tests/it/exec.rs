@@ -11,6 +11,7 @@ use crate::util::*;
 const MODELS: &[&str] = &[
     "digits_bn",
     "mobile_dw",
+    "same_pad",
     "folded_nobn",
     "ops_zoo_op11",
     "ops_zoo_op21",

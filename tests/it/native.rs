@@ -106,7 +106,7 @@ fn depthwise_squeeze_excite_and_op_zoo_models_match_the_reference() {
     // Quantized by zq: depthwise convs, Clip (ReLU6), HardSwish, HardSigmoid, the SE Mul (float
     // fallback), ceil-mode pools, Softmax... on pseudo-random inputs.
     let t = tempfile::tempdir().unwrap();
-    for (name, c, hw) in [("mobile_dw", 3, 16), ("ops_zoo_op21", 4, 15)] {
+    for (name, c, hw) in [("mobile_dw", 3, 16), ("same_pad", 3, 16), ("ops_zoo_op21", 4, 15)] {
         let m = fixture(&format!("{name}/model.onnx"));
         let q = t.path().join(format!("{name}.onnx"));
         let o = zq(&[
@@ -168,6 +168,7 @@ fn float_fixtures_on_the_native_engine_match_onnx_runtime() {
     for (name, tape) in [
         ("digits_bn", true),
         ("mobile_dw", true),
+        ("same_pad", true),
         ("folded_nobn", true),
         ("ops_zoo_op11", false),
         ("ops_zoo_op21", false),

@@ -152,7 +152,7 @@ pub fn tape_matches_autograd(g: &zq::ir::Graph, name: &str, batch: usize) -> boo
 #[test]
 fn tape_engine_matches_autograd() {
     let mut covered = Vec::new();
-    for m in ["digits_bn", "mobile_dw", "ops_zoo_op11", "ops_zoo_op21"] {
+    for m in ["digits_bn", "mobile_dw", "same_pad", "ops_zoo_op11", "ops_zoo_op21"] {
         let g = read_model(&fixture(&format!("{m}/model.onnx")))
             .unwrap()
             .graph;
@@ -162,7 +162,7 @@ fn tape_engine_matches_autograd() {
     }
     // mobile_dw's squeeze-excite Conv -> Relu (fused on the tape) lies before its last BN, so
     // the fused ReLU's mask is in the gradient compared.
-    for m in ["digits_bn", "mobile_dw"] {
+    for m in ["digits_bn", "mobile_dw", "same_pad"] {
         assert!(covered.contains(&m), "the tape must run {m}");
     }
 }
