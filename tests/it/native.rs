@@ -106,7 +106,11 @@ fn depthwise_squeeze_excite_and_op_zoo_models_match_the_reference() {
     // Quantized by zq: depthwise convs, Clip (ReLU6), HardSwish, HardSigmoid, the SE Mul (float
     // fallback), ceil-mode pools, Softmax... on pseudo-random inputs.
     let t = tempfile::tempdir().unwrap();
-    for (name, c, hw) in [("mobile_dw", 3, 16), ("same_pad", 3, 16), ("ops_zoo_op21", 4, 15)] {
+    for (name, c, hw) in [
+        ("mobile_dw", 3, 16),
+        ("same_pad", 3, 16),
+        ("ops_zoo_op21", 4, 15),
+    ] {
         let m = fixture(&format!("{name}/model.onnx"));
         let q = t.path().join(format!("{name}.onnx"));
         let o = zq(&[

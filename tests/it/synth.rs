@@ -152,7 +152,13 @@ pub fn tape_matches_autograd(g: &zq::ir::Graph, name: &str, batch: usize) -> boo
 #[test]
 fn tape_engine_matches_autograd() {
     let mut covered = Vec::new();
-    for m in ["digits_bn", "mobile_dw", "same_pad", "ops_zoo_op11", "ops_zoo_op21"] {
+    for m in [
+        "digits_bn",
+        "mobile_dw",
+        "same_pad",
+        "ops_zoo_op11",
+        "ops_zoo_op21",
+    ] {
         let g = read_model(&fixture(&format!("{m}/model.onnx")))
             .unwrap()
             .graph;

@@ -137,6 +137,11 @@ struct Cx<'g> {
     /// The value a step wrote into each u8 buffer, and that step (for fusing what follows).
     owner: HashMap<usize, (ValueId, usize)>,
     materialized: HashMap<ValueId, usize>,
+    /// u8 buffers a zero Pad of the spatial axes wrote: its input, the pads (top, left, bottom,
+    /// right), the padding byte and the gather step, for the conv after it to fold in.
+    pads: HashMap<usize, (QVal, [usize; 4], u8, usize)>,
+    /// Steps a later one made unnecessary (a Pad folded into its conv).
+    removed: HashSet<usize>,
     dev: Device,
 }
 
@@ -167,6 +172,8 @@ pub fn compile(g: &Graph, batch: usize) -> Result<Program> {
         f32_len: Vec::new(),
         owner: HashMap::new(),
         materialized: HashMap::new(),
+        pads: HashMap::new(),
+        removed: HashSet::new(),
         dev: Device::Cpu,
     };
     let mut inputs = Vec::new();
@@ -202,12 +209,20 @@ pub fn compile(g: &Graph, batch: usize) -> Result<Program> {
         outputs.push((src, shape));
     }
     let Cx {
-        mut steps,
+        steps,
         names,
         u8_len,
         f32_len,
+        removed,
         ..
     } = cx;
+    let (mut steps, names): (Vec<Step>, Vec<_>) = steps
+        .into_iter()
+        .zip(names)
+        .enumerate()
+        .filter(|(k, _)| !removed.contains(k))
+        .map(|(_, sn)| sn)
+        .unzip();
     let pinned_f32: Vec<usize> = inputs
         .iter()
         .map(|(b, _)| *b)
@@ -644,9 +659,11 @@ impl Cx<'_> {
     fn linear(&mut self, i: usize) -> Result<bool> {
         let g = self.g;
         let n = &g.nodes[i];
-        let Some((qx, sx, zx)) = self.deq(n.input(0)) else {
+        let Some((mut qx, sx, zx)) = self.deq(n.input(0)) else {
             return Ok(false);
         };
+        // The gather of a Pad folded into this conv, dropped once the conv is compiled.
+        let mut fold = None;
         let Some(w) = n.input(1).and_then(|w| self.ints.get(&w)).cloned() else {
             return Ok(false);
         };
@@ -680,6 +697,14 @@ impl Cx<'_> {
                     Ok(w) if w.kernel.len() == 2 => w,
                     _ => return Ok(false),
                 };
+                let mut extra = [0; 4];
+                if let Some((src, p, step)) = n
+                    .input(0)
+                    .and_then(|x| self.folded_pad(i, x, &qx, zx))
+                    .filter(|(src, _, _)| src.shape.len() == 4)
+                {
+                    (qx, extra, fold) = (src, p, Some(step));
+                }
                 let (cin, h, wd) = (qx.shape[1], qx.shape[2], qx.shape[3]);
                 group = a.group.max(1);
                 cout = w.shape[0];
@@ -691,10 +716,10 @@ impl Cx<'_> {
                     .with_stride(win.strides[0], win.strides[1])
                     .with_dilation(win.dilations[0], win.dilations[1])
                     .with_padding(
-                        win.pad_begin[0],
-                        win.pad_begin[1],
-                        win.pad_end[0],
-                        win.pad_end[1],
+                        win.pad_begin[0] + extra[0],
+                        win.pad_begin[1] + extra[1],
+                        win.pad_end[0] + extra[2],
+                        win.pad_end[1] + extra[3],
                     )
                     .with_pixel_stride(cin);
                 if g.out_h() != win.out[0] || g.out_w() != win.out[1] {
@@ -906,6 +931,7 @@ impl Cx<'_> {
             tasks: tasks(images, out_pixels, cout),
         };
         let si = self.push(i, Step::Conv(step));
+        self.removed.extend(fold);
         self.done[i] = true;
         match (out_q, ybuf) {
             (Some((qn, qv)), _) => self.set_q(qn, qv, Some(si)),
@@ -1159,6 +1185,18 @@ impl Cx<'_> {
             shape: osh,
             nhwc: onhwc,
         };
+        let spatial = match &n.op {
+            Op::Pad {
+                mode: PadMode::Constant,
+            } if qx.nhwc && onhwc && ops::is_identity(&lut) => match infer::pad_of(self.g, n) {
+                Ok((b, e, _)) if b.len() == 4 && b[..2] == [0, 0] && e[..2] == [0, 0] => {
+                    Some([b[2], b[3], e[2], e[3]])
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let (src, buf) = (qx.clone(), out.buf);
         let si = self.push(
             i,
             Step::Gather {
@@ -1169,8 +1207,29 @@ impl Cx<'_> {
                 pad,
             },
         );
+        if let Some(p) = spatial {
+            self.pads.insert(buf, (src, p, pad, si));
+        }
         self.set_q(qn, out, Some(si));
         Ok(true)
+    }
+
+    /// The unpadded input and the pads of a conv input `x` (dequantized with zero point `zx`)
+    /// that a zero Pad of the spatial axes wrote for this conv `i` alone: the conv can pad
+    /// itself, with `zx`, and skip the copy.
+    fn folded_pad(
+        &self,
+        i: usize,
+        x: ValueId,
+        qx: &QVal,
+        zx: u8,
+    ) -> Option<(QVal, [usize; 4], usize)> {
+        let (src, p, fill, step) = self.pads.get(&qx.buf)?;
+        let Some(Repr::Deq { src: qv, .. }) = self.repr.get(&x) else {
+            return None;
+        };
+        let private = self.sole_consumer(x) == Some(i) && self.sole_consumer(*qv).is_some();
+        (private && *fill == zx).then(|| (src.clone(), *p, *step))
     }
 
     /// An f32 buffer (ONNX layout) holding `v`: dequantized for a DequantizeLinear output, the
