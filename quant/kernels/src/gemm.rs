@@ -31,6 +31,16 @@ impl<'a> MatRef<'a> {
             cs: 1,
         }
     }
+    /// A row-major matrix whose rows start `rs` floats apart (`rs >= cols`).
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
     /// The transpose of a contiguous row-major `rows x cols` matrix (a `cols x rows` view).
     pub fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
         MatRef {
@@ -56,6 +66,16 @@ impl<'a> MatMut<'a> {
             rows,
             cols,
             rs: cols,
+            cs: 1,
+        }
+    }
+    /// A row-major matrix whose rows start `rs` floats apart (`rs >= cols`).
+    pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        MatMut {
+            data,
+            rows,
+            cols,
+            rs,
             cs: 1,
         }
     }

@@ -1649,13 +1649,7 @@ fn depthwise_hwc_adjoint(gy: &[f32], geo: &Geo, dw: &[f32], gx: &mut [f32]) {
 
 /// Columns `first..first + cols` of a row-major `[rows, stride]` matrix.
 fn cols_of(data: &[f32], rows: usize, stride: usize, first: usize, cols: usize) -> MatRef<'_> {
-    MatRef {
-        data: &data[first..],
-        rows,
-        cols,
-        rs: stride,
-        cs: 1,
-    }
+    MatRef::strided(&data[first..], rows, cols, stride)
 }
 
 fn cols_of_mut(
@@ -1665,13 +1659,7 @@ fn cols_of_mut(
     first: usize,
     cols: usize,
 ) -> MatMut<'_> {
-    MatMut {
-        data: &mut data[first..],
-        rows,
-        cols,
-        rs: stride,
-        cs: 1,
-    }
+    MatMut::strided(&mut data[first..], rows, cols, stride)
 }
 
 /// Row `i + off - 1` of an axis of length `n`, reflected at the borders (`off` in 0..=2).

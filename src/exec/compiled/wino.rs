@@ -294,20 +294,8 @@ impl Wino {
         // apart in one cache set. The GEMM of point `xi` takes every 36th row.
         for xi in 0..P {
             sgemm_small(
-                MatMut {
-                    data: &mut mx[xi * m..],
-                    rows: t,
-                    cols: m,
-                    rs: P * m,
-                    cs: 1,
-                },
-                MatRef {
-                    data: &v[xi * c..],
-                    rows: t,
-                    cols: c,
-                    rs: P * c,
-                    cs: 1,
-                },
+                MatMut::strided(&mut mx[xi * m..], t, m, P * m),
+                MatRef::strided(&v[xi * c..], t, c, P * c),
                 MatRef::rows(&self.u[xi * c * m..][..c * m], c, m),
                 false,
             );
