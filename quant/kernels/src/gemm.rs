@@ -89,12 +89,11 @@ impl<'a> MatMut<'a> {
     }
 }
 
-/// `c = a · b`, or `c += a · b` when `accumulate`. `threads > 1` lets the kernel split the work
-/// over rayon's pool. Panics when shapes disagree or a view reaches outside its slice.
-pub fn sgemm(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, threads: usize) {
+/// Panic, naming `what`, unless `c = a · b` has matching shapes.
+pub(crate) fn assert_product(what: &str, c: &MatMut<'_>, a: &MatRef<'_>, b: &MatRef<'_>) {
     assert!(
         a.rows == c.rows && b.cols == c.cols && a.cols == b.rows,
-        "sgemm: [{}x{}] = [{}x{}] . [{}x{}]",
+        "{what}: [{}x{}] = [{}x{}] . [{}x{}]",
         c.rows,
         c.cols,
         a.rows,
@@ -102,6 +101,12 @@ pub fn sgemm(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, thre
         b.rows,
         b.cols
     );
+}
+
+/// `c = a · b`, or `c += a · b` when `accumulate`. `threads > 1` lets the kernel split the work
+/// over rayon's pool. Panics when shapes disagree or a view reaches outside its slice.
+pub fn sgemm(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, threads: usize) {
+    assert_product("sgemm", &c, &a, &b);
     assert!(
         a.in_bounds() && b.in_bounds(),
         "sgemm: input view out of bounds"

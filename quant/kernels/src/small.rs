@@ -36,16 +36,7 @@ pub fn sgemm_small_reference(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumu
 }
 
 fn run(kernel: Kernel, c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
-    assert!(
-        a.rows == c.rows && b.cols == c.cols && a.cols == b.rows,
-        "sgemm_small: [{}x{}] = [{}x{}] . [{}x{}]",
-        c.rows,
-        c.cols,
-        a.rows,
-        a.cols,
-        b.rows,
-        b.cols
-    );
+    crate::gemm::assert_product("sgemm_small", &c, &a, &b);
     assert!(
         a.cs == 1 && b.cs == 1 && c.cs == 1,
         "sgemm_small: views must be row-major"
