@@ -927,6 +927,7 @@ impl Cx<'_> {
             za: zx,
             groups,
             epi,
+            residual: None,
             post: None,
             tasks: tasks(images, out_pixels, cout),
         };
@@ -970,6 +971,32 @@ impl Cx<'_> {
             lo: 0.0,
             hi: 255.0,
         };
+        // A residual add of a conv's output that nothing else reads runs in the conv, on each
+        // task's output while it is in cache, in place (the sum is exact either way round).
+        let swapped = AddParams {
+            ra: p.rb,
+            za: p.zb,
+            rb: p.ra,
+            zb: p.za,
+            ..p
+        };
+        for (x, qx, other, q, pp) in [
+            (n.input(0), &qa, &qb, &qb, p),
+            (n.input(1), &qb, &qa, &qa, swapped),
+        ] {
+            if let Some(si) = x.and_then(|x| self.conv_for_residual(i, x, qx, other)) {
+                if let Step::Conv(c) = &mut self.steps[si] {
+                    c.residual = Some((q.buf, pp));
+                }
+                self.done[i] = true;
+                let out = QVal {
+                    buf: qx.buf,
+                    ..qx.clone()
+                };
+                self.set_q(qn, out, Some(si));
+                return Ok(true);
+            }
+        }
         let si = self.push(
             i,
             Step::Add {
@@ -984,6 +1011,35 @@ impl Cx<'_> {
         self.done[i] = true;
         self.set_q(qn, out, Some(si));
         Ok(true)
+    }
+
+    /// The conv step that wrote `qx` (Add `i`'s input `x`, dequantized) if it can take the add
+    /// of `other` in its tasks: a u8 conv with no table or residual yet, whose output only this
+    /// add reads, and `other` written by an earlier step.
+    fn conv_for_residual(&self, i: usize, x: ValueId, qx: &QVal, other: &QVal) -> Option<usize> {
+        let &(qv, si) = self.owner.get(&qx.buf)?;
+        let &(_, sb) = self.owner.get(&other.buf)?;
+        let Some(Repr::Deq { src, .. }) = self.repr.get(&x) else {
+            return None;
+        };
+        let private = *src == qv
+            && self.sole_consumer(x) == Some(i)
+            && self.sole_consumer(qv).is_some()
+            && other.buf != qx.buf;
+        match &self.steps[si] {
+            Step::Conv(c)
+                if private
+                    && sb < si
+                    && c.y == Buf::U8(qx.buf)
+                    && c.post.is_none()
+                    && c.residual.is_none()
+                    && qx.nhwc
+                    && other.nhwc =>
+            {
+                Some(si)
+            }
+            _ => None,
+        }
     }
 
     fn pool(&mut self, i: usize) -> Result<bool> {
@@ -1330,6 +1386,21 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256], fast: Option<ops::Affine>) -> bo
         }
     }
     match step {
+        Step::Conv(ConvStep {
+            residual: Some((_, p)),
+            post,
+            ..
+        }) => {
+            // After the residual: the clamp bounds the sum, as for an Add step.
+            match ops::as_clamp(lut) {
+                Some(r) if post.is_none() => {
+                    let (lo, hi) = ops::compose_clamp((p.lo as u8, p.hi as u8), r);
+                    (p.lo, p.hi) = (f32::from(lo), f32::from(hi));
+                }
+                _ => then(post, lut, fast),
+            }
+            true
+        }
         Step::Conv(c) => match (&mut c.epi, ops::as_clamp(lut)) {
             (Epi::U8 { lo, hi, .. }, Some(r)) if c.post.is_none() => {
                 (*lo, *hi) = ops::compose_clamp((*lo, *hi), r);

@@ -191,6 +191,25 @@ impl Kernel for AddU8<'_> {
     }
 }
 
+/// [`AddU8`] in place: `y[i] = add(y[i], b[i])` (a conv's output with its residual).
+pub(super) struct AddU8InPlace<'a> {
+    pub y: &'a mut [u8],
+    pub b: &'a [u8],
+    pub p: AddParams,
+}
+
+impl Kernel for AddU8InPlace<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let p = self.p;
+        for (o, &b) in self.y.iter_mut().zip(self.b) {
+            let v = p.ra * (f32::from(*o) - p.za) + p.rb * (f32::from(b) - p.zb);
+            *o = requant(v, p.zy, p.lo, p.hi);
+        }
+    }
+}
+
 /// `y[i] = lut[x[i]]`.
 pub(super) fn lut_apply(x: &[u8], y: &mut [u8], lut: &[u8; 256]) {
     for (o, &v) in y.iter_mut().zip(x) {

@@ -54,7 +54,11 @@ pub(super) struct ConvStep {
     pub za: u8,
     pub groups: Vec<Group>,
     pub epi: Epi,
-    /// A table applied to each task's u8 output while it is in cache (a folded `DQ -> f -> Q`).
+    /// A residual added to each task's u8 output while it is in cache (a folded
+    /// `DQ(conv), DQ(b) -> Add -> Q`, the conv's buffer then holding the sum): `b`'s buffer.
+    pub residual: Option<(usize, ops::AddParams)>,
+    /// A table applied to each task's u8 output while it is in cache (a folded `DQ -> f -> Q`),
+    /// after the residual.
     pub post: Option<ops::Table>,
     /// (image, output pixels) of each parallel task.
     pub tasks: Vec<(usize, Range<usize>)>,
@@ -158,6 +162,9 @@ impl Step {
         match self {
             Step::Conv(c) => {
                 u(f, &mut c.x, false);
+                if let Some((b, _)) = &mut c.residual {
+                    u(f, b, false);
+                }
                 f(&mut c.y, true);
             }
             Step::Quantize { x, y, .. } => {
@@ -349,7 +356,8 @@ fn run_step(
             match c.y {
                 Buf::U8(yb) => {
                     let mut y = take(u8s, yb);
-                    let r = conv_u8(k, c, &u8s[c.x], &mut y);
+                    let b = c.residual.as_ref().map(|(b, _)| u8s[*b].as_slice());
+                    let r = conv_u8(k, c, &u8s[c.x], b, &mut y);
                     u8s[yb] = y;
                     r?;
                 }
@@ -557,10 +565,17 @@ fn task_lens(c: &ConvStep) -> impl Iterator<Item = usize> + '_ {
     c.tasks.iter().map(|(_, r)| r.len() * c.cout)
 }
 
-fn conv_u8(k: &Kernels, c: &ConvStep, x: &[u8], y: &mut [u8]) -> std::result::Result<(), String> {
+fn conv_u8(
+    k: &Kernels,
+    c: &ConvStep,
+    x: &[u8],
+    residual: Option<&[u8]>,
+    y: &mut [u8],
+) -> std::result::Result<(), String> {
     let Epi::U8 { zp, lo, hi } = c.epi else {
         return Err("u8 output without u8 epilogue".into());
     };
+    let out_pixels = c.geom.out_pixels();
     let pieces = split(y, task_lens(c));
     pieces
         .into_par_iter()
@@ -577,6 +592,13 @@ fn conv_u8(k: &Kernels, c: &ConvStep, x: &[u8], y: &mut [u8]) -> std::result::Re
                     max: hi,
                 };
                 conv_call(k, c, g, &input[g.cin_off..], o, px.clone())?;
+            }
+            if let (Some(b), Some((_, p))) = (residual, &c.residual) {
+                let at = (img * out_pixels + px.start) * c.cout;
+                let b = b
+                    .get(at..at + out.len())
+                    .ok_or("residual shorter than the conv output")?;
+                vectorize(ops::AddU8InPlace { y: out, b, p: *p });
             }
             if let Some(t) = &c.post {
                 t.apply(out);
