@@ -957,11 +957,6 @@ impl Cx<'_> {
         if qa.shape != qb.shape || qa.nhwc != qb.nhwc || self.shape(n.outputs[0]) != qa.shape {
             return Ok(false);
         }
-        let len = qa.len();
-        let out = QVal {
-            buf: self.new_u8(len),
-            ..qa.clone()
-        };
         let p = AddParams {
             ra: sa / sy,
             za: f32::from(za),
@@ -972,21 +967,14 @@ impl Cx<'_> {
             hi: 255.0,
         };
         // A residual add of a conv's output that nothing else reads runs in the conv, on each
-        // task's output while it is in cache, in place (the sum is exact either way round).
-        let swapped = AddParams {
-            ra: p.rb,
-            za: p.zb,
-            rb: p.ra,
-            zb: p.za,
-            ..p
-        };
-        for (x, qx, other, q, pp) in [
-            (n.input(0), &qa, &qb, &qb, p),
-            (n.input(1), &qb, &qa, &qa, swapped),
+        // task's output while it is in cache, in place.
+        for (x, qx, other, pp) in [
+            (n.input(0), &qa, &qb, p),
+            (n.input(1), &qb, &qa, p.swapped()),
         ] {
             if let Some(si) = x.and_then(|x| self.conv_for_residual(i, x, qx, other)) {
                 if let Step::Conv(c) = &mut self.steps[si] {
-                    c.residual = Some((q.buf, pp));
+                    c.residual = Some((other.buf, pp));
                 }
                 self.done[i] = true;
                 let out = QVal {
@@ -997,6 +985,11 @@ impl Cx<'_> {
                 return Ok(true);
             }
         }
+        let len = qa.len();
+        let out = QVal {
+            buf: self.new_u8(len),
+            ..qa.clone()
+        };
         let si = self.push(
             i,
             Step::Add {
@@ -1378,27 +1371,14 @@ impl Cx<'_> {
 /// Fold a u8 table into the step that produces its input: a clamp into a kernel's output
 /// range, any table into a step that already ends in one.
 fn fuse_table(step: &mut Step, lut: &[u8; 256], fast: Option<ops::Affine>) -> bool {
-    /// `post` followed by `lut`.
-    fn then(post: &mut Option<ops::Table>, lut: &[u8; 256], fast: Option<ops::Affine>) {
-        match post {
-            Some(p) => p.then(lut),
-            None => *post = Some(ops::Table::new(*lut, fast)),
-        }
-    }
     match step {
+        // After a residual the table applies to the sum, as for an Add step.
         Step::Conv(ConvStep {
             residual: Some((_, p)),
             post,
             ..
         }) => {
-            // After the residual: the clamp bounds the sum, as for an Add step.
-            match ops::as_clamp(lut) {
-                Some(r) if post.is_none() => {
-                    let (lo, hi) = ops::compose_clamp((p.lo as u8, p.hi as u8), r);
-                    (p.lo, p.hi) = (f32::from(lo), f32::from(hi));
-                }
-                _ => then(post, lut, fast),
-            }
+            p.fold_table(post, lut, fast);
             true
         }
         Step::Conv(c) => match (&mut c.epi, ops::as_clamp(lut)) {
@@ -1407,19 +1387,13 @@ fn fuse_table(step: &mut Step, lut: &[u8; 256], fast: Option<ops::Affine>) -> bo
                 true
             }
             (Epi::U8 { .. }, _) => {
-                then(&mut c.post, lut, fast);
+                ops::then_table(&mut c.post, lut, fast);
                 true
             }
             _ => false,
         },
         Step::Add { p, post, .. } => {
-            match ops::as_clamp(lut) {
-                Some(r) if post.is_none() => {
-                    let (lo, hi) = ops::compose_clamp((p.lo as u8, p.hi as u8), r);
-                    (p.lo, p.hi) = (f32::from(lo), f32::from(hi));
-                }
-                _ => then(post, lut, fast),
-            }
+            p.fold_table(post, lut, fast);
             true
         }
         Step::AvgPool { clamp, .. } => match ops::as_clamp(lut) {

@@ -172,6 +172,52 @@ pub(super) struct AddParams {
     pub hi: f32,
 }
 
+impl AddParams {
+    /// QLinearAdd of one pair of u8 values.
+    #[inline(always)]
+    pub(super) fn add(&self, a: u8, b: u8) -> u8 {
+        let v = self.ra * (f32::from(a) - self.za) + self.rb * (f32::from(b) - self.zb);
+        requant(v, self.zy, self.lo, self.hi)
+    }
+
+    /// The parameters of the same sum with the operands swapped (bit-identical results: each
+    /// term is computed alike and f32 addition commutes).
+    pub(super) fn swapped(self) -> AddParams {
+        AddParams {
+            ra: self.rb,
+            za: self.zb,
+            rb: self.ra,
+            zb: self.za,
+            ..self
+        }
+    }
+
+    /// Fold a following table into the sum: a clamp bounds it (when no table is queued yet),
+    /// anything else is queued in `post`.
+    pub(super) fn fold_table(
+        &mut self,
+        post: &mut Option<Table>,
+        lut: &[u8; 256],
+        fast: Option<Affine>,
+    ) {
+        match as_clamp(lut) {
+            Some(r) if post.is_none() => {
+                let (lo, hi) = compose_clamp((self.lo as u8, self.hi as u8), r);
+                (self.lo, self.hi) = (f32::from(lo), f32::from(hi));
+            }
+            _ => then_table(post, lut, fast),
+        }
+    }
+}
+
+/// `post` followed by `lut` (a new table when there is none yet).
+pub(super) fn then_table(post: &mut Option<Table>, lut: &[u8; 256], fast: Option<Affine>) {
+    match post {
+        Some(p) => p.then(lut),
+        None => *post = Some(Table::new(*lut, fast)),
+    }
+}
+
 pub(super) struct AddU8<'a> {
     pub a: &'a [u8],
     pub b: &'a [u8],
@@ -185,8 +231,7 @@ impl Kernel for AddU8<'_> {
     fn run(self) {
         let p = self.p;
         for ((o, &a), &b) in self.y.iter_mut().zip(self.a).zip(self.b) {
-            let v = p.ra * (f32::from(a) - p.za) + p.rb * (f32::from(b) - p.zb);
-            *o = requant(v, p.zy, p.lo, p.hi);
+            *o = p.add(a, b);
         }
     }
 }
@@ -204,8 +249,7 @@ impl Kernel for AddU8InPlace<'_> {
     fn run(self) {
         let p = self.p;
         for (o, &b) in self.y.iter_mut().zip(self.b) {
-            let v = p.ra * (f32::from(*o) - p.za) + p.rb * (f32::from(b) - p.zb);
-            *o = requant(v, p.zy, p.lo, p.hi);
+            *o = p.add(*o, b);
         }
     }
 }
