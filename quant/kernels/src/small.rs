@@ -92,17 +92,28 @@ fn best() -> Kernel {
 unsafe fn portable(job: &Job) {
     for i in 0..job.rows {
         for j in 0..job.cols {
-            let mut s = 0f32;
-            for k in 0..job.depth {
-                // SAFETY: i < rows, k < depth, j < cols are inside the checked views.
-                let (x, y) = unsafe { (*job.a.add(i * job.ars + k), *job.b.add(k * job.brs + j)) };
-                s = x.mul_add(y, s);
-            }
-            // SAFETY: as above.
-            let d = unsafe { &mut *job.c.add(i * job.crs + j) };
-            *d = if job.accumulate { *d + s } else { s };
+            // SAFETY: i < rows and j < cols.
+            unsafe { element(job, i, j) }
         }
     }
+}
+
+/// Output (`i`, `j`) alone: the reference summation (fused, in order of `k`, from zero), which
+/// the SIMD blocks reproduce.
+///
+/// # Safety
+/// `i < job.rows`, `j < job.cols`, and `job` within the bounds [`run`] checks.
+#[inline(always)]
+unsafe fn element(job: &Job, i: usize, j: usize) {
+    let mut s = 0f32;
+    for k in 0..job.depth {
+        // SAFETY: i < rows, k < depth, j < cols are inside the checked views.
+        let (x, y) = unsafe { (*job.a.add(i * job.ars + k), *job.b.add(k * job.brs + j)) };
+        s = x.mul_add(y, s);
+    }
+    // SAFETY: as above; the output element is this call's alone.
+    let d = unsafe { &mut *job.c.add(i * job.crs + j) };
+    *d = if job.accumulate { *d + s } else { s };
 }
 
 /// # Safety
@@ -116,43 +127,40 @@ unsafe fn avx2(job: &Job) {
         let mut j = 0;
         while j + 16 <= job.cols {
             // SAFETY: rows i..i+r and columns j..j+16 are inside the views.
-            unsafe {
-                match r {
-                    4 => block::<4, 2>(job, i, j),
-                    3 => block::<3, 2>(job, i, j),
-                    2 => block::<2, 2>(job, i, j),
-                    _ => block::<1, 2>(job, i, j),
-                }
-            }
+            unsafe { rows::<2>(job, r, i, j) };
             j += 16;
         }
         if j + 8 <= job.cols {
             // SAFETY: as above, eight columns.
-            unsafe {
-                match r {
-                    4 => block::<4, 1>(job, i, j),
-                    3 => block::<3, 1>(job, i, j),
-                    2 => block::<2, 1>(job, i, j),
-                    _ => block::<1, 1>(job, i, j),
-                }
-            }
+            unsafe { rows::<1>(job, r, i, j) };
             j += 8;
         }
         for jj in j..job.cols {
             for ii in i..i + r {
-                let mut s = 0f32;
-                for k in 0..job.depth {
-                    // SAFETY: ii < rows, k < depth, jj < cols.
-                    let (x, y) =
-                        unsafe { (*job.a.add(ii * job.ars + k), *job.b.add(k * job.brs + jj)) };
-                    s = x.mul_add(y, s);
-                }
-                // SAFETY: as above.
-                let d = unsafe { &mut *job.c.add(ii * job.crs + jj) };
-                *d = if job.accumulate { *d + s } else { s };
+                // SAFETY: ii < rows, jj < cols.
+                unsafe { element(job, ii, jj) }
             }
         }
         i += r;
+    }
+}
+
+/// [`block`] for `r` (1 to 4) rows.
+///
+/// # Safety
+/// As [`block`], for rows `i..i+r`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn rows<const V: usize>(job: &Job, r: usize, i: usize, j: usize) {
+    // SAFETY: the caller's bounds, for the `r` rows chosen.
+    unsafe {
+        match r {
+            4 => block::<4, V>(job, i, j),
+            3 => block::<3, V>(job, i, j),
+            2 => block::<2, V>(job, i, j),
+            _ => block::<1, V>(job, i, j),
+        }
     }
 }
 
