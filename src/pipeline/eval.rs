@@ -138,9 +138,12 @@ impl NativeClassifier {
         })
     }
 
-    /// Whether the model runs on the f32 tape (a float graph it covers).
-    pub fn on_tape(&self) -> bool {
-        self.model.on_tape()
+    /// A float graph on the native engine's f32 tape; `None` when the tape does not cover it
+    /// (nothing else is compiled).
+    pub fn float_on_tape(graph: &crate::ir::Graph, path: &Path) -> Result<Option<Self>> {
+        let chw = chw_of(graph, path)?;
+        Ok(crate::exec::native::NativeModel::float_on_tape(graph)?
+            .map(|model| NativeClassifier { model, chw }))
     }
 
     /// The model's first output for `n` inputs, as a flat [n, K] table, and K.
@@ -185,10 +188,9 @@ pub fn default_classifier(
     if is_quantized(&graph) {
         return Ok((Box::new(NativeClassifier::new(graph, path)?), true));
     }
-    if let Ok(c) = NativeClassifier::new(graph.clone(), path) {
-        if c.on_tape() {
-            return Ok((Box::new(c), true));
-        }
+    // An error here is zq's executor's to report, the same way.
+    if let Ok(Some(c)) = NativeClassifier::float_on_tape(&graph, path) {
+        return Ok((Box::new(c), true));
     }
     Ok((Box::new(ZqClassifier::new(graph, path)?), false))
 }

@@ -1589,72 +1589,83 @@ fn logical_map(g: &Graph, n: &Node, ish: &[usize], osh: &[usize]) -> Option<Vec<
 /// The native engine for one graph: a compiled program per batch size, or for a float graph the
 /// tape covers, [`FloatModel`]'s compiled forward pass.
 pub struct NativeModel {
-    graph: Graph,
-    programs: HashMap<usize, Program>,
-    float: Option<FloatModel>,
+    engine: Engine,
+}
+
+enum Engine {
+    Tape(FloatModel),
+    /// The graph, and its programs by batch size.
+    Programs(Graph, HashMap<usize, Program>),
 }
 
 impl NativeModel {
     /// Compile for batch size 1 at once, so an unsupported model fails before any input is read.
     pub fn new(graph: Graph) -> Result<Self> {
+        if let Some(m) = Self::float_on_tape(&graph)? {
+            return Ok(m);
+        }
+        // The program runs what the tape does not (op by op, more slowly).
+        let p = compile(&graph, 1)?;
+        Ok(NativeModel {
+            engine: Engine::Programs(graph, HashMap::from([(1, p)])),
+        })
+    }
+
+    /// A float graph (no Quantize or Dequantize node) on the f32 tape, compiled for batch size
+    /// 1; `None` when the graph is quantized or the tape refuses it (no program is compiled).
+    pub fn float_on_tape(graph: &Graph) -> Result<Option<Self>> {
         let quantized = graph.nodes.iter().any(|n| {
             matches!(
                 n.op,
                 Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. }
             )
         });
-        if !quantized {
-            match FloatModel::new(&graph) {
-                Ok(f) => {
-                    return Ok(NativeModel {
-                        graph,
-                        programs: HashMap::new(),
-                        float: Some(f),
-                    })
-                }
-                Err(NotCovered::Failed(e)) => return Err(e),
-                // The program runs what the tape does not (op by op, more slowly).
-                Err(NotCovered::Refused(_)) => {}
-            }
+        if quantized {
+            return Ok(None);
         }
-        let p = compile(&graph, 1)?;
-        Ok(NativeModel {
-            graph,
-            programs: HashMap::from([(1, p)]),
-            float: None,
-        })
+        match FloatModel::new(graph) {
+            Ok(f) => Ok(Some(NativeModel {
+                engine: Engine::Tape(f),
+            })),
+            Err(NotCovered::Failed(e)) => Err(e),
+            Err(NotCovered::Refused(_)) => Ok(None),
+        }
     }
 
     /// Whether the graph runs on the f32 tape (a float graph it covers), not the program.
     pub fn on_tape(&self) -> bool {
-        self.float.is_some()
+        matches!(self.engine, Engine::Tape(_))
     }
 
     /// Compile for batch size `n` now (else on first use).
     pub fn prepare(&mut self, n: usize) -> Result<()> {
-        if let Some(f) = &mut self.float {
-            return f.prepare(n);
+        match &mut self.engine {
+            Engine::Tape(f) => f.prepare(n),
+            Engine::Programs(g, programs) => program(g, programs, n).map(|_| ()),
         }
-        self.program(n).map(|_| ())
-    }
-
-    fn program(&mut self, n: usize) -> Result<&mut Program> {
-        if !self.programs.contains_key(&n) {
-            let p = compile(&self.graph, n)?;
-            self.programs.insert(n, p);
-        }
-        Ok(self.programs.get_mut(&n).expect("inserted above"))
     }
 
     /// Run `n` inputs (ONNX layout, one graph input); returns the first output and its shape.
     pub fn run(&mut self, x: &[f32], n: usize) -> Result<(Vec<f32>, Vec<usize>)> {
-        let mut outs = match &mut self.float {
-            Some(f) => f.run(x, n)?,
-            None => self.program(n)?.run(&[x])?,
+        let mut outs = match &mut self.engine {
+            Engine::Tape(f) => f.run(x, n)?,
+            Engine::Programs(g, programs) => program(g, programs, n)?.run(&[x])?,
         };
         if outs.is_empty() {
             return Err(Error::Usage("the model has no outputs".into()));
         }
         Ok(outs.swap_remove(0))
     }
+}
+
+/// The program for batch size `n`, compiled on first use.
+fn program<'a>(
+    g: &Graph,
+    programs: &'a mut HashMap<usize, Program>,
+    n: usize,
+) -> Result<&'a mut Program> {
+    Ok(match programs.entry(n) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(compile(g, n)?),
+    })
 }
