@@ -9,6 +9,7 @@
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 type Part<'a> = &'a (dyn Fn(usize) + Sync + 'a);
 
@@ -124,6 +125,18 @@ impl Team {
         }
     }
 
+    /// Run `f` once on each of `items` (disjoint bands of an output, say), spread over the team
+    /// as [`Team::split`]'s parts.
+    pub fn for_each<T: Send>(&self, items: Vec<T>, f: &(dyn Fn(T) + Sync)) {
+        let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+        self.split(slots.len(), &|i| {
+            let item = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(t) = item {
+                f(t);
+            }
+        });
+    }
+
     /// Claim the next part of the job of `epoch`, if any is left.
     fn claim(&self, epoch: u64) -> Option<usize> {
         let mut s = self.state.load(Ordering::Acquire);
@@ -175,7 +188,6 @@ impl Team {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     #[test]
     fn every_part_runs_once_over_many_jobs() {
@@ -206,6 +218,21 @@ mod tests {
                 let bands: Vec<Mutex<&mut [u32]>> = y.chunks_mut(100).map(Mutex::new).collect();
                 team.split(bands.len(), &|i| {
                     for v in bands[i].lock().unwrap().iter_mut() {
+                        *v += round;
+                    }
+                });
+            }
+        });
+        assert!(y.iter().all(|&v| v == 50 * 51 / 2));
+    }
+
+    #[test]
+    fn for_each_hands_every_item_to_one_part() {
+        let mut y = vec![0u32; 1000];
+        with_team(2, 0, |team| {
+            for round in 1..=50u32 {
+                team.for_each(y.chunks_mut(100).collect(), &|band: &mut [u32]| {
+                    for v in band.iter_mut() {
                         *v += round;
                     }
                 });

@@ -14,7 +14,6 @@
 //! BatchNormalization input is left to the general executor ([`Tape::new`] says which op).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use rayon::prelude::*;
 use zq_kernels::gemm::{sgemm, MatMut, MatRef};
@@ -1549,24 +1548,18 @@ fn depthwise_hwc(x: &[f32], geo: &Geo, dw: &[f32], out: &mut [f32], team: &Team)
         return;
     }
     let per = rows.div_ceil(parts);
-    let bands: Vec<Mutex<Option<DwRows>>> = out
+    let bands = out
         .chunks_mut(per * geo.o[1] * geo.c)
         .enumerate()
-        .map(|(i, out)| {
-            Mutex::new(Some(DwRows {
-                x,
-                geo,
-                dw,
-                out,
-                first: i * per,
-            }))
+        .map(|(i, out)| DwRows {
+            x,
+            geo,
+            dw,
+            out,
+            first: i * per,
         })
         .collect();
-    team.split(bands.len(), &|i| {
-        if let Some(b) = bands[i].lock().unwrap_or_else(|e| e.into_inner()).take() {
-            vectorize(b);
-        }
-    });
+    team.for_each(bands, &|b| vectorize(b));
 }
 
 /// Work (multiply-adds) from which a convolution of one image is split over a team: below it,
@@ -1790,14 +1783,8 @@ fn forward_image(
                     } else {
                         // Bands of output positions, one per thread (`c`, `m` > 0 here).
                         let per = l.div_ceil(parts);
-                        let bands: Vec<Mutex<(&mut [f32], &[f32])>> = out
-                            .chunks_mut(per * m)
-                            .zip(xin.chunks(per * c))
-                            .map(Mutex::new)
-                            .collect();
-                        team.split(bands.len(), &|i| {
-                            let mut band = bands[i].lock().unwrap_or_else(|e| e.into_inner());
-                            let (o, xb) = &mut *band;
+                        let bands = out.chunks_mut(per * m).zip(xin.chunks(per * c)).collect();
+                        team.for_each(bands, &|(o, xb): (&mut [f32], &[f32])| {
                             let rows = xb.len() / c;
                             sgemm(
                                 MatMut::rows(o, rows, m),

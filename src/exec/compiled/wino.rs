@@ -8,7 +8,6 @@
 //! innermost, the transforms of a tile are arithmetic on vectors of 8 channels; the 36 products
 //! are GEMMs `[tiles, C] x [C, M]`.
 
-use std::sync::Mutex;
 use zq_kernels::gemm::{MatMut, MatRef};
 use zq_kernels::simd::{vectorize, Kernel};
 use zq_kernels::small::sgemm_small;
@@ -255,21 +254,16 @@ impl Wino {
             yr = rest;
             let (sk, rest) = std::mem::take(&mut sr).split_at_mut(P * (b - a) * tw * (c + m));
             sr = rest;
-            bands.push(Mutex::new(Some(Band {
+            bands.push(Band {
                 f: self,
                 x,
                 y: yk,
                 accumulate,
                 scratch: sk,
                 rows: [a, b],
-            })));
+            });
         }
-        team.split(bands.len(), &|i| {
-            let band = bands[i].lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(band) = band {
-                vectorize(band);
-            }
-        });
+        team.for_each(bands, &|band| vectorize(band));
     }
 
     /// [`Wino::run`] for the tile rows `a..b`: `y` holds their output rows only.
