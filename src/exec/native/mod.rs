@@ -223,6 +223,12 @@ pub fn compile(g: &Graph, batch: usize) -> Result<Program> {
         .filter(|(k, _)| !removed.contains(k))
         .map(|(_, sn)| sn)
         .unzip();
+    for (step, (name, op)) in steps.iter_mut().zip(&names) {
+        if let Step::Conv(c) = step {
+            c.plan()
+                .map_err(|m| Error::node(name, op, format!("native engine: {m}")))?;
+        }
+    }
     let pinned_f32: Vec<usize> = inputs
         .iter()
         .map(|(b, _)| *b)
@@ -930,6 +936,7 @@ impl Cx<'_> {
             residual: None,
             post: None,
             tasks: tasks(images, out_pixels, cout),
+            plans: Vec::new(),
         };
         let si = self.push(i, Step::Conv(step));
         self.removed.extend(fold);

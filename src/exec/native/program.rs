@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
-use zq_kernels::int8::{ConvGeometry, DepthwiseWeights, Kernels, Output, PackedWeights};
+use zq_kernels::int8::{ConvGeometry, ConvPlan, DepthwiseWeights, Kernels, Output, PackedWeights};
 use zq_kernels::simd::vectorize;
 
 use super::ops::{self, AddParams, PoolGeom};
@@ -62,6 +62,30 @@ pub(super) struct ConvStep {
     pub post: Option<ops::Table>,
     /// (image, output pixels) of each parallel task.
     pub tasks: Vec<(usize, Range<usize>)>,
+    /// The kernels' plan of each distinct pixel range of `tasks` (made by [`ConvStep::plan`]
+    /// once the geometry is final).
+    pub plans: Vec<ConvPlan>,
+}
+
+impl ConvStep {
+    /// Compute the kernels' plans of the tasks' pixel ranges (the same for every image).
+    pub(super) fn plan(&mut self) -> std::result::Result<(), String> {
+        self.plans.clear();
+        for (_, px) in &self.tasks {
+            if !self.plans.iter().any(|p| p.pixels() == *px) {
+                let p = ConvPlan::new(&self.geom, px.clone()).map_err(|e| e.to_string())?;
+                self.plans.push(p);
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_of(&self, px: &Range<usize>) -> std::result::Result<&ConvPlan, String> {
+        self.plans
+            .iter()
+            .find(|p| p.pixels() == *px)
+            .ok_or_else(|| format!("no plan for output pixels {px:?}"))
+    }
 }
 
 /// Where a float fallback op's input comes from.
@@ -634,9 +658,10 @@ fn conv_call(
     out: Output<'_>,
     px: Range<usize>,
 ) -> std::result::Result<(), String> {
+    let plan = c.plan_of(&px)?;
     let r = match &g.w {
-        Weights::Gemm(w) => k.conv(input, &c.geom, c.za, w, g.bias.as_deref(), out, px),
-        Weights::Depthwise(w) => k.depthwise(input, &c.geom, c.za, w, g.bias.as_deref(), out, px),
+        Weights::Gemm(w) => k.conv_planned(input, plan, c.za, w, g.bias.as_deref(), out),
+        Weights::Depthwise(w) => k.depthwise_planned(input, plan, c.za, w, g.bias.as_deref(), out),
     };
     r.map_err(|e| e.to_string())
 }

@@ -118,8 +118,8 @@ impl ConvGeometry {
         self.out_h().saturating_mul(self.out_w())
     }
 
-    /// Check the geometry, the input length and the pixel range.
-    fn validate(&self, input_len: usize, pixels: &Range<usize>) -> Result<(), KernelError> {
+    /// Check the geometry and the pixel range.
+    fn validate(&self, pixels: &Range<usize>) -> Result<(), KernelError> {
         let bad = |what: &str| {
             Err(KernelError::Shape(format!(
                 "conv geometry {self:?}: {what}"
@@ -163,24 +163,33 @@ impl ConvGeometry {
         if self.out_pixels() == 0 {
             return bad("no output pixels");
         }
+        if pixels.start > pixels.end || pixels.end > self.out_pixels() {
+            return Err(KernelError::Shape(format!(
+                "output pixel range {pixels:?} outside 0..{}",
+                self.out_pixels()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes an input image must hold: up to the last pixel's `channels`.
+    fn input_need(&self) -> usize {
         let npix = self.in_h * self.in_w;
-        let need = if npix == 0 {
+        if npix == 0 {
             0
         } else {
             (npix - 1) * self.pixel_stride + self.channels
-        };
+        }
+    }
+
+    fn check_input(&self, input_len: usize) -> Result<(), KernelError> {
+        let need = self.input_need();
         if input_len < need {
             return Err(KernelError::Length {
                 what: "conv input",
                 need,
                 got: input_len,
             });
-        }
-        if pixels.start > pixels.end || pixels.end > self.out_pixels() {
-            return Err(KernelError::Shape(format!(
-                "output pixel range {pixels:?} outside 0..{}",
-                self.out_pixels()
-            )));
         }
         Ok(())
     }
@@ -194,63 +203,126 @@ impl ConvGeometry {
     }
 }
 
-/// Fill `ptrs` with the indirection rows of output pixels `first..first + count`: for each pixel,
-/// one pointer per tap `(ky, kx)` to its input pixel's `channels` bytes, or to `za_row` in the
-/// padding. The pointers are formed with `wrapping_add` from `input` after `validate` checked that
-/// every in-image pixel holds `channels` bytes, so each one points to `channels` readable bytes.
+/// Offset of a padding tap in a [`ConvPlan`].
+const PAD: u32 = u32::MAX;
+
+/// A convolution's geometry with its output pixel range, checked once, and the input offset of
+/// every tap of every output pixel in the range (the indirection of the implicit-GEMM and
+/// depthwise kernels): build it once per layer and pixel range, then run
+/// [`Kernels::conv_planned`] / [`Kernels::depthwise_planned`] on any number of images.
+#[derive(Debug, Clone)]
+pub struct ConvPlan {
+    geom: ConvGeometry,
+    pixels: Range<usize>,
+    /// `pixels.len() * taps` offsets, pixel-major, `PAD` in the padding; empty for a 1x1
+    /// convolution that reads its pixels in place.
+    offs: Vec<u32>,
+}
+
+impl ConvPlan {
+    /// Check `geom` and `pixels` (a range of `0..geom.out_pixels()`) and compute the offsets.
+    pub fn new(geom: &ConvGeometry, pixels: Range<usize>) -> Result<ConvPlan, KernelError> {
+        geom.validate(&pixels)?;
+        let g = geom;
+        let mut offs = Vec::new();
+        if !g.is_pointwise() {
+            if g.input_need() >= PAD as usize {
+                return Err(KernelError::Shape(format!(
+                    "conv geometry {g:?}: an image of {} bytes is beyond the 4 GiB the \
+                     indirection offsets address",
+                    g.input_need()
+                )));
+            }
+            let taps = g.kernel_h * g.kernel_w;
+            let count = pixels.len();
+            offs.reserve_exact(count * taps);
+            let ow = g.out_w();
+            let (mut oy, mut ox) = (pixels.start / ow, pixels.start % ow);
+            let span_h = (g.kernel_h - 1) * g.dilation_h;
+            let span_w = (g.kernel_w - 1) * g.dilation_w;
+            for _ in 0..count {
+                // Out-of-image coordinates wrap to huge values and fail the `<` tests.
+                let y0 = (oy * g.stride_h).wrapping_sub(g.pad_top);
+                let x0 = (ox * g.stride_w).wrapping_sub(g.pad_left);
+                let inside =
+                    y0 < g.in_h && y0 + span_h < g.in_h && x0 < g.in_w && x0 + span_w < g.in_w;
+                let mut iy = y0;
+                for _ in 0..g.kernel_h {
+                    let mut ix = x0;
+                    for _ in 0..g.kernel_w {
+                        // Below `input_need() < PAD` when inside the image.
+                        offs.push(if inside || (iy < g.in_h && ix < g.in_w) {
+                            ((iy * g.in_w + ix) * g.pixel_stride) as u32
+                        } else {
+                            PAD
+                        });
+                        ix = ix.wrapping_add(g.dilation_w);
+                    }
+                    iy = iy.wrapping_add(g.dilation_h);
+                }
+                ox += 1;
+                if ox == ow {
+                    ox = 0;
+                    oy += 1;
+                }
+            }
+        }
+        Ok(ConvPlan {
+            geom: *geom,
+            pixels,
+            offs,
+        })
+    }
+    pub fn geometry(&self) -> &ConvGeometry {
+        &self.geom
+    }
+    pub fn pixels(&self) -> Range<usize> {
+        self.pixels.clone()
+    }
+    fn taps(&self) -> usize {
+        self.geom.kernel_h * self.geom.kernel_w
+    }
+}
+
+impl ConvGeometry {
+    /// A 1x1, stride-1, unpadded convolution: a GEMM over the input pixels themselves.
+    fn is_pointwise(&self) -> bool {
+        self.kernel_h == 1
+            && self.kernel_w == 1
+            && self.stride_h == 1
+            && self.stride_w == 1
+            && self.pad_top + self.pad_left + self.pad_bottom + self.pad_right == 0
+    }
+}
+
+/// Fill `ptrs` with the indirection rows of plan pixels `first..first + count` (indices into the
+/// plan's range): one pointer per tap to its input pixel's `channels` bytes in `input`, or to
+/// `za_row` in the padding. After `check_input(input.len())`, every offset of the plan other than
+/// `PAD` has `channels` readable bytes of `input` at it, so each pointer points to `channels`
+/// readable bytes (formed with `wrapping_add`, so forming them is safe).
 fn indirection(
-    g: &ConvGeometry,
+    plan: &ConvPlan,
     input: &[u8],
     za_row: &[u8],
     first: usize,
     count: usize,
     ptrs: &mut Vec<*const u8>,
 ) {
-    debug_assert!(za_row.len() >= g.channels);
-    let base = input.as_ptr();
-    let ow = g.out_w();
-    let (mut oy, mut ox) = (first / ow, first % ow);
-    let taps = g.kernel_h * g.kernel_w;
+    debug_assert!(za_row.len() >= plan.geom.channels);
+    let taps = plan.taps();
+    let (base, za) = (input.as_ptr(), za_row.as_ptr());
     ptrs.clear();
-    ptrs.resize(count * taps, za_row.as_ptr());
-    // Offsets of the taps from the window's top-left input pixel, for windows inside the image.
-    let mut tap_off = Vec::with_capacity(taps);
-    for ky in 0..g.kernel_h {
-        for kx in 0..g.kernel_w {
-            tap_off.push((ky * g.dilation_h * g.in_w + kx * g.dilation_w) * g.pixel_stride);
-        }
-    }
-    let span_h = (g.kernel_h - 1) * g.dilation_h;
-    let span_w = (g.kernel_w - 1) * g.dilation_w;
-    for pixel in ptrs.chunks_exact_mut(taps) {
-        // Out-of-image coordinates wrap to huge values and fail the `<` tests.
-        let y0 = (oy * g.stride_h).wrapping_sub(g.pad_top);
-        let x0 = (ox * g.stride_w).wrapping_sub(g.pad_left);
-        if y0 < g.in_h && y0 + span_h < g.in_h && x0 < g.in_w && x0 + span_w < g.in_w {
-            let origin = base.wrapping_add((y0 * g.in_w + x0) * g.pixel_stride);
-            for (slot, &off) in pixel.iter_mut().zip(&tap_off) {
-                *slot = origin.wrapping_add(off);
-            }
-        } else {
-            let mut slots = pixel.iter_mut();
-            let mut iy = y0;
-            for _ in 0..g.kernel_h {
-                let mut ix = x0;
-                for slot in slots.by_ref().take(g.kernel_w) {
-                    if iy < g.in_h && ix < g.in_w {
-                        *slot = base.wrapping_add((iy * g.in_w + ix) * g.pixel_stride);
-                    }
-                    ix = ix.wrapping_add(g.dilation_w);
+    ptrs.extend(
+        plan.offs[first * taps..(first + count) * taps]
+            .iter()
+            .map(|&o| {
+                if o == PAD {
+                    za
+                } else {
+                    base.wrapping_add(o as usize)
                 }
-                iy = iy.wrapping_add(g.dilation_h);
-            }
-        }
-        ox += 1;
-        if ox == ow {
-            ox = 0;
-            oy += 1;
-        }
-    }
+            }),
+    );
 }
 
 /// Output pixels per implicit-GEMM call (a multiple of every tile height).
@@ -302,18 +374,17 @@ fn gather(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn conv(
     kernels: &Kernels,
     input: &[u8],
-    g: &ConvGeometry,
+    plan: &ConvPlan,
     za: u8,
     w: &PackedWeights,
     bias: Option<&[i32]>,
     out: Output<'_>,
-    pixels: Range<usize>,
 ) -> Result<(), KernelError> {
-    g.validate(input.len(), &pixels)?;
+    let (g, pixels) = (&plan.geom, plan.pixels());
+    g.check_input(input.len())?;
     let k = g.kernel_h * g.kernel_w * g.channels;
     if w.k() != k {
         return Err(KernelError::Shape(format!(
@@ -329,12 +400,7 @@ pub(crate) fn conv(
     if m == 0 || w.n() == 0 {
         return Ok(());
     }
-    let direct = g.kernel_h == 1
-        && g.kernel_w == 1
-        && g.stride_h == 1
-        && g.stride_w == 1
-        && g.pad_top + g.pad_left + g.pad_bottom + g.pad_right == 0;
-    if direct {
+    if g.is_pointwise() {
         // A 1x1 convolution is a GEMM over the input pixels themselves.
         let a = &input[pixels.start * g.pixel_stride..];
         let job = GemmJob {
@@ -372,7 +438,7 @@ pub(crate) fn conv(
         let mut start = 0;
         while start < m {
             let count = rows.min(m - start);
-            indirection(g, input, &za_row, pixels.start + start, count, &mut ptrs);
+            indirection(plan, input, &za_row, start, count, &mut ptrs);
             let job = GemmJob {
                 src: ASrc::Indirect { ptrs: &ptrs, taps },
                 m: count,
@@ -427,18 +493,17 @@ pub(crate) fn conv(
 /// Output pixels per depthwise kernel call (the indirection buffer is `taps` pointers each).
 const DW_CHUNK: usize = 64;
 
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn depthwise(
     kernels: &Kernels,
     input: &[u8],
-    g: &ConvGeometry,
+    plan: &ConvPlan,
     za: u8,
     w: &DepthwiseWeights,
     bias: Option<&[i32]>,
     out: Output<'_>,
-    pixels: Range<usize>,
 ) -> Result<(), KernelError> {
-    g.validate(input.len(), &pixels)?;
+    let (g, pixels) = (&plan.geom, plan.pixels());
+    g.check_input(input.len())?;
     if g.channels != w.channels() || (g.kernel_h, g.kernel_w) != w.kernel() {
         return Err(KernelError::Shape(format!(
             "depthwise weights are {} channels {:?}, the geometry is {} channels {}x{}",
@@ -460,7 +525,7 @@ pub(crate) fn depthwise(
     let mut start = 0;
     while start < m {
         let count = DW_CHUNK.min(m - start);
-        indirection(g, input, &za_row, pixels.start + start, count, &mut ptrs);
+        indirection(plan, input, &za_row, start, count, &mut ptrs);
         let job = DwJob {
             ptrs: &ptrs,
             npix: count,

@@ -49,7 +49,7 @@ mod avx512;
 #[cfg(test)]
 mod tests;
 
-pub use conv::ConvGeometry;
+pub use conv::{ConvGeometry, ConvPlan};
 pub use pack::{onnx_i4_get, DepthwiseWeights, PackedWeights, WeightFormat};
 pub use table::{Kernels, Variant};
 

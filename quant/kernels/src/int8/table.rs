@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use super::conv::{self, ConvGeometry};
+use super::conv::{self, ConvGeometry, ConvPlan};
 use super::{
     prepare, scalar, ASrc, DepthwiseWeights, DwJob, GemmJob, KernelError, Output, PackedWeights,
     WeightFormat,
@@ -255,7 +255,21 @@ impl Kernels {
         out: Output<'_>,
         pixels: Range<usize>,
     ) -> Result<(), KernelError> {
-        conv::conv(self, input, geom, za, w, bias, out, pixels)
+        conv::conv(self, input, &ConvPlan::new(geom, pixels)?, za, w, bias, out)
+    }
+
+    /// [`conv`](Self::conv) over the geometry and pixel range of `plan`, whose indirection is
+    /// computed once instead of on every call.
+    pub fn conv_planned(
+        &self,
+        input: &[u8],
+        plan: &ConvPlan,
+        za: u8,
+        w: &PackedWeights,
+        bias: Option<&[i32]>,
+        out: Output<'_>,
+    ) -> Result<(), KernelError> {
+        conv::conv(self, input, plan, za, w, bias, out)
     }
 
     /// A depthwise convolution (`group == channels`, one output channel per input channel), NHWC,
@@ -272,7 +286,20 @@ impl Kernels {
         out: Output<'_>,
         pixels: Range<usize>,
     ) -> Result<(), KernelError> {
-        conv::depthwise(self, input, geom, za, w, bias, out, pixels)
+        conv::depthwise(self, input, &ConvPlan::new(geom, pixels)?, za, w, bias, out)
+    }
+
+    /// [`depthwise`](Self::depthwise) over the geometry and pixel range of `plan`.
+    pub fn depthwise_planned(
+        &self,
+        input: &[u8],
+        plan: &ConvPlan,
+        za: u8,
+        w: &DepthwiseWeights,
+        bias: Option<&[i32]>,
+        out: Output<'_>,
+    ) -> Result<(), KernelError> {
+        conv::depthwise(self, input, plan, za, w, bias, out)
     }
 
     /// # Safety

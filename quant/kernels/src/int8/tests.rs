@@ -882,3 +882,74 @@ fn empty_reductions_give_the_bias() {
             .unwrap();
     }
 }
+
+#[test]
+fn a_plan_serves_every_image_and_checks_each_input() {
+    // One plan (indirection computed once) run on two images: each result equals the unplanned
+    // call on that image, for the implicit-GEMM conv, the im2col conv and the depthwise kernel.
+    let mut rng = Rng::new(7);
+    for (c, n) in [(16usize, 16usize), (3, 8)] {
+        let g = ConvGeometry::new(9, 7, c, 3, 3)
+            .with_padding(1, 1, 1, 1)
+            .with_stride(2, 1);
+        let pixels = 5..g.out_pixels() - 3;
+        let plan = ConvPlan::new(&g, pixels.clone()).unwrap();
+        let w = rng.weights(n * c * 9, WeightFormat::I8, 0);
+        let packed = PackedWeights::pack_conv_i8(&w, n, c, 3, 3).unwrap();
+        let dw = DepthwiseWeights::pack_i8(&w[..c * 9], c, 3, 3).unwrap();
+        for kern in Kernels::available() {
+            for _ in 0..2 {
+                let input = rng.acts(9 * 7 * c, 0);
+                let mut a = vec![0i32; pixels.len() * n];
+                let mut b = a.clone();
+                kern.conv(
+                    &input,
+                    &g,
+                    3,
+                    &packed,
+                    None,
+                    Output::i32(&mut a, n),
+                    pixels.clone(),
+                )
+                .unwrap();
+                kern.conv_planned(&input, &plan, 3, &packed, None, Output::i32(&mut b, n))
+                    .unwrap();
+                assert_eq!(a, b, "{} conv, {c} channels", kern.name());
+                let mut a = vec![0i32; pixels.len() * c];
+                let mut b = a.clone();
+                kern.depthwise(
+                    &input,
+                    &g,
+                    3,
+                    &dw,
+                    None,
+                    Output::i32(&mut a, c),
+                    pixels.clone(),
+                )
+                .unwrap();
+                kern.depthwise_planned(&input, &plan, 3, &dw, None, Output::i32(&mut b, c))
+                    .unwrap();
+                assert_eq!(a, b, "{} depthwise, {c} channels", kern.name());
+            }
+            // An image shorter than the plan's geometry is refused, not read past its end.
+            let short = vec![0u8; 9 * 7 * c - 1];
+            let mut y = vec![0i32; pixels.len() * n];
+            let e = kern
+                .conv_planned(&short, &plan, 3, &packed, None, Output::i32(&mut y, n))
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    KernelError::Length {
+                        what: "conv input",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+    }
+    // A pixel range outside the output is refused when the plan is made.
+    let g = ConvGeometry::new(4, 4, 4, 3, 3);
+    assert!(ConvPlan::new(&g, 0..5).is_err());
+}
