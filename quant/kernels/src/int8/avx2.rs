@@ -299,3 +299,17 @@ unsafe fn depthwise<const I4: bool>(job: &DwJob<'_>) {
         }
     }
 }
+
+/// The indirection fill ([`super::conv::fill_ptrs`]) compiled for avx2.
+///
+/// # Safety
+/// The CPU has avx2; it only forms pointers.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn fill_ptrs(
+    offs: &[u32],
+    base: *const u8,
+    za: *const u8,
+    out: &mut [*const u8],
+) {
+    super::conv::fill_ptrs(offs, base, za, out)
+}

@@ -417,3 +417,17 @@ unsafe fn depthwise<const I4: bool>(job: &DwJob<'_>) {
         }
     }
 }
+
+/// The indirection fill ([`super::conv::fill_ptrs`]) compiled for avx512f.
+///
+/// # Safety
+/// The CPU has avx512f; it only forms pointers.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn fill_ptrs(
+    offs: &[u32],
+    base: *const u8,
+    za: *const u8,
+    out: &mut [*const u8],
+) {
+    super::conv::fill_ptrs(offs, base, za, out)
+}

@@ -295,34 +295,38 @@ impl ConvGeometry {
     }
 }
 
-/// Fill `ptrs` with the indirection rows of plan pixels `first..first + count` (indices into the
-/// plan's range): one pointer per tap to its input pixel's `channels` bytes in `input`, or to
-/// `za_row` in the padding. After `check_input(input.len())`, every offset of the plan other than
-/// `PAD` has `channels` readable bytes of `input` at it, so each pointer points to `channels`
-/// readable bytes (formed with `wrapping_add`, so forming them is safe).
+/// Fill `ptrs` (`count * taps` entries) with the indirection rows of plan pixels
+/// `first..first + count` (indices into the plan's range): one pointer per tap to its input
+/// pixel's `channels` bytes in `input`, or to `za_row` in the padding. After
+/// `check_input(input.len())`, every offset of the plan other than `PAD` has `channels` readable
+/// bytes of `input` at it, so each pointer points to `channels` readable bytes (formed with
+/// `wrapping_add`, so forming them is safe). The loop is the variant's (vectorised for its
+/// instruction set).
 fn indirection(
+    kernels: &Kernels,
     plan: &ConvPlan,
     input: &[u8],
     za_row: &[u8],
     first: usize,
-    count: usize,
-    ptrs: &mut Vec<*const u8>,
+    ptrs: &mut [*const u8],
 ) {
     debug_assert!(za_row.len() >= plan.geom.channels);
     let taps = plan.taps();
-    let (base, za) = (input.as_ptr(), za_row.as_ptr());
-    ptrs.clear();
-    ptrs.extend(
-        plan.offs[first * taps..(first + count) * taps]
-            .iter()
-            .map(|&o| {
-                if o == PAD {
-                    za
-                } else {
-                    base.wrapping_add(o as usize)
-                }
-            }),
-    );
+    let offs = &plan.offs[first * taps..first * taps + ptrs.len()];
+    kernels.fill_ptrs(offs, input.as_ptr(), za_row.as_ptr(), ptrs);
+}
+
+/// `out[i] = za` where `offs[i]` is `PAD`, else `base + offs[i]` (wrapping: forming a pointer is
+/// safe; what it may be used for is the caller's business).
+#[inline(always)]
+pub(crate) fn fill_ptrs(offs: &[u32], base: *const u8, za: *const u8, out: &mut [*const u8]) {
+    for (p, &o) in out.iter_mut().zip(offs) {
+        *p = if o == PAD {
+            za
+        } else {
+            base.wrapping_add(o as usize)
+        };
+    }
 }
 
 /// Output pixels per implicit-GEMM call (a multiple of every tile height).
@@ -434,13 +438,14 @@ pub(crate) fn conv(
         let c = g.channels;
         let za_row = vec![za; c];
         let rows = IGEMM_ROWS.min(m);
-        let mut ptrs: Vec<*const u8> = Vec::with_capacity(rows * taps);
+        let mut ptrs = vec![za_row.as_ptr(); rows * taps];
         let mut start = 0;
         while start < m {
             let count = rows.min(m - start);
-            indirection(plan, input, &za_row, start, count, &mut ptrs);
+            let ptrs = &mut ptrs[..count * taps];
+            indirection(kernels, plan, input, &za_row, start, ptrs);
             let job = GemmJob {
-                src: ASrc::Indirect { ptrs: &ptrs, taps },
+                src: ASrc::Indirect { ptrs, taps },
                 m: count,
                 k,
                 za,
@@ -521,13 +526,14 @@ pub(crate) fn depthwise(
     }
     let za_row = vec![za; c];
     let taps = w.taps();
-    let mut ptrs: Vec<*const u8> = Vec::with_capacity(DW_CHUNK.min(m) * taps);
+    let mut ptrs = vec![za_row.as_ptr(); DW_CHUNK.min(m) * taps];
     let mut start = 0;
     while start < m {
         let count = DW_CHUNK.min(m - start);
-        indirection(plan, input, &za_row, start, count, &mut ptrs);
+        let ptrs = &mut ptrs[..count * taps];
+        indirection(kernels, plan, input, &za_row, start, ptrs);
         let job = DwJob {
-            ptrs: &ptrs,
+            ptrs,
             npix: count,
             za,
             w,

@@ -82,3 +82,16 @@ pub(crate) unsafe fn depthwise(job: &DwJob<'_>) {
         }
     }
 }
+
+/// The indirection fill ([`super::conv::fill_ptrs`]).
+///
+/// # Safety
+/// It only forms pointers.
+pub(crate) unsafe fn fill_ptrs(
+    offs: &[u32],
+    base: *const u8,
+    za: *const u8,
+    out: &mut [*const u8],
+) {
+    super::conv::fill_ptrs(offs, base, za, out)
+}

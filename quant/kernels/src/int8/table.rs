@@ -70,6 +70,7 @@ impl FromStr for Variant {
 
 type GemmFn = for<'a> unsafe fn(&GemmJob<'a>);
 type DwFn = for<'a> unsafe fn(&DwJob<'a>);
+type FillFn = unsafe fn(&[u32], *const u8, *const u8, &mut [*const u8]);
 
 /// A table of kernel entry points for one [`Variant`]. Obtain one with [`Kernels::best`],
 /// [`Kernels::from_env`] or [`Kernels::get`]; all are `'static` and shareable across threads.
@@ -84,6 +85,7 @@ pub struct Kernels {
     gemm_i4: GemmFn,
     dw_i8: DwFn,
     dw_i4: DwFn,
+    fill: FillFn,
 }
 
 const SCALAR: Kernels = Kernels {
@@ -92,6 +94,7 @@ const SCALAR: Kernels = Kernels {
     gemm_i4: scalar::gemm,
     dw_i8: scalar::depthwise,
     dw_i4: scalar::depthwise,
+    fill: scalar::fill_ptrs,
 };
 
 static TABLES: OnceLock<Vec<Kernels>> = OnceLock::new();
@@ -110,6 +113,7 @@ fn build_tables() -> Vec<Kernels> {
             k.gemm_i4 = super::avx2::gemm_i4;
             k.dw_i8 = super::avx2::depthwise_i8;
             k.dw_i4 = super::avx2::depthwise_i4;
+            k.fill = super::avx2::fill_ptrs;
             tables.push(k);
         }
         if Variant::Avx512Vnni.is_supported() {
@@ -118,6 +122,7 @@ fn build_tables() -> Vec<Kernels> {
             k.gemm_i4 = super::avx512::gemm_i4;
             k.dw_i8 = super::avx512::depthwise_i8;
             k.dw_i4 = super::avx512::depthwise_i4;
+            k.fill = super::avx512::fill_ptrs;
             tables.push(k);
         }
     }
@@ -311,6 +316,20 @@ impl Kernels {
         };
         // SAFETY: forwarded from the caller; the table only holds entries the CPU supports.
         unsafe { f(job) }
+    }
+
+    /// `out[i] = za` where `offs[i]` is a padding tap, else `base + offs[i]` (see
+    /// [`conv::fill_ptrs`]), vectorised for this variant.
+    pub(crate) fn fill_ptrs(
+        &self,
+        offs: &[u32],
+        base: *const u8,
+        za: *const u8,
+        out: &mut [*const u8],
+    ) {
+        // SAFETY: the entry only forms pointers (no access through them), and this table only
+        // holds variants the CPU supports.
+        unsafe { (self.fill)(offs, base, za, out) }
     }
 
     /// # Safety
