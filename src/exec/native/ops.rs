@@ -180,6 +180,26 @@ impl AddParams {
         requant(v, self.zy, self.lo, self.hi)
     }
 
+    /// The kernels' form of this sum, the conv output being the first operand and `b` (row
+    /// stride `stride`) the second. The zero points and bounds are u8 values held in f32.
+    pub(super) fn residual<'a>(
+        &self,
+        b: &'a [u8],
+        stride: usize,
+    ) -> zq_kernels::int8::Residual<'a> {
+        zq_kernels::int8::Residual {
+            data: b,
+            stride,
+            ra: self.ra,
+            za: self.za as u8,
+            rb: self.rb,
+            zb: self.zb as u8,
+            zy: self.zy as u8,
+            min: self.lo as u8,
+            max: self.hi as u8,
+        }
+    }
+
     /// The parameters of the same sum with the operands swapped (bit-identical results: each
     /// term is computed alike and f32 addition commutes).
     pub(super) fn swapped(self) -> AddParams {
@@ -232,24 +252,6 @@ impl Kernel for AddU8<'_> {
         let p = self.p;
         for ((o, &a), &b) in self.y.iter_mut().zip(self.a).zip(self.b) {
             *o = p.add(a, b);
-        }
-    }
-}
-
-/// [`AddU8`] in place: `y[i] = add(y[i], b[i])` (a conv's output with its residual).
-pub(super) struct AddU8InPlace<'a> {
-    pub y: &'a mut [u8],
-    pub b: &'a [u8],
-    pub p: AddParams,
-}
-
-impl Kernel for AddU8InPlace<'_> {
-    type Output = ();
-    #[inline(always)]
-    fn run(self) {
-        let p = self.p;
-        for (o, &b) in self.y.iter_mut().zip(self.b) {
-            *o = p.add(*o, b);
         }
     }
 }

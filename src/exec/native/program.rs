@@ -606,23 +606,40 @@ fn conv_u8(
         .zip(c.tasks.par_iter())
         .try_for_each(|(out, (img, px))| {
             let input = &x[img * c.in_image..(img + 1) * c.in_image];
+            // The residual's elements of this task, in the output's layout.
+            let res = match (residual, &c.residual) {
+                (Some(b), Some((_, p))) => {
+                    let at = (img * out_pixels + px.start) * c.cout;
+                    let b = b
+                        .get(at..at + out.len())
+                        .ok_or("residual shorter than the conv output")?;
+                    Some((b, p))
+                }
+                _ => None,
+            };
             for g in &c.groups {
-                let o = Output::U8 {
-                    data: &mut out[g.cout_off..],
-                    stride: c.cout,
-                    scale: &g.scale,
-                    zero_point: zp,
-                    min: lo,
-                    max: hi,
+                let data = &mut out[g.cout_off..];
+                let o = match res {
+                    // The sum is the kernel's epilogue: the conv output is never stored alone.
+                    Some((b, p)) => Output::U8Add {
+                        data,
+                        stride: c.cout,
+                        scale: &g.scale,
+                        zero_point: zp,
+                        min: lo,
+                        max: hi,
+                        residual: p.residual(&b[g.cout_off..], c.cout),
+                    },
+                    None => Output::U8 {
+                        data,
+                        stride: c.cout,
+                        scale: &g.scale,
+                        zero_point: zp,
+                        min: lo,
+                        max: hi,
+                    },
                 };
                 conv_call(k, c, g, &input[g.cin_off..], o, px.clone())?;
-            }
-            if let (Some(b), Some((_, p))) = (residual, &c.residual) {
-                let at = (img * out_pixels + px.start) * c.cout;
-                let b = b
-                    .get(at..at + out.len())
-                    .ok_or("residual shorter than the conv output")?;
-                vectorize(ops::AddU8InPlace { y: out, b, p: *p });
             }
             if let Some(t) = &c.post {
                 t.apply(out);

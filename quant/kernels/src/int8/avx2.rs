@@ -206,24 +206,81 @@ unsafe fn store8(out: &RawOut, row: usize, col: usize, lanes: usize, x: __m256i,
                 zp,
                 lo,
                 hi,
+            } => store_u8x8(
+                ptr.add(row * ldc + col),
+                lanes,
+                requant8(x, scale, zp, lo, hi),
+            ),
+            RawOut::U8Add {
+                ptr,
+                ldc,
+                zp,
+                lo,
+                hi,
+                res,
             } => {
-                let f = _mm256_mul_ps(_mm256_cvtepi32_ps(x), scale);
-                let f = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
-                let f = _mm256_add_ps(f, _mm256_set1_ps(zp));
-                let f = _mm256_min_ps(_mm256_max_ps(f, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
-                let i = _mm256_cvttps_epi32(f);
-                // Values are in 0..=255: the saturating packs are exact.
-                let w = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(i, i));
-                let bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w));
-                let p = ptr.add(row * ldc + col);
-                if lanes == 8 {
-                    _mm_storel_epi64(p.cast(), bytes);
+                // `q` as the exact integer-valued f32 it is before the conversion to u8.
+                let q = requant8(x, scale, zp, lo, hi);
+                let src = res.ptr.add(row * res.ldc + col);
+                let b = if lanes == 8 {
+                    _mm_loadl_epi64(src.cast())
                 } else {
                     let mut tmp = [0u8; 16];
-                    _mm_storeu_si128(tmp.as_mut_ptr().cast(), bytes);
-                    core::ptr::copy_nonoverlapping(tmp.as_ptr(), p, lanes);
-                }
+                    core::ptr::copy_nonoverlapping(src, tmp.as_mut_ptr(), lanes);
+                    _mm_loadu_si128(tmp.as_ptr().cast())
+                };
+                let b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                let v = _mm256_add_ps(
+                    _mm256_mul_ps(
+                        _mm256_set1_ps(res.ra),
+                        _mm256_sub_ps(q, _mm256_set1_ps(res.za)),
+                    ),
+                    _mm256_mul_ps(
+                        _mm256_set1_ps(res.rb),
+                        _mm256_sub_ps(b, _mm256_set1_ps(res.zb)),
+                    ),
+                );
+                let f = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                let f = _mm256_add_ps(f, _mm256_set1_ps(res.zy));
+                let f = _mm256_min_ps(
+                    _mm256_max_ps(f, _mm256_set1_ps(res.lo)),
+                    _mm256_set1_ps(res.hi),
+                );
+                store_u8x8(ptr.add(row * ldc + col), lanes, f);
             }
+        }
+    }
+}
+
+/// The U8 epilogue up to the conversion: `clamp(round_ties_even(x * scale) + zp, lo, hi)` in f32.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn requant8(x: __m256i, scale: __m256, zp: f32, lo: f32, hi: f32) -> __m256 {
+    let f = _mm256_mul_ps(_mm256_cvtepi32_ps(x), scale);
+    let f = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
+    let f = _mm256_add_ps(f, _mm256_set1_ps(zp));
+    _mm256_min_ps(_mm256_max_ps(f, _mm256_set1_ps(lo)), _mm256_set1_ps(hi))
+}
+
+/// Store `lanes` (1..=8) u8 values given as integer-valued f32 in 0..=255.
+///
+/// # Safety
+/// `lanes` bytes at `p` are writable.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store_u8x8(p: *mut u8, lanes: usize, f: __m256) {
+    let i = _mm256_cvttps_epi32(f);
+    // Values are in 0..=255: the saturating packs are exact.
+    let w = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(i, i));
+    let bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_castsi256_si128(w));
+    // SAFETY: a full 8-byte store only with 8 lanes; otherwise `lanes` bytes are copied.
+    unsafe {
+        if lanes == 8 {
+            _mm_storel_epi64(p.cast(), bytes);
+        } else {
+            let mut tmp = [0u8; 16];
+            _mm_storeu_si128(tmp.as_mut_ptr().cast(), bytes);
+            core::ptr::copy_nonoverlapping(tmp.as_ptr(), p, lanes);
         }
     }
 }

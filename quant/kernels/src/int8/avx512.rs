@@ -311,7 +311,7 @@ unsafe fn finish<const MR: usize, const NV: usize>(
 /// Store 16 finished accumulators (`lanes` of them valid) at `(row, col)` through the epilogue.
 ///
 /// # Safety
-/// Columns `col..col + lanes` of `row` are inside the validated output.
+/// Columns `col..col + lanes` of `row` are inside the validated output (and residual).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn store16(out: &RawOut, row: usize, col: usize, lanes: usize, x: __m512i, scale: __m512) {
@@ -338,16 +338,54 @@ unsafe fn store16(out: &RawOut, row: usize, col: usize, lanes: usize, x: __m512i
                 lo,
                 hi,
             } => {
-                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(x), scale);
+                let f = requant16(x, scale, zp, lo, hi);
+                let bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(f));
+                _mm_mask_storeu_epi8(ptr.add(row * ldc + col).cast(), mask, bytes)
+            }
+            RawOut::U8Add {
+                ptr,
+                ldc,
+                zp,
+                lo,
+                hi,
+                res,
+            } => {
+                // `q` as the exact integer-valued f32 it is before the conversion to u8.
+                let q = requant16(x, scale, zp, lo, hi);
+                let b = _mm_maskz_loadu_epi8(mask, res.ptr.add(row * res.ldc + col).cast());
+                let b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+                let v = _mm512_add_ps(
+                    _mm512_mul_ps(
+                        _mm512_set1_ps(res.ra),
+                        _mm512_sub_ps(q, _mm512_set1_ps(res.za)),
+                    ),
+                    _mm512_mul_ps(
+                        _mm512_set1_ps(res.rb),
+                        _mm512_sub_ps(b, _mm512_set1_ps(res.zb)),
+                    ),
+                );
                 let f =
-                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
-                let f = _mm512_add_ps(f, _mm512_set1_ps(zp));
-                let f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                let f = _mm512_add_ps(f, _mm512_set1_ps(res.zy));
+                let f = _mm512_min_ps(
+                    _mm512_max_ps(f, _mm512_set1_ps(res.lo)),
+                    _mm512_set1_ps(res.hi),
+                );
                 let bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(f));
                 _mm_mask_storeu_epi8(ptr.add(row * ldc + col).cast(), mask, bytes)
             }
         }
     }
+}
+
+/// The U8 epilogue up to the conversion: `clamp(round_ties_even(x * scale) + zp, lo, hi)` in f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn requant16(x: __m512i, scale: __m512, zp: f32, lo: f32, hi: f32) -> __m512 {
+    let f = _mm512_mul_ps(_mm512_cvtepi32_ps(x), scale);
+    let f = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(f);
+    let f = _mm512_add_ps(f, _mm512_set1_ps(zp));
+    _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(lo)), _mm512_set1_ps(hi))
 }
 
 /// Output pixels per depthwise tile.

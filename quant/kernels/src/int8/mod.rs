@@ -88,6 +88,18 @@ pub enum Output<'a> {
         min: u8,
         max: u8,
     },
+    /// Requantized u8 as [`Output::U8`], then added to a u8 residual with QLinearAdd's
+    /// formula (see [`Residual`]) before it is stored: a residual block's conv and its Add in one
+    /// pass.
+    U8Add {
+        data: &'a mut [u8],
+        stride: usize,
+        scale: &'a [f32],
+        zero_point: u8,
+        min: u8,
+        max: u8,
+        residual: Residual<'a>,
+    },
     /// Dequantized f32: `acc * scale[j]`.
     F32 {
         data: &'a mut [f32],
@@ -122,6 +134,51 @@ impl<'a> Output<'a> {
     }
 }
 
+/// The second operand of [`Output::U8Add`]: `b = data[i * stride + j]` for result `(i, j)`, and
+/// the sum's quantization. With `q` the conv's requantized u8 result, the stored value is, in f32,
+///
+/// ```text
+/// clamp(round_ties_even(ra * (q - za) + rb * (b - zb)) + zy, min, max)
+/// ```
+///
+/// (`ra = s_q / s_y`, `rb = s_b / s_y`: ONNX Runtime's QLinearAdd). Each product is a separate
+/// f32 multiply (no fused multiply-add), in every variant.
+#[derive(Debug, Clone, Copy)]
+pub struct Residual<'a> {
+    pub data: &'a [u8],
+    pub stride: usize,
+    pub ra: f32,
+    pub za: u8,
+    pub rb: f32,
+    pub zb: u8,
+    pub zy: u8,
+    pub min: u8,
+    pub max: u8,
+}
+
+/// A validated residual: row `i < rows`, column `j < cols` readable at `ptr + i * ldc + j`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawRes {
+    pub(crate) ptr: *const u8,
+    pub(crate) ldc: usize,
+    pub(crate) ra: f32,
+    pub(crate) za: f32,
+    pub(crate) rb: f32,
+    pub(crate) zb: f32,
+    pub(crate) zy: f32,
+    pub(crate) lo: f32,
+    pub(crate) hi: f32,
+}
+
+impl RawRes {
+    /// The scalar definition of the sum; the SIMD variants replicate it operation by operation.
+    #[inline]
+    pub(crate) fn add(&self, q: u8, b: u8) -> u8 {
+        let v = self.ra * (f32::from(q) - self.za) + self.rb * (f32::from(b) - self.zb);
+        (v.round_ties_even() + self.zy).max(self.lo).min(self.hi) as u8
+    }
+}
+
 /// A validated output: a raw pointer with the epilogue constants. Row `i < rows`, column
 /// `j < cols` is writable at `ptr + i * ldc + j`, and no two such elements alias.
 #[derive(Debug, Clone, Copy)]
@@ -132,6 +189,14 @@ pub(crate) enum RawOut {
         zp: f32,
         lo: f32,
         hi: f32,
+    },
+    U8Add {
+        ptr: *mut u8,
+        ldc: usize,
+        zp: f32,
+        lo: f32,
+        hi: f32,
+        res: RawRes,
     },
     F32 {
         ptr: *mut f32,
@@ -160,6 +225,24 @@ impl RawOut {
                 zp,
                 lo,
                 hi,
+            },
+            RawOut::U8Add {
+                ptr,
+                ldc,
+                zp,
+                lo,
+                hi,
+                res,
+            } => RawOut::U8Add {
+                ptr: ptr.wrapping_add(rows * ldc),
+                ldc,
+                zp,
+                lo,
+                hi,
+                res: RawRes {
+                    ptr: res.ptr.wrapping_add(rows * res.ldc),
+                    ..res
+                },
             },
             RawOut::F32 { ptr, ldc } => RawOut::F32 {
                 ptr: ptr.wrapping_add(rows * ldc),
@@ -195,10 +278,10 @@ pub(crate) fn prepare(
 ) -> Result<Epilogue, KernelError> {
     let padded = sums.len();
     debug_assert!(padded >= cols && padded.is_multiple_of(16));
-    let check = |len: usize, stride: usize| -> Result<(), KernelError> {
+    let check_rows = |what: &'static str, len: usize, stride: usize| {
         if rows > 1 && stride < cols {
             return Err(KernelError::Shape(format!(
-                "output stride {stride} is below the {cols} columns written per row"
+                "{what} stride {stride} is below the {cols} columns of a row"
             )));
         }
         let need = if rows == 0 || cols == 0 {
@@ -207,16 +290,19 @@ pub(crate) fn prepare(
             (rows - 1)
                 .checked_mul(stride)
                 .and_then(|x| x.checked_add(cols))
-                .ok_or_else(|| KernelError::Shape("output stride overflows".into()))?
+                .ok_or_else(|| KernelError::Shape(format!("{what} stride overflows")))?
         };
         if len < need {
             return Err(KernelError::Length {
-                what: "output",
+                what,
                 need,
                 got: len,
             });
         }
         Ok(())
+    };
+    let check = |len: usize, stride: usize| -> Result<(), KernelError> {
+        check_rows("output", len, stride)
     };
     let scales = |scale: &[f32]| -> Result<Vec<f32>, KernelError> {
         if scale.len() != cols && scale.len() != 1 {
@@ -258,6 +344,49 @@ pub(crate) fn prepare(
                 zp: f32::from(zero_point),
                 lo: f32::from(min),
                 hi: f32::from(max),
+            };
+            (raw, scales(scale)?)
+        }
+        Output::U8Add {
+            data,
+            stride,
+            scale,
+            zero_point,
+            min,
+            max,
+            residual: r,
+        } => {
+            check(data.len(), stride)?;
+            check_rows("residual", r.data.len(), r.stride)?;
+            if min > max || r.min > r.max {
+                return Err(KernelError::Shape(format!(
+                    "output range {min}..={max} or sum range {}..={} is empty",
+                    r.min, r.max
+                )));
+            }
+            if !(r.ra.is_finite() && r.rb.is_finite()) {
+                return Err(KernelError::Shape(format!(
+                    "residual scales {} and {} must be finite",
+                    r.ra, r.rb
+                )));
+            }
+            let raw = RawOut::U8Add {
+                ptr: data.as_mut_ptr(),
+                ldc: stride,
+                zp: f32::from(zero_point),
+                lo: f32::from(min),
+                hi: f32::from(max),
+                res: RawRes {
+                    ptr: r.data.as_ptr(),
+                    ldc: r.stride,
+                    ra: r.ra,
+                    za: f32::from(r.za),
+                    rb: r.rb,
+                    zb: f32::from(r.zb),
+                    zy: f32::from(r.zy),
+                    lo: f32::from(r.min),
+                    hi: f32::from(r.max),
+                },
             };
             (raw, scales(scale)?)
         }

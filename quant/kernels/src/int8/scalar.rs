@@ -8,7 +8,7 @@ use super::{requant, DwJob, GemmJob, RawOut};
 /// Write one finished accumulator.
 ///
 /// # Safety
-/// `(row, col)` is inside the output the job validated.
+/// `(row, col)` is inside the output (and residual) the job validated.
 #[inline]
 unsafe fn store(out: &RawOut, row: usize, col: usize, acc: i32, scale: f32) {
     // SAFETY: forwarded from the caller.
@@ -21,6 +21,18 @@ unsafe fn store(out: &RawOut, row: usize, col: usize, acc: i32, scale: f32) {
                 lo,
                 hi,
             } => *ptr.add(row * ldc + col) = requant(acc, scale, zp, lo, hi),
+            RawOut::U8Add {
+                ptr,
+                ldc,
+                zp,
+                lo,
+                hi,
+                res,
+            } => {
+                let q = requant(acc, scale, zp, lo, hi);
+                let b = *res.ptr.add(row * res.ldc + col);
+                *ptr.add(row * ldc + col) = res.add(q, b);
+            }
             RawOut::F32 { ptr, ldc } => *ptr.add(row * ldc + col) = acc as f32 * scale,
             RawOut::I32 { ptr, ldc } => *ptr.add(row * ldc + col) = acc,
         }

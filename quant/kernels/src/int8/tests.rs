@@ -106,9 +106,26 @@ fn pack(w: &[i8], n: usize, k: usize, format: WeightFormat) -> PackedWeights {
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    U8 { zp: u8, lo: u8, hi: u8 },
+    U8 {
+        zp: u8,
+        lo: u8,
+        hi: u8,
+    },
+    /// U8, then added to the residual `residual_at(i)` (element `i` of a buffer with the
+    /// output's layout) with the sum's parameters `(ra, za, rb, zb, zy, lo, hi)`.
+    U8Add {
+        zp: u8,
+        lo: u8,
+        hi: u8,
+        add: (f32, u8, f32, u8, u8, u8, u8),
+    },
     F32,
     I32,
+}
+
+/// The residual operand of `Kind::U8Add`, element `i`.
+fn residual_at(i: usize) -> u8 {
+    (i.wrapping_mul(151) ^ (i >> 3)) as u8
 }
 
 fn kind_strategy() -> impl Strategy<Value = Kind> {
@@ -122,6 +139,23 @@ fn kind_strategy() -> impl Strategy<Value = Kind> {
             zp: zp % 16,
             lo: 0,
             hi: 15
+        }),
+        (any::<u8>(), any::<u8>(), any::<u8>()).prop_flat_map(|(zp, a, b)| {
+            (
+                prop_oneof![0.001f32..2.0, -2.0f32..-0.001],
+                any::<u8>(),
+                prop_oneof![0.001f32..2.0, -2.0f32..-0.001],
+                any::<u8>(),
+                any::<u8>(),
+                any::<u8>(),
+                any::<u8>(),
+            )
+                .prop_map(move |(ra, za, rb, zb, zy, c, d)| Kind::U8Add {
+                    zp,
+                    lo: a.min(b),
+                    hi: a.max(b),
+                    add: (ra, za, rb, zb, zy, c.min(d), c.max(d)),
+                })
         }),
         Just(Kind::F32),
         Just(Kind::I32),
@@ -151,6 +185,32 @@ fn run_out(
                 zero_point: zp,
                 min: lo,
                 max: hi,
+            })
+            .unwrap();
+            d.into_iter().map(u32::from).collect()
+        }
+        Kind::U8Add { zp, lo, hi, add } => {
+            let mut d = vec![CANARY as u8; len];
+            let r: Vec<u8> = (0..len).map(residual_at).collect();
+            let (ra, za, rb, zb, zy, min, max) = add;
+            f(Output::U8Add {
+                data: &mut d,
+                stride: ldc,
+                scale,
+                zero_point: zp,
+                min: lo,
+                max: hi,
+                residual: Residual {
+                    data: &r,
+                    stride: ldc,
+                    ra,
+                    za,
+                    rb,
+                    zb,
+                    zy,
+                    min,
+                    max,
+                },
             })
             .unwrap();
             d.into_iter().map(u32::from).collect()
@@ -185,6 +245,15 @@ fn expected(kind: Kind, acc: &[i64], n: usize, ldc: usize, scale: &[f32]) -> Vec
                 Kind::U8 { zp, lo, hi } => {
                     let y = (a as i32 as f32 * s).round_ties_even() as i64 + i64::from(zp);
                     y.clamp(i64::from(lo), i64::from(hi)) as u32
+                }
+                Kind::U8Add { zp, lo, hi, add } => {
+                    let y = (a as i32 as f32 * s).round_ties_even() as i64 + i64::from(zp);
+                    let q = y.clamp(i64::from(lo), i64::from(hi)) as f32;
+                    let (ra, za, rb, zb, zy, min, max) = add;
+                    let b = f32::from(residual_at(i * ldc + j));
+                    let v = ra * (q - f32::from(za)) + rb * (b - f32::from(zb));
+                    let y = v.round_ties_even() as i64 + i64::from(zy);
+                    y.clamp(i64::from(min), i64::from(max)) as u32
                 }
             };
         }
@@ -653,6 +722,32 @@ fn bad_arguments_are_errors() {
             ..
         })
     ));
+    // A residual shorter than the output, or with an infinite scale.
+    let mut y = vec![0u8; 6];
+    for (len, ra) in [(5usize, 1.0f32), (6, f32::INFINITY)] {
+        let r = vec![0u8; len];
+        let residual = Residual {
+            data: &r,
+            stride: 3,
+            ra,
+            za: 0,
+            rb: 1.0,
+            zb: 0,
+            zy: 0,
+            min: 0,
+            max: 255,
+        };
+        let o = Output::U8Add {
+            data: &mut y,
+            stride: 3,
+            scale: &[1.0],
+            zero_point: 0,
+            min: 0,
+            max: 255,
+            residual,
+        };
+        assert!(k.gemm(&[0; 8], 2, 4, 0, &w, None, o).is_err(), "{len} {ra}");
+    }
     // Output stride below the column count, short output, wrong bias, bad scales and range.
     assert!(k
         .gemm(&[0; 8], 2, 4, 0, &w, None, Output::i32(&mut out, 2))
