@@ -459,6 +459,8 @@ pub(crate) struct GemmJob<'a> {
     pub(crate) za: u8,
     pub(crate) w: &'a PackedWeights,
     pub(crate) bias: &'a [i32],
+    /// Read by the SIMD variants only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) corr: &'a [i32],
     pub(crate) scale: &'a [f32],
     pub(crate) out: RawOut,
@@ -505,6 +507,8 @@ pub(crate) struct DwJob<'a> {
     pub(crate) za: u8,
     pub(crate) w: &'a DepthwiseWeights,
     pub(crate) bias: &'a [i32],
+    /// Read by the SIMD variants only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) corr: &'a [i32],
     pub(crate) scale: &'a [f32],
     pub(crate) out: RawOut,

@@ -294,6 +294,7 @@ impl PackedWeights {
         }
     }
     /// The packed bytes (64-byte aligned, `blocks() * block_stride()` long).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn data(&self) -> &[u8] {
         self.data.bytes()
     }
@@ -438,9 +439,11 @@ impl DepthwiseWeights {
         self.kh * self.kw
     }
     /// Channels padded to a multiple of 16.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn channels_padded(&self) -> usize {
         self.cp
     }
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn data(&self) -> &[u8] {
         self.data.bytes()
     }

@@ -103,6 +103,8 @@ static FROM_ENV: OnceLock<Result<&'static Kernels, KernelError>> = OnceLock::new
 
 /// Build the table of every variant this CPU supports, lowest first.
 fn build_tables() -> Vec<Kernels> {
+    // Only x86-64 has variants to add (aarch64 builds the scalar table alone).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut tables = vec![SCALAR];
     #[cfg(target_arch = "x86_64")]
     {
