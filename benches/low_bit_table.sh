@@ -15,6 +15,16 @@ row() { # model data name flags...
   local m=$1 d=$2 name=$3; shift 3
   local t0=$SECONDS
   $Z quantize "$m" --data "$d" --holdout 0 -o "$OUT/$name.onnx" --json "$@" > "$OUT/$name.json"
+  report "$name" "$t0"
+}
+row_holdout() { # as row, with the default held-out images choosing refined or round to nearest
+  local m=$1 d=$2 name=$3; shift 3
+  local t0=$SECONDS
+  $Z quantize "$m" --data "$d" -o "$OUT/$name.onnx" --json "$@" > "$OUT/$name.json"
+  report "$name" "$t0"
+}
+report() { # name start-seconds
+  local name=$1 t0=$2
   printf '%-16s %5ss  %s\n' "$name" "$((SECONDS - t0))" "$($Z eval "$OUT/$name.onnx" --data $T --engine ort -q --json |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["top1"])')"
 }
@@ -25,6 +35,8 @@ done
 M=$S/resnet20_cifar10_bn.onnx; D=$OUT/resnet20.d256.safetensors
 row $M $D w8a8_none
 row $M $D w8a8_genie --refine genie --refine-iters 200
+row_holdout $M $D w8a8_none_holdout
+row_holdout $M $D w8a8_genie_holdout --refine genie
 row $M $D w4a8_none --wbits 4
 row $M $D w4a8_adaround --wbits 4 --refine adaround --refine-iters 200
 row $M $D w4a8_genie --wbits 4 --refine genie

@@ -18,10 +18,11 @@ eff=(--mean 0.498 --std 0.502)
 [ -f "$OUT/r32_w8a8.onnx" ] || $Z quantize $S/resnet32_cifar10_bn.onnx -o "$OUT/r32_w8a8.onnx" -q
 [ -f "$OUT/r32_w4a8.onnx" ] || $Z quantize $S/resnet32_cifar10_bn.onnx --wbits 4 -o "$OUT/r32_w4a8.onnx" -q
 [ -f "$OUT/eff_w8a8.onnx" ] || $Z quantize $S/efficientnet_lite1_bn.onnx "${eff[@]}" -o "$OUT/eff_w8a8.onnx" -q
+[ -f "$OUT/eff_w4a8.onnx" ] || $Z quantize $S/efficientnet_lite1_bn.onnx "${eff[@]}" --wbits 4 -o "$OUT/eff_w4a8.onnx" -q
 for m in $S/resnet20_cifar10_bn.onnx "$OUT/r20_w8a8.onnx" "$OUT/r20_w4a8.onnx" \
          $S/resnet32_cifar10_bn.onnx "$OUT/r32_w8a8.onnx" "$OUT/r32_w4a8.onnx"; do
   $Z bench --model "$m" --data $D --batch 1,64 -q
 done
-for m in $S/efficientnet_lite1_bn.onnx "$OUT/eff_w8a8.onnx"; do
+for m in $S/efficientnet_lite1_bn.onnx "$OUT/eff_w8a8.onnx" "$OUT/eff_w4a8.onnx"; do
   $Z bench --model "$m" --data $D "${eff[@]}" --batch 1,64 -q
 done

@@ -113,6 +113,37 @@ fn resnet20_distillation_with_defaults_matches_bn_statistics_in_onnx_runtime() {
 }
 
 #[test]
+fn resnet32_distillation_with_defaults_matches_bn_statistics_in_onnx_runtime() {
+    // The same acceptance as ResNet-20's, on the deeper model of the family (31 BN layers).
+    let Some(sh) = shared() else { return };
+    let m = sh.join("models/resnet32_cifar10_bn.onnx");
+    let ratio = crate::distill::distil_and_check(
+        &m,
+        &[],
+        &[0.485, 0.456, 0.406],
+        &[0.229, 0.224, 0.225],
+        0.03,
+    );
+    eprintln!("ResNet-32: distilled BN loss / noise = {ratio:.4} (ONNX Runtime)");
+}
+
+#[test]
+#[ignore = "distils 32 EfficientNet-Lite1 images at 240x240 (minutes); run with --ignored"]
+fn efficientnet_distillation_matches_bn_statistics_in_onnx_runtime() {
+    // ImageNet size, with the iterations `zq quantize` uses there by default (50).
+    let Some(sh) = shared() else { return };
+    let m = sh.join("models/efficientnet_lite1_bn.onnx");
+    let ratio = crate::distill::distil_and_check(
+        &m,
+        &["--iters", "50", "--mean", "0.498", "--std", "0.502"],
+        &[0.498],
+        &[0.502],
+        0.1,
+    );
+    eprintln!("EfficientNet-Lite1: distilled BN loss / noise = {ratio:.4} (ONNX Runtime)");
+}
+
+#[test]
 fn resnet20_zero_shot_w8a8_and_w4a8_in_onnx_runtime() {
     // Acceptance: no real data. Calibration images distilled with batch statistics (what
     // `zq quantize` distils inline by default), then W8A8 and W4A8 models judged by ONNX Runtime
