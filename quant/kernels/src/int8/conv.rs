@@ -311,6 +311,17 @@ fn indirection(
     ptrs: &mut [*const u8],
 ) {
     debug_assert!(za_row.len() >= plan.geom.channels);
+    if plan.geom.is_pointwise() {
+        // No offsets are stored: a 1x1 tap reads output pixel `p`'s own input pixel, inside the
+        // image (`validate` bounds `p` by `out_pixels()`, equal to the input's pixels here).
+        let p0 = plan.pixels.start + first;
+        for (i, p) in ptrs.iter_mut().enumerate() {
+            *p = input
+                .as_ptr()
+                .wrapping_add((p0 + i) * plan.geom.pixel_stride);
+        }
+        return;
+    }
     let taps = plan.taps();
     let offs = &plan.offs[first * taps..first * taps + ptrs.len()];
     kernels.fill_ptrs(offs, input.as_ptr(), za_row.as_ptr(), ptrs);

@@ -1048,3 +1048,42 @@ fn a_plan_serves_every_image_and_checks_each_input() {
     let g = ConvGeometry::new(4, 4, 4, 3, 3);
     assert!(ConvPlan::new(&g, 0..5).is_err());
 }
+
+#[test]
+fn a_1x1_depthwise_reads_each_pixel_in_place() {
+    // A 1x1, stride-1, unpadded depthwise conv (a per-channel scale) stores no indirection
+    // offsets in its plan; each variant must still read pixel p for output p, also with a pixel
+    // stride wider than the channels and a range that does not start at 0.
+    let mut rng = Rng::new(11);
+    for (h, wd, c, extra) in [
+        (1usize, 1usize, 1usize, 0usize),
+        (3, 5, 17, 2),
+        (4, 4, 64, 0),
+    ] {
+        let g = ConvGeometry::new(h, wd, c, 1, 1).with_pixel_stride(c + extra);
+        let input = rng.acts(h * wd * g.pixel_stride, 0);
+        let w = rng.weights(c, WeightFormat::I8, 0);
+        let dw = DepthwiseWeights::pack_i8(&w, c, 1, 1).unwrap();
+        let bias = rng.bias(c);
+        for pixels in [0..g.out_pixels(), g.out_pixels() / 2..g.out_pixels()] {
+            let want: Vec<i32> = naive_depthwise(&input, &g, 9, &w, &bias, pixels.clone())
+                .into_iter()
+                .map(|v| v as i32)
+                .collect();
+            for kern in Kernels::available() {
+                let mut y = vec![0i32; pixels.len() * c];
+                kern.depthwise(
+                    &input,
+                    &g,
+                    9,
+                    &dw,
+                    Some(&bias),
+                    Output::i32(&mut y, c),
+                    pixels.clone(),
+                )
+                .unwrap();
+                assert_eq!(y, want, "{} {h}x{wd}x{c}", kern.name());
+            }
+        }
+    }
+}
