@@ -168,37 +168,54 @@ fn tap(o: usize, k: usize, n: usize) -> Option<usize> {
     (o + k).checked_sub(1).filter(|&v| v < n)
 }
 
-/// Visit every (column value, input value) pair of one channel plane's im2col.
-#[inline(always)]
-fn im2col_pairs(h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+/// One image's columns `[C * 9, H * W]` (zero in the padding) into `cols`: row `y` of tap
+/// `(ki, kj)` is input row `y + ki - 1` shifted by `kj - 1`, copied as a slice.
+fn im2col(x: &[f32], h: usize, w: usize, cols: &mut [f32]) {
     let hw = h * w;
-    for k in 0..9 {
-        let (ki, kj) = (k / 3, k % 3);
-        for y in 0..h {
-            let Some(sy) = tap(y, ki, h) else { continue };
-            for x in 0..w {
-                if let Some(sx) = tap(x, kj, w) {
-                    f(k * hw + y * w + x, sy * w + sx);
+    for (plane, o) in x.chunks_exact(hw).zip(cols.chunks_exact_mut(9 * hw)) {
+        for k in 0..9 {
+            let (ki, kj) = (k / 3, k % 3);
+            for y in 0..h {
+                let dst = &mut o[k * hw + y * w..][..w];
+                let Some(sy) = tap(y, ki, h) else {
+                    dst.fill(0.0);
+                    continue;
+                };
+                let src = &plane[sy * w..][..w];
+                match kj {
+                    0 => {
+                        dst[0] = 0.0;
+                        dst[1..].copy_from_slice(&src[..w - 1]);
+                    }
+                    1 => dst.copy_from_slice(src),
+                    _ => {
+                        dst[..w - 1].copy_from_slice(&src[1..]);
+                        dst[w - 1] = 0.0;
+                    }
                 }
             }
         }
     }
 }
 
-/// One image's columns `[C * 9, H * W]` (zero in the padding) into `cols`.
-fn im2col(x: &[f32], h: usize, w: usize, cols: &mut [f32]) {
-    let hw = h * w;
-    cols.fill(0.0);
-    for (plane, o) in x.chunks_exact(hw).zip(cols.chunks_exact_mut(9 * hw)) {
-        im2col_pairs(h, w, |col, src| o[col] = plane[src]);
-    }
-}
-
 /// The adjoint of [`im2col`]: `dx += col2im(cols)`.
 fn col2im(cols: &[f32], h: usize, w: usize, dx: &mut [f32]) {
     let hw = h * w;
+    let add = |d: &mut [f32], s: &[f32]| d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
     for (plane, g) in dx.chunks_exact_mut(hw).zip(cols.chunks_exact(9 * hw)) {
-        im2col_pairs(h, w, |col, src| plane[src] += g[col]);
+        for k in 0..9 {
+            let (ki, kj) = (k / 3, k % 3);
+            for y in 0..h {
+                let Some(sy) = tap(y, ki, h) else { continue };
+                let src = &g[k * hw + y * w..][..w];
+                let dst = &mut plane[sy * w..][..w];
+                match kj {
+                    0 => add(&mut dst[..w - 1], &src[1..]),
+                    1 => add(dst, src),
+                    _ => add(&mut dst[1..], &src[..w - 1]),
+                }
+            }
+        }
     }
 }
 
