@@ -409,6 +409,10 @@ pub struct DistillArgs {
     /// Genie: no swing convolution (strided convolutions then see their input as it is).
     #[arg(long)]
     pub no_swing: bool,
+    /// Genie: end the generator at its last BatchNormalization, as the reference does (by default
+    /// zq adds a learnable per-channel gain and shift, so the pixels' mean and spread can move).
+    #[arg(long)]
+    pub genie_no_gain: bool,
     /// ZeroQ: Adam learning rate in pixel units (pixels span [0,1] whatever --mean/--std say; lowered on
     /// plateaus).
     #[arg(long, value_name = "LR", default_value_t = crate::pipeline::distill::DEFAULT_LR)]

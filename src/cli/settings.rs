@@ -41,6 +41,7 @@ pub fn distill_options(a: &DistillArgs) -> crate::Result<distill::DistillOptions
             lr_latent: a.genie_lr_latent,
             latent_dim: a.genie_latent_dim as usize,
             swing: !a.no_swing,
+            output_gain: !a.genie_no_gain,
         },
     };
     o.validate()?;

@@ -63,6 +63,8 @@ pub struct GenieOptions {
     pub latent_dim: usize,
     /// Swing convolution on the model's strided convolutions.
     pub swing: bool,
+    /// A learnable per-channel gain and shift at the generator's end (zq's addition).
+    pub output_gain: bool,
 }
 
 impl Default for GenieOptions {
@@ -72,6 +74,7 @@ impl Default for GenieOptions {
             lr_latent: genie::LR_LATENT,
             latent_dim: genie::LATENT_DIM,
             swing: true,
+            output_gain: true,
         }
     }
 }
@@ -174,6 +177,8 @@ pub struct GenieMeta {
     pub latent_dim: usize,
     /// Whether swing convolution ran: "on (K strided convolutions)", or "off: <why>".
     pub swing: String,
+    /// Whether the generator ended in a learnable per-channel gain and shift.
+    pub output_gain: bool,
 }
 
 /// The report's words for a run's swing convolution.
@@ -311,6 +316,7 @@ pub fn distill(
                     seed: batch_seed(opts.seed, b),
                     map: map.clone(),
                     swing: opts.genie.swing,
+                    output_gain: opts.genie.output_gain,
                 };
                 let r = genie::distill(&mut *engine, &cfg, &mut step)?;
                 swing = Some(r.swing);
@@ -363,6 +369,7 @@ pub fn distill(
             lr_latent: opts.genie.lr_latent,
             latent_dim: opts.genie.latent_dim,
             swing: swing_words(sw),
+            output_gain: opts.genie.output_gain,
         }),
     };
     Ok(Distilled {

@@ -63,10 +63,13 @@ pub struct GenieConfig {
     pub map: PixelMap,
     /// Swing convolution on the model's strided convolutions (when the engine supports it).
     pub swing: bool,
+    /// The learnable per-channel gain and shift after the generator's last BatchNormalization
+    /// (zq's addition; `false` is the reference's generator).
+    pub output_gain: bool,
 }
 
 impl GenieConfig {
-    /// The reference hyper-parameters for `iters` iterations.
+    /// The reference hyper-parameters and generator for `iters` iterations.
     pub fn reference(iters: usize, seed: u64, map: PixelMap) -> GenieConfig {
         GenieConfig {
             iters,
@@ -76,6 +79,7 @@ impl GenieConfig {
             seed,
             map,
             swing: true,
+            output_gain: false,
         }
     }
 }
@@ -109,9 +113,8 @@ pub struct Generator {
     bn1: BatchNorm,
     conv2: Conv3x3,
     bn2: BatchNorm,
-    /// A learnable per-channel gain and shift `[1, C, 1, 1]` after `bn2`.
-    out_gain: Tensor,
-    out_shift: Tensor,
+    /// A learnable per-channel gain and shift `[1, C, 1, 1]` after `bn2`, if any.
+    out_gain: Option<(Tensor, Tensor)>,
     /// Feature map after the Linear, and the image size.
     h0: usize,
     w0: usize,
@@ -430,8 +433,16 @@ fn kaiming(n: usize, fan_in: usize, seed: u64) -> Vec<f32> {
 }
 
 impl Generator {
-    /// A fresh generator for images of `c x h x w` from `latent_dim` latents; weights from `seed`.
-    pub fn new(latent_dim: usize, c: usize, h: usize, w: usize, seed: u64) -> Result<Generator> {
+    /// A fresh generator for images of `c x h x w` from `latent_dim` latents; weights from `seed`;
+    /// with `output_gain`, a learnable per-channel gain (from 1) and shift (from 0) at the end.
+    pub fn new(
+        latent_dim: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        seed: u64,
+        output_gain: bool,
+    ) -> Result<Generator> {
         if latent_dim == 0 || c == 0 || h == 0 || w == 0 {
             candle_core::bail!("a generator for [{c}, {h}, {w}] from {latent_dim} latents");
         }
@@ -479,12 +490,17 @@ impl Generator {
             Tensor::ones(c, DType::F32, &Device::Cpu)?,
             1e-5,
         )?;
-        let out_gain = param(&vm, "out.weight", &[1, c, 1, 1], vec![1.0; c])?;
-        let out_shift = param(&vm, "out.bias", &[1, c, 1, 1], vec![0.0; c])?;
+        let out_gain = if output_gain {
+            Some((
+                param(&vm, "out.weight", &[1, c, 1, 1], vec![1.0; c])?,
+                param(&vm, "out.bias", &[1, c, 1, 1], vec![0.0; c])?,
+            ))
+        } else {
+            None
+        };
         Ok(Generator {
             varmap: vm,
             out_gain,
-            out_shift,
             linear: Linear::new(lw, Some(lb)),
             bn0,
             conv1,
@@ -511,10 +527,11 @@ impl Generator {
         let x = self.conv2.forward(&x)?.tanh()?;
         // Sizes that are not multiples of 4: the top-left crop.
         let x = x.narrow(2, 0, self.h)?.narrow(3, 0, self.w)?;
-        self.bn2
-            .forward_train(&x.contiguous()?)?
-            .broadcast_mul(&self.out_gain)?
-            .broadcast_add(&self.out_shift)
+        let x = self.bn2.forward_train(&x.contiguous()?)?;
+        match &self.out_gain {
+            Some((g, b)) => x.broadcast_mul(g)?.broadcast_add(b),
+            None => Ok(x),
+        }
     }
 }
 
@@ -543,7 +560,7 @@ pub fn distill(
     cfg.map.check(&shape)?;
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
     let dev = Device::Cpu;
-    let gen = Generator::new(cfg.latent_dim, c, h, w, cfg.seed)?;
+    let gen = Generator::new(cfg.latent_dim, c, h, w, cfg.seed, cfg.output_gain)?;
     let z = Var::from_vec(
         normal(n * cfg.latent_dim, cfg.seed ^ SEED_LATENT),
         (n, cfg.latent_dim),
@@ -646,8 +663,8 @@ mod tests {
 
     #[test]
     fn generator_draws_standardised_images_of_the_input_size_from_its_seed() -> Result<()> {
-        for (c, h, w) in [(3, 32, 32), (1, 8, 8), (3, 10, 6)] {
-            let g = Generator::new(16, c, h, w, 3)?;
+        for ((c, h, w), gain) in [((3, 32, 32), true), ((1, 8, 8), false), ((3, 10, 6), true)] {
+            let g = Generator::new(16, c, h, w, 3, gain)?;
             let z = Tensor::from_vec(normal(4 * 16, 1), (4, 16), &Device::Cpu)?;
             let x = g.forward(&z)?;
             assert_eq!(x.dims(), &[4, c, h, w]);
@@ -662,12 +679,12 @@ mod tests {
                 let var = vals.iter().map(|a| (a - m) * (a - m)).sum::<f32>() / vals.len() as f32;
                 assert!(m.abs() < 1e-4 && (var - 1.0).abs() < 1e-3, "{m} {var}");
             }
-            let same: Vec<f32> = Generator::new(16, c, h, w, 3)?
+            let same: Vec<f32> = Generator::new(16, c, h, w, 3, gain)?
                 .forward(&z)?
                 .flatten_all()?
                 .to_vec1()?;
             assert!(v == same, "the same seed must give the same generator");
-            let other: Vec<f32> = Generator::new(16, c, h, w, 4)?
+            let other: Vec<f32> = Generator::new(16, c, h, w, 4, gain)?
                 .forward(&z)?
                 .flatten_all()?
                 .to_vec1()?;
@@ -717,6 +734,7 @@ mod tests {
             let mut eng = Autograd::new(&toy);
             let cfg = GenieConfig {
                 latent_dim: 32,
+                output_gain: true,
                 ..GenieConfig::reference(150, 7, map.clone())
             };
             distill(&mut eng, &cfg, &mut |_, _| {})

@@ -265,6 +265,11 @@ fn genie_reports_swing_and_repeats_byte_for_byte() {
     let (d, jd) = run("d", "3", &["--no-swing"]);
     assert_eq!(jd["genie"]["swing"], "off: --no-swing");
     assert!(d != a, "swing convolution changes the images");
+    // The reference's generator (no output gain and shift) on request, said in the report.
+    assert_eq!(ja["genie"]["output_gain"], true);
+    let (e, je) = run("e", "3", &["--genie-no-gain"]);
+    assert_eq!(je["genie"]["output_gain"], false);
+    assert!(e != a, "the output gain changes the images");
     // Genie matches batch statistics only.
     let o = zq(&[
         "distill",
