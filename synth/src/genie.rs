@@ -21,8 +21,10 @@
 //! tape); candle's autograd carries it back through the generator alone, as the gradient of
 //! `sum(z_img * g)` with `g = PIXEL_STD * dL/dp` held constant (and zero where the clamp cuts).
 
-use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNorm, Linear, Optimizer, ParamsAdamW, VarMap};
+use rayon::prelude::*;
+use zq_kernels::gemm::{sgemm, MatMut, MatRef};
 
 use crate::adam::{normal, Plateau};
 use crate::engine::TapGrad;
@@ -230,7 +232,7 @@ fn col2im(cols: &[f32], h: usize, w: usize, dx: &mut [f32]) {
 }
 
 /// A contiguous f32 operand of a custom op.
-fn operand<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+fn operand<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("conv3x3: a non-contiguous operand {:?}", l.shape());
     };
@@ -238,19 +240,13 @@ fn operand<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Resul
 }
 
 /// `(n, c, h, w)` of an `[N, C, H, W]` operand with `C * 9` columns of the weight, and `m`.
-fn conv_dims(
-    x: &candle_core::Layout,
-    wt: &candle_core::Layout,
-) -> Result<(usize, usize, usize, usize, usize)> {
+fn conv_dims(x: &Layout, wt: &Layout) -> Result<(usize, usize, usize, usize, usize)> {
     let (d, e) = (x.shape().dims(), wt.shape().dims());
     match (d, e) {
         (&[n, c, h, w], &[m, k]) if k == c * 9 && h * w > 0 => Ok((n, c, h, w, m)),
         _ => candle_core::bail!("conv3x3 of {d:?} with weights {e:?}"),
     }
 }
-
-use rayon::prelude::*;
-use zq_kernels::gemm::{sgemm, MatMut, MatRef};
 
 impl candle_core::CustomOp2 for Conv3x3Op {
     fn name(&self) -> &'static str {
@@ -259,11 +255,11 @@ impl candle_core::CustomOp2 for Conv3x3Op {
 
     fn cpu_fwd(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w, m) = conv_dims(l1, l2)?;
         let (x, wt) = (operand(s1, l1)?, operand(s2, l2)?);
         let hw = h * w;
@@ -285,10 +281,7 @@ impl candle_core::CustomOp2 for Conv3x3Op {
                     }
                 });
         }
-        Ok((
-            candle_core::CpuStorage::F32(y),
-            candle_core::Shape::from((n, m, hw)),
-        ))
+        Ok((CpuStorage::F32(y), Shape::from((n, m, hw))))
     }
 
     fn bwd(
@@ -313,11 +306,11 @@ impl candle_core::CustomOp2 for ConvDx {
 
     fn cpu_fwd(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (hw, d, e) = (self.h * self.w, l1.shape().dims(), l2.shape().dims());
         let (n, m, c) = match (d, e) {
             (&[n, m, p], &[m2, k]) if m == m2 && p == hw && hw > 0 && k % 9 == 0 => (n, m, k / 9),
@@ -342,10 +335,7 @@ impl candle_core::CustomOp2 for ConvDx {
                     }
                 });
         }
-        Ok((
-            candle_core::CpuStorage::F32(dx),
-            candle_core::Shape::from((n, c, self.h, self.w)),
-        ))
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, self.h, self.w))))
     }
 }
 
@@ -356,11 +346,11 @@ impl candle_core::CustomOp2 for ConvDw {
 
     fn cpu_fwd(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (d, e) = (l1.shape().dims(), l2.shape().dims());
         let (n, c, h, w, m) = match (d, e) {
             (&[n, c, h, w], &[n2, m, p]) if n == n2 && p == h * w && p > 0 => (n, c, h, w, m),
@@ -399,10 +389,7 @@ impl candle_core::CustomOp2 for ConvDw {
                 }
             }
         }
-        Ok((
-            candle_core::CpuStorage::F32(dw),
-            candle_core::Shape::from((m, k)),
-        ))
+        Ok((CpuStorage::F32(dw), Shape::from((m, k))))
     }
 }
 
