@@ -96,35 +96,41 @@ fn resnet20_top1_on_cifar10_test() {
     assert_eq!(j["correct"], 8103, "ONNX Runtime gives 81.03%");
 }
 
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Distil from shared model `file` with `extra` flags and check the result against ONNX Runtime's
+/// BN statistics (ratio to noise at most `bound`, every pixel inside the box).
+fn shared_distillation(file: &str, extra: &[&str], mean: &[f32], std: &[f32], bound: f64) {
+    let Some(sh) = shared() else { return };
+    let m = sh.join("models").join(file);
+    let ratio = crate::distill::distil_and_check(&m, extra, mean, std, bound);
+    eprintln!("{file}: distilled BN loss / noise = {ratio:.4} (ONNX Runtime)");
+}
+
 #[test]
 fn resnet20_distillation_with_defaults_matches_bn_statistics_in_onnx_runtime() {
     // Acceptance: defaults (32 images, 500 iterations, ImageNet preprocessing); ONNX Runtime's BN
     // loss of the result <= 0.03 x that of Gaussian noise, every pixel inside the valid box.
-    let Some(sh) = shared() else { return };
-    let m = sh.join("models/resnet20_cifar10_bn.onnx");
-    let ratio = crate::distill::distil_and_check(
-        &m,
+    shared_distillation(
+        "resnet20_cifar10_bn.onnx",
         &[],
-        &[0.485, 0.456, 0.406],
-        &[0.229, 0.224, 0.225],
+        &IMAGENET_MEAN,
+        &IMAGENET_STD,
         0.03,
     );
-    eprintln!("ResNet-20: distilled BN loss / noise = {ratio:.4} (ONNX Runtime)");
 }
 
 #[test]
 fn resnet32_distillation_with_defaults_matches_bn_statistics_in_onnx_runtime() {
     // The same acceptance as ResNet-20's, on the deeper model of the family (31 BN layers).
-    let Some(sh) = shared() else { return };
-    let m = sh.join("models/resnet32_cifar10_bn.onnx");
-    let ratio = crate::distill::distil_and_check(
-        &m,
+    shared_distillation(
+        "resnet32_cifar10_bn.onnx",
         &[],
-        &[0.485, 0.456, 0.406],
-        &[0.229, 0.224, 0.225],
+        &IMAGENET_MEAN,
+        &IMAGENET_STD,
         0.03,
     );
-    eprintln!("ResNet-32: distilled BN loss / noise = {ratio:.4} (ONNX Runtime)");
 }
 
 #[test]
@@ -134,10 +140,8 @@ fn efficientnet_distillation_matches_bn_statistics_in_onnx_runtime() {
     // statistics). Measured 0.132 from ONNX Runtime's BN inputs (per-sample statistics: 0.162):
     // far from the 0.03 the CIFAR models reach at 200 iterations. What this pins is
     // the box, zq's loss against ONNX Runtime's, and that 50 steps leave it below 0.2x noise.
-    let Some(sh) = shared() else { return };
-    let m = sh.join("models/efficientnet_lite1_bn.onnx");
-    let ratio = crate::distill::distil_and_check(
-        &m,
+    shared_distillation(
+        "efficientnet_lite1_bn.onnx",
         &[
             "--iters", "50", "--stats", "batch", "--mean", "0.498", "--std", "0.502",
         ],
@@ -145,7 +149,6 @@ fn efficientnet_distillation_matches_bn_statistics_in_onnx_runtime() {
         &[0.502],
         0.2,
     );
-    eprintln!("EfficientNet-Lite1: distilled BN loss / noise = {ratio:.4} (ONNX Runtime)");
 }
 
 #[test]
