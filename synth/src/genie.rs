@@ -248,6 +248,27 @@ fn conv_dims(x: &Layout, wt: &Layout) -> Result<(usize, usize, usize, usize, usi
     }
 }
 
+/// `f(out_image, in_image, cols)` for each image (`out_per` and `in_per` floats of `out` and
+/// `inp`), in groups of [`CONV_GROUP`] images spread over rayon's pool, each group with one
+/// scratch buffer of `cols_len` floats. `out_per` and `in_per` must not be 0.
+fn per_image(
+    out: &mut [f32],
+    out_per: usize,
+    inp: &[f32],
+    in_per: usize,
+    cols_len: usize,
+    f: impl Fn(&mut [f32], &[f32], &mut [f32]) + Sync,
+) {
+    out.par_chunks_mut(CONV_GROUP * out_per)
+        .zip(inp.par_chunks(CONV_GROUP * in_per))
+        .for_each(|(og, ig)| {
+            let mut cols = vec![0f32; cols_len];
+            for (o, i) in og.chunks_exact_mut(out_per).zip(ig.chunks_exact(in_per)) {
+                f(o, i, &mut cols);
+            }
+        });
+}
+
 impl candle_core::CustomOp2 for Conv3x3Op {
     fn name(&self) -> &'static str {
         "conv3x3"
@@ -265,21 +286,16 @@ impl candle_core::CustomOp2 for Conv3x3Op {
         let hw = h * w;
         let mut y = vec![0f32; n * m * hw];
         if m > 0 && c > 0 {
-            y.par_chunks_mut(CONV_GROUP * m * hw)
-                .zip(x.par_chunks(CONV_GROUP * c * hw))
-                .for_each(|(yg, xg)| {
-                    let mut cols = vec![0f32; c * 9 * hw];
-                    for (yi, xi) in yg.chunks_exact_mut(m * hw).zip(xg.chunks_exact(c * hw)) {
-                        im2col(xi, h, w, &mut cols);
-                        sgemm(
-                            MatMut::rows(yi, m, hw),
-                            MatRef::rows(wt, m, c * 9),
-                            MatRef::rows(&cols, c * 9, hw),
-                            false,
-                            1,
-                        );
-                    }
-                });
+            per_image(&mut y, m * hw, x, c * hw, c * 9 * hw, |yi, xi, cols| {
+                im2col(xi, h, w, cols);
+                sgemm(
+                    MatMut::rows(yi, m, hw),
+                    MatRef::rows(wt, m, c * 9),
+                    MatRef::rows(cols, c * 9, hw),
+                    false,
+                    1,
+                );
+            });
         }
         Ok((CpuStorage::F32(y), Shape::from((n, m, hw))))
     }
@@ -319,21 +335,16 @@ impl candle_core::CustomOp2 for ConvDx {
         let (dy, wt) = (operand(s1, l1)?, operand(s2, l2)?);
         let mut dx = vec![0f32; n * c * hw];
         if m > 0 && c > 0 {
-            dx.par_chunks_mut(CONV_GROUP * c * hw)
-                .zip(dy.par_chunks(CONV_GROUP * m * hw))
-                .for_each(|(dxg, dyg)| {
-                    let mut cols = vec![0f32; c * 9 * hw];
-                    for (dxi, dyi) in dxg.chunks_exact_mut(c * hw).zip(dyg.chunks_exact(m * hw)) {
-                        sgemm(
-                            MatMut::rows(&mut cols, c * 9, hw),
-                            MatRef::transposed(wt, m, c * 9),
-                            MatRef::rows(dyi, m, hw),
-                            false,
-                            1,
-                        );
-                        col2im(&cols, self.h, self.w, dxi);
-                    }
-                });
+            per_image(&mut dx, c * hw, dy, m * hw, c * 9 * hw, |dxi, dyi, cols| {
+                sgemm(
+                    MatMut::rows(cols, c * 9, hw),
+                    MatRef::transposed(wt, m, c * 9),
+                    MatRef::rows(dyi, m, hw),
+                    false,
+                    1,
+                );
+                col2im(cols, self.h, self.w, dxi);
+            });
         }
         Ok((CpuStorage::F32(dx), Shape::from((n, c, self.h, self.w))))
     }
